@@ -1,0 +1,39 @@
+# pydetectron — the commands a newcomer runs: `make demo` and `make test`.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+export CUDA_HOME ?= /usr/local/cuda
+
+.PHONY: install deps build test test-all lint demo bench cuda-compile clean
+
+deps:  ## install the pinned torch/torchvision and the other dependencies, only if missing
+	@$(PYTHON) -c "import torch, torchvision, sys; \
+	sys.exit(0 if (torch.__version__.split('+')[0], torchvision.__version__.split('+')[0]) == ('2.14.1', '0.29.1') else 1)" \
+	  2>/dev/null || $(PIP) install -q $(TORCH_PINS)
+	@$(PYTHON) -c "import pybind11, ninja, cv2, pycocotools, tensorboardX, scipy, yaml, pytest, ruff" 2>/dev/null \
+	  || $(PIP) install -q pybind11 ninja opencv-python-headless pycocotools tensorboardX scipy pyyaml pytest ruff
+
+install: deps  ## install pydetectron in editable mode (builds pydetectron._C)
+	$(PIP) install -q --no-build-isolation -e .
+
+build:  ## rebuild the extension in place after editing csrc/
+	$(PYTHON) setup.py -q build_ext --inplace
+
+test: install  ## everything CI runs
+	$(PYTHON) -m ruff check lib tools tests setup.py
+	$(PYTHON) -m pytest -q -m "not slow" tests
+
+test-all: install  ## the suite plus the long checks
+	$(PYTHON) -m pytest -q tests
+
+lint:
+	$(PYTHON) -m ruff check lib tools tests setup.py
+
+demo: install  ## the main job on the built-in default
+	$(PYTHON) tools/benchmark_ops.py
+
+bench: install
+	$(PYTHON) tools/benchmark_ops.py
+
+clean:
+	rm -rf build lib/pydetectron/*.so lib/*.egg-info
