@@ -1,0 +1,81 @@
+"""Side-by-side timing of ours vs. a peer, as ../shared/BENCHMARKING.md asks.
+
+Machines here are noisy, so a time only means something beside its peer's: both callables run interleaved
+(A B A B ...) after warm-ups in one process, and we report each median and the ratio ours/peer.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Comparison:
+    name: str
+    workload: str
+    ours_ms: float
+    peer_ms: float
+
+    @property
+    def ratio(self) -> float:
+        return self.ours_ms / self.peer_ms
+
+    def row(self) -> str:
+        return (
+            f"| {self.name} | {self.workload} | {self.ours_ms:.2f} | {self.peer_ms:.2f} | {self.ratio:.2f} |"
+        )
+
+
+TABLE_HEADER = "| case | workload | ours ms | peer ms | ours/peer |\n|---|---|---|---|---|"
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) * 1000.0
+
+
+def compare(
+    name: str,
+    workload: str,
+    ours: Callable[[], object],
+    peer: Callable[[], object],
+    device: torch.device,
+    repeats: int = 7,
+    warmup: int = 2,
+) -> Comparison:
+    """Median milliseconds of `ours` and `peer`, run interleaved after `warmup` calls of each."""
+    for _ in range(warmup):
+        ours()
+        peer()
+    ours_times, peer_times = [], []
+    for _ in range(repeats):
+        ours_times.append(_timed(ours, device))
+        peer_times.append(_timed(peer, device))
+    return Comparison(name, workload, statistics.median(ours_times), statistics.median(peer_times))
+
+
+def machine_description(threads: int) -> str:
+    """One line naming the CPU, core count, thread count and library versions, for BENCHMARK.md."""
+    import torchvision
+
+    cpu = platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {threads} threads; "
+        f"torch {torch.__version__}, torchvision {torchvision.__version__}"
+    )
