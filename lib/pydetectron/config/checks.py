@@ -1,0 +1,159 @@
+"""``assert_and_infer_cfg``: Detectron's (and Detectron.pytorch's) inferred values, then sanity checks.
+
+Inference follows the originals: ``MODEL.RPN_ONLY`` / ``MODEL.FASTER_RCNN`` turn ``RPN.RPN_ON`` on, an RPN or
+RetinaNet turns ``TEST.PRECOMPUTED_PROPOSALS`` off, a 'v0upshare' mask head sets ``MODEL.SHARE_RES5``. It also
+reconciles the keys that two projects spell differently (``TRAIN.FREEZE_AT`` / ``RESNETS.FREEZE_AT``;
+``RESNETS.USE_GN``, '*_gn_*' function names and ``RESNETS.NORM``). The checks turn values that would otherwise
+fail deep inside a model or a data loader into an error naming the key.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from pydetectron.config.merge import ConfigError
+from pydetectron.config.names import normalize_module_name
+from pydetectron.config.node import CfgNode
+
+# Mask / keypoint heads that reuse the box head's res5 stage (Detectron.pytorch's _SHARE_RES5_HEADS).
+SHARE_RES5_HEADS = frozenset({"mask_rcnn_fcn_head_v0upshare"})
+
+NORMS = ("AffineChannel", "GN", "BN", "SyncBN")
+OPTIMIZERS = ("SGD", "Adam", "AdamW")
+LR_POLICIES = ("step", "steps_with_decay", "steps_with_lrs", "cosine_decay", "exp_decay")
+WARM_UP_METHODS = ("constant", "linear")
+ROI_XFORM_METHODS = ("RoIPoolF", "RoIPool", "RoIAlign")
+COLOR_ORDERS = ("BGR", "RGB")
+_DEFAULT_FREEZE_AT = 2
+
+
+def _fail(message: str) -> None:
+    raise ConfigError(message)
+
+
+def _one_of(cfg: CfgNode, key: str, choices: Iterable[str]) -> None:
+    value = _get(cfg, key)
+    if value not in choices:
+        _fail(f"{key} = {value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def _get(cfg: CfgNode, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _infer_heads(cfg: CfgNode) -> None:
+    if cfg.MODEL.RPN_ONLY or cfg.MODEL.FASTER_RCNN:
+        cfg.RPN.RPN_ON = True
+    if cfg.RPN.RPN_ON or cfg.RETINANET.RETINANET_ON:
+        cfg.TEST.PRECOMPUTED_PROPOSALS = False
+    heads = {cfg.MRCNN.ROI_MASK_HEAD, cfg.KRCNN.ROI_KEYPOINTS_HEAD} - {""}
+    if {normalize_module_name(name) for name in heads} & SHARE_RES5_HEADS:
+        cfg.MODEL.SHARE_RES5 = True
+
+
+def _infer_freeze_at(cfg: CfgNode) -> None:
+    """Detectron reads TRAIN.FREEZE_AT, Detectron.pytorch RESNETS.FREEZE_AT: the one a YAML changed wins."""
+    train, resnets = cfg.TRAIN.FREEZE_AT, cfg.RESNETS.FREEZE_AT
+    if train == resnets:
+        value = train
+    elif resnets == _DEFAULT_FREEZE_AT:
+        value = train
+    elif train == _DEFAULT_FREEZE_AT:
+        value = resnets
+    else:
+        _fail(f"TRAIN.FREEZE_AT = {train} and RESNETS.FREEZE_AT = {resnets} disagree; they are the same "
+              "option in Detectron and Detectron.pytorch, set only one")
+    if not 0 <= value <= 5:
+        _fail(f"RESNETS.FREEZE_AT / TRAIN.FREEZE_AT = {value} must be in 0..5 (0 = train every stage)")
+    cfg.TRAIN.FREEZE_AT = cfg.RESNETS.FREEZE_AT = value
+
+
+def _infer_norm(cfg: CfgNode) -> None:
+    """One answer to 'which normalisation does the ResNet use': RESNETS.NORM."""
+    r = cfg.RESNETS
+    _one_of(cfg, "RESNETS.NORM", NORMS)
+    gn_funcs = [key for key in ("TRANS_FUNC", "STEM_FUNC", "SHORTCUT_FUNC") if "_gn_" in f"_{r[key]}_"]
+    gn_reasons = [f"RESNETS.{key} = {r[key]!r}" for key in gn_funcs] + (["RESNETS.USE_GN = True"] if r.USE_GN else [])
+    if gn_reasons and r.NORM == "AffineChannel":
+        r.NORM = "GN"
+    if gn_reasons and r.NORM != "GN":
+        _fail(f"RESNETS.NORM = {r.NORM!r} contradicts {', '.join(gn_reasons)} (which select GroupNorm)")
+    r.USE_GN = r.NORM == "GN"
+
+
+def _check_solver(cfg: CfgNode) -> None:
+    s = cfg.SOLVER
+    _one_of(cfg, "SOLVER.TYPE", OPTIMIZERS)
+    _one_of(cfg, "SOLVER.LR_POLICY", LR_POLICIES)
+    _one_of(cfg, "SOLVER.WARM_UP_METHOD", WARM_UP_METHODS)
+    if s.LR_POLICY in ("steps_with_decay", "steps_with_lrs"):
+        steps = list(s.STEPS)
+        if not steps or steps[0] != 0 or any(b <= a for a, b in zip(steps, steps[1:])):
+            _fail(f"SOLVER.STEPS = {steps} must start at 0 and increase strictly for LR_POLICY {s.LR_POLICY!r}, "
+                  "e.g. [0, 60000, 80000]")
+        if s.LR_POLICY == "steps_with_lrs" and len(s.LRS) != len(steps):
+            _fail(f"SOLVER.LRS has {len(s.LRS)} values but SOLVER.STEPS has {len(steps)}; they must match")
+    if len(s.BETAS) != 2 or not all(0.0 <= b < 1.0 for b in s.BETAS):
+        _fail(f"SOLVER.BETAS = {s.BETAS} must be two numbers in [0, 1)")
+    if not 0.0 < s.LAYER_WISE_LR_DECAY <= 1.0:
+        _fail(f"SOLVER.LAYER_WISE_LR_DECAY = {s.LAYER_WISE_LR_DECAY} must be in (0, 1] (1.0 = off)")
+
+
+def _check_input(cfg: CfgNode) -> None:
+    _one_of(cfg, "MODEL.INPUT_COLOR_ORDER", COLOR_ORDERS)
+    if (cfg.PIXEL_STDS <= 0).any():
+        _fail(f"PIXEL_STDS = {cfg.PIXEL_STDS.ravel().tolist()} must be positive")
+    scales = cfg.TRAIN.SCALES
+    if not scales or not all(isinstance(x, int) and x > 0 for x in scales):
+        _fail(f"TRAIN.SCALES = {scales!r} must be a non-empty tuple of positive integers, e.g. (800,)")
+    for key in ("TRAIN.MAX_SIZE", "TEST.SCALE", "TEST.MAX_SIZE", "TRAIN.IMS_PER_BATCH", "NUM_GPUS"):
+        if _get(cfg, key) <= 0:
+            _fail(f"{key} = {_get(cfg, key)} must be positive")
+    for key in ("TRAIN.FG_FRACTION", "TRAIN.RPN_FG_FRACTION"):
+        if not 0.0 <= _get(cfg, key) <= 1.0:
+            _fail(f"{key} = {_get(cfg, key)} must be in [0, 1]")
+
+
+def _check_heads(cfg: CfgNode) -> None:
+    for section in ("FAST_RCNN", "MRCNN", "KRCNN"):
+        _one_of(cfg, f"{section}.ROI_XFORM_METHOD", ROI_XFORM_METHODS)
+    f = cfg.FPN
+    for kind in ("ROI", "RPN"):
+        low, high = f[f"{kind}_MIN_LEVEL"], f[f"{kind}_MAX_LEVEL"]
+        if low > high:
+            _fail(f"FPN.{kind}_MIN_LEVEL = {low} is above FPN.{kind}_MAX_LEVEL = {high}")
+    g = cfg.GROUP_NORM
+    if (g.DIM_PER_GP == -1) == (g.NUM_GROUPS == -1):
+        _fail(f"exactly one of GROUP_NORM.DIM_PER_GP ({g.DIM_PER_GP}) and GROUP_NORM.NUM_GROUPS "
+              f"({g.NUM_GROUPS}) must be -1")
+    k = cfg.KRCNN
+    if cfg.MODEL.KEYPOINTS_ON:
+        for key in ("NUM_KEYPOINTS", "HEATMAP_SIZE"):
+            if k[key] <= 0:
+                _fail(f"MODEL.KEYPOINTS_ON is True but KRCNN.{key} = {k[key]}; set it (e.g. 17 / 56 for COCO)")
+    if k.OKS_SIGMAS:
+        if k.NUM_KEYPOINTS > 0 and len(k.OKS_SIGMAS) != k.NUM_KEYPOINTS:
+            _fail(f"KRCNN.OKS_SIGMAS has {len(k.OKS_SIGMAS)} values but KRCNN.NUM_KEYPOINTS = {k.NUM_KEYPOINTS}")
+        if not all(isinstance(x, (int, float)) and x > 0 for x in k.OKS_SIGMAS):
+            _fail(f"KRCNN.OKS_SIGMAS = {k.OKS_SIGMAS!r} must be positive numbers")
+
+
+def assert_and_infer_cfg(cfg: CfgNode, make_immutable: bool = True) -> CfgNode:
+    """Fill in the inferred keys, check the values, and (by default) freeze ``cfg``. Returns ``cfg``.
+
+    Call it once, after all merges. Raises ``ConfigError`` naming the offending key.
+    """
+    if cfg.is_frozen():
+        raise ConfigError("assert_and_infer_cfg() needs an unfrozen config (it was already called on this one?)")
+    _infer_heads(cfg)
+    _infer_freeze_at(cfg)
+    _infer_norm(cfg)
+    _check_solver(cfg)
+    _check_input(cfg)
+    _check_heads(cfg)
+    if make_immutable:
+        cfg.freeze()
+    return cfg
