@@ -1,0 +1,1 @@
+"""Inference over a dataset, COCO result files and COCO metrics (box, mask, keypoint)."""
