@@ -8,6 +8,7 @@ from torch import nn
 
 from pydetectron.solver import (
     LRSchedule,
+    build_optimizer,
     current_learning_rate,
     layer_depths,
     parameter_groups,
@@ -153,3 +154,19 @@ def test_sgd_matches_caffe2_momentum_update_through_lr_changes(scale_momentum):
         param.grad = grad.clone()
         optimizer.step()
         torch.testing.assert_close(param.detach(), expected[step], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("optimizer_type, expected_class", [("SGD", torch.optim.SGD), ("AdamW", torch.optim.AdamW)])
+def test_build_optimizer_from_cfg(optimizer_type, expected_class):
+    from pydetectron.config import get_cfg, merge_cfg_from_list
+
+    cfg = get_cfg()
+    merge_cfg_from_list(cfg, ["SOLVER.TYPE", optimizer_type, "SOLVER.BASE_LR", 0.01, "SOLVER.WARM_UP_ITERS", 10,
+                              "SOLVER.WARM_UP_FACTOR", 0.1, "SOLVER.WEIGHT_DECAY", 1e-4])
+    optimizer = build_optimizer(_Tiny(), cfg)
+    assert isinstance(optimizer, expected_class)
+    assert current_learning_rate(optimizer) == pytest.approx(0.001)  # warm-up factor at step 0
+    bias_scale = 2.0 if optimizer_type == "SGD" else 1.0
+    lr_of = {name: g["lr"] for g in optimizer.param_groups for name in g["names"]}
+    assert lr_of == pytest.approx({"conv.weight": 0.001, "fc.weight": 0.001, "gn.weight": 0.001, "gn.bias": 0.001,
+                                   "conv.bias": 0.001 * bias_scale, "fc.bias": 0.001 * bias_scale})

@@ -190,7 +190,7 @@ def parameter_groups(
     a parameter at depth d (see `layer_depths`) of D gets lr x layer_decay ** (D - d).
     """
     if not 0.0 < layer_decay <= 1.0:
-        raise ValueError(f"SOLVER.LR_DECAY must be in (0, 1], got {layer_decay}")
+        raise ValueError(f"SOLVER.LAYER_WISE_LR_DECAY must be in (0, 1], got {layer_decay}")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     norm_names = _norm_parameter_names(model)
     depths = layer_depths(n for n, _ in named)
@@ -212,9 +212,9 @@ def parameter_groups(
 
 
 def build_optimizer(model: nn.Module, cfg: Any, optimizer_name: str | None = None) -> torch.optim.Optimizer:
-    """SGD (Detectron's), Adam or AdamW over `parameter_groups`, lr set to step 0 of the schedule."""
+    """SOLVER.TYPE (SGD as Detectron, Adam, AdamW) over `parameter_groups`, lr set to step 0 of the schedule."""
     s = cfg.SOLVER
-    name = optimizer_name or s.OPTIMIZER
+    name = optimizer_name or s.TYPE
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer {name!r} is unknown; valid: {', '.join(OPTIMIZERS)}")
     groups = parameter_groups(
@@ -223,7 +223,7 @@ def build_optimizer(model: nn.Module, cfg: Any, optimizer_name: str | None = Non
         weight_decay_norm=s.WEIGHT_DECAY_GN,
         bias_lr_factor=2.0 if (s.BIAS_DOUBLE_LR and name == "SGD") else 1.0,
         bias_weight_decay=s.BIAS_WEIGHT_DECAY,
-        layer_decay=s.LR_DECAY,
+        layer_decay=s.LAYER_WISE_LR_DECAY,
     )
     if not groups:
         raise ValueError("the model has no trainable parameters (check RESNETS.FREEZE_AT and the norm layers)")
