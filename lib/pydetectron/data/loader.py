@@ -1,0 +1,103 @@
+"""The training data loader: roidb -> torch DataLoader of minibatch dicts (DATA_LOADER.NUM_THREADS workers).
+
+Every image's random choices (its scale, its crop) come from a generator seeded by (seed, iteration, position
+in the batch), so a run is reproducible whatever the number of workers, and a resumed run (``start_iter``)
+sees the same images at the same scales as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Iterator, List, Sequence, Tuple
+
+import numpy as np
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from pydetectron.data.minibatch import BlobSettings, Sample, collate_samples, prepare_sample
+from pydetectron.data.samplers import InfiniteGroupedBatchSampler, aspect_groups
+
+logger = logging.getLogger(__name__)
+
+
+class RoidbDataset(Dataset):
+    """Maps ``(roidb index, seed)`` to a processed ``Sample``; with ``skip_unreadable`` a missing or corrupt
+    image is logged and skipped (None) instead of stopping training."""
+
+    def __init__(self, roidb: Sequence[dict], settings: BlobSettings, skip_unreadable: bool = False):
+        self.roidb = roidb
+        self.settings = settings
+        self.skip_unreadable = skip_unreadable
+
+    def __len__(self) -> int:
+        return len(self.roidb)
+
+    def __getitem__(self, key: Tuple[int, int]) -> Sample | None:
+        index, seed = key
+        try:
+            return prepare_sample(self.roidb[index], self.settings, np.random.default_rng(seed))
+        except OSError as e:  # FileNotFoundError included
+            if not self.skip_unreadable:
+                raise
+            logger.warning("skipping roidb entry %d (image id %s): %s", index, self.roidb[index]["id"], e)
+            return None
+
+
+class SeededBatches(Sampler[List[Tuple[int, int]]]):
+    """Wraps a batch sampler: each index gets a seed derived from (seed, iteration, position)."""
+
+    def __init__(self, batch_sampler: InfiniteGroupedBatchSampler):
+        self.batch_sampler = batch_sampler
+
+    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+        base = self.batch_sampler.seed
+        for it, batch in enumerate(self.batch_sampler, start=self.batch_sampler.start_iter):
+            seeds = np.random.SeedSequence([base, it]).generate_state(len(batch), dtype=np.uint64)
+            yield [(i, int(s)) for i, s in zip(batch, seeds)]
+
+
+def collate_minibatch(samples: Sequence[Sample | None], stride: int) -> dict:
+    """DataLoader collate: skipped images dropped, the rest padded into one minibatch dict."""
+    kept = [s for s in samples if s is not None]
+    if not kept:
+        raise RuntimeError("every image of a minibatch was unreadable; see the warnings above")
+    return collate_samples(kept, stride)
+
+
+def build_train_loader(
+    roidb: Sequence[dict],
+    settings: BlobSettings,
+    batch_size: int,
+    num_workers: int = 4,
+    aspect_grouping: bool = True,
+    seed: int = 0,
+    start_iter: int = 0,
+    skip_unreadable: bool = False,
+) -> DataLoader:
+    """An endless DataLoader of minibatch dicts (see ARCHITECTURE.md), resumable at ``start_iter``."""
+    sampler = InfiniteGroupedBatchSampler(
+        aspect_groups(roidb) if aspect_grouping else None, len(roidb), batch_size, seed, start_iter
+    )
+    return DataLoader(
+        RoidbDataset(roidb, settings, skip_unreadable),
+        batch_sampler=SeededBatches(sampler),
+        num_workers=num_workers,
+        collate_fn=partial(collate_minibatch, stride=settings.stride),
+        persistent_workers=num_workers > 0,
+    )
+
+
+def build_train_loader_from_cfg(cfg, roidb: Sequence[dict], start_iter: int = 0,
+                                skip_unreadable: bool = False) -> DataLoader:
+    """``build_train_loader`` with TRAIN.IMS_PER_BATCH, TRAIN.ASPECT_GROUPING, DATA_LOADER.NUM_THREADS and
+    RNG_SEED. The batch is per process: a DataParallel over n devices wants IMS_PER_BATCH * n images."""
+    return build_train_loader(
+        roidb,
+        BlobSettings.from_cfg(cfg, train=True),
+        batch_size=int(cfg.TRAIN.IMS_PER_BATCH) * max(1, int(cfg.NUM_GPUS)),
+        num_workers=int(cfg.DATA_LOADER.NUM_THREADS),
+        aspect_grouping=bool(cfg.TRAIN.ASPECT_GROUPING),
+        seed=int(cfg.RNG_SEED),
+        start_iter=start_iter,
+        skip_unreadable=skip_unreadable,
+    )

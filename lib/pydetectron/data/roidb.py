@@ -1,0 +1,80 @@
+"""The training roidb: datasets combined, flipped copies appended, unusable images filtered (Detectron's
+``datasets/roidb.py``: combined_roidb_for_training, extend_with_flipped_entries, filter_for_training)."""
+
+from __future__ import annotations
+
+import logging
+from typing import List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from pydetectron.boxes import flip_boxes
+from pydetectron.data.coco import CocoDataset, DatasetMeta
+from pydetectron.data.transforms import flip_keypoints, flip_segms
+
+logger = logging.getLogger(__name__)
+
+
+def flip_entry(entry: dict, keypoint_flip_perm: np.ndarray | None) -> dict:
+    """A roidb entry mirrored left-right: boxes, polygons, RLE masks, keypoints (left/right names swapped)."""
+    width = entry["width"]
+    out = dict(entry)
+    out["boxes"] = flip_boxes(torch.from_numpy(entry["boxes"]), width).numpy()
+    out["segms"] = flip_segms(entry["segms"], width)
+    if entry["gt_keypoints"] is not None:
+        out["gt_keypoints"] = flip_keypoints(entry["gt_keypoints"], keypoint_flip_perm, width)
+    out["flipped"] = not entry["flipped"]
+    return out
+
+
+def extend_with_flipped_entries(roidb: List[dict], meta: DatasetMeta) -> List[dict]:
+    """``roidb`` followed by a mirrored copy of every entry (TRAIN.USE_FLIPPED)."""
+    perm = meta.keypoint_flip_permutation()
+    return roidb + [flip_entry(e, perm) for e in roidb]
+
+
+def is_valid_for_training(entry: dict, keypoints_on: bool) -> bool:
+    """Detectron's filter_for_training with gt only: a non-crowd box (overlap 1 >= FG_THRESH) must exist,
+    and with keypoints on, a visible keypoint."""
+    valid = bool((~entry["is_crowd"]).any())
+    if keypoints_on:
+        valid = valid and entry["has_visible_keypoints"]
+    return valid
+
+
+def filter_for_training(roidb: List[dict], keypoints_on: bool = False) -> List[dict]:
+    """Drop the entries nothing can be learnt from; logs how many."""
+    kept = [e for e in roidb if is_valid_for_training(e, keypoints_on)]
+    logger.info("filter_for_training: kept %d of %d roidb entries", len(kept), len(roidb))
+    return kept
+
+
+def combined_roidb_for_training(
+    dataset_names: Sequence[str],
+    use_flipped: bool = True,
+    keypoints_on: bool = False,
+    gt_min_area: float = -1.0,
+    cache_dir: str | None = None,
+) -> Tuple[List[dict], DatasetMeta]:
+    """The training roidb of one or more catalog datasets (which must share categories) and their meta."""
+    if isinstance(dataset_names, str):
+        dataset_names = (dataset_names,)
+    if not dataset_names:
+        raise ValueError("no training dataset given (TRAIN.DATASETS is empty)")
+    roidb: List[dict] = []
+    meta = None
+    for name in dataset_names:
+        ds = CocoDataset(name, cache_dir=cache_dir)
+        part = ds.get_roidb(gt_min_area=gt_min_area)
+        if meta is not None and ds.meta.json_category_id_to_contiguous_id != meta.json_category_id_to_contiguous_id:
+            raise ValueError(f"dataset {name!r} has categories different from {dataset_names[0]!r}")
+        if meta is not None and ds.meta.keypoint_names != meta.keypoint_names:
+            raise ValueError(f"dataset {name!r} has keypoints different from {dataset_names[0]!r}")
+        meta = ds.meta
+        if use_flipped:
+            part = extend_with_flipped_entries(part, meta)
+        roidb.extend(part)
+    if keypoints_on and not meta.keypoint_names:
+        raise ValueError(f"MODEL.KEYPOINTS_ON but datasets {tuple(dataset_names)} define no keypoints")
+    return filter_for_training(roidb, keypoints_on), meta
