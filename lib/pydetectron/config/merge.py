@@ -196,8 +196,8 @@ def _assign(root: CfgNode, full_key: str, raw: Any, source: str | None) -> None:
 def _assign_renamed(root: CfgNode, old_key: str, raw: Any, source: str | None) -> None:
     rename = RENAMED_KEYS[old_key]
     if _lookup_parent(root, rename.new_key) is None:
-        raise UnknownConfigKeyError(f"Key {old_key}{_where(source)} was renamed to {rename.new_key}; "
-                                    "please update your config.")
+        raise UnknownConfigKeyError(f"Key {old_key} was renamed to {rename.new_key}; please update your config"
+                                    f"{_where(source)}.")
     value = _decode(raw, None)
     if rename.convert is not None:
         value = rename.convert(value)
@@ -206,11 +206,21 @@ def _assign_renamed(root: CfgNode, old_key: str, raw: Any, source: str | None) -
     _assign(root, rename.new_key, value, source)
 
 
+class _KeysAsTextLoader(yaml.SafeLoader):
+    """Safe YAML loader that keeps mapping keys as written: YAML 1.1 would turn a key ``ON`` into ``True``."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                key_node.tag = "tag:yaml.org,2002:str"
+        return super().construct_mapping(node, deep)
+
+
 # ---------------------------------------------------------------------------------------------- public API
 def load_yaml(text: str, source: str | None = None) -> dict:
     """Parse YAML text that must hold a mapping (an empty document is an empty mapping)."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_KeysAsTextLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"cannot parse YAML{_where(source)}: {exc}") from None
     if data is None:
