@@ -10,7 +10,7 @@ import torchvision
 
 from pydetectron.config import get_cfg
 from pydetectron.modeling import registry
-from pydetectron.modeling.box_head import FastRCNNOutputs, fast_rcnn_losses, smooth_l1_loss
+from pydetectron.modeling.box_head import FastRCNNOutputs, fast_rcnn_losses
 from pydetectron.modeling.roi_features import RoIFeatureExtractor
 
 registry.import_builtin_modules()
@@ -66,14 +66,6 @@ def test_losses_match_float64_reference():
             sl1 += outside[r, k].item() * (0.5 * x * x if abs(x) < 1 else abs(x) - 0.5)
     assert {True, False} <= seen_both_branches  # both sides of the Huber kink are exercised
     assert losses["loss_bbox"].item() == pytest.approx(sl1 / num_rois, rel=1e-10)
-
-
-def test_smooth_l1_outside_weights_scale_and_beta():
-    pred = torch.tensor([[0.2, 3.0]])
-    zero = torch.zeros_like(pred)
-    ones = torch.ones_like(pred)
-    assert smooth_l1_loss(pred, zero, ones, 2 * ones).item() == pytest.approx(2 * (0.5 * 0.04 + 2.5))
-    assert smooth_l1_loss(pred, zero, ones, ones, beta=0.5).item() == pytest.approx(0.5 * 0.04 / 0.5 + 2.75)
 
 
 def test_loss_shape_mismatch_is_reported():

@@ -16,6 +16,7 @@ from torch import nn
 
 from pydetectron.modeling.backbones.resnet import get_group_gn, make_res_stage
 from pydetectron.modeling.layers import compose_weight_mapping, msra_fill_, xavier_fill_
+from pydetectron.modeling.losses import smooth_l1_loss, softmax_cross_entropy_loss
 from pydetectron.modeling.registry import register
 from pydetectron.modeling.roi_features import RoIFeatureExtractor, build_roi_feature_extractor
 
@@ -158,21 +159,6 @@ class FastRCNNOutputs(nn.Module):
         return _flat_mapping(self, {"cls_score": "cls_score", "bbox_pred": "bbox_pred"})
 
 
-def smooth_l1_loss(
-    pred: torch.Tensor,
-    target: torch.Tensor,
-    inside_weights: torch.Tensor,
-    outside_weights: torch.Tensor,
-    beta: float = 1.0,
-) -> torch.Tensor:
-    """Caffe2's SmoothL1Loss: ``sum(out_w * huber(in_w * (pred - target))) / N`` with N = pred.shape[0];
-    huber(x) = 0.5 x^2 / beta if |x| < beta else |x| - 0.5 beta. All inputs ``(N, D)``."""
-    diff = inside_weights * (pred - target)
-    abs_diff = diff.abs()
-    per_elem = torch.where(abs_diff < beta, 0.5 * diff * diff / beta, abs_diff - 0.5 * beta)
-    return (outside_weights * per_elem).sum() / max(pred.shape[0], 1)
-
-
 def fast_rcnn_losses(
     cls_score: torch.Tensor,
     bbox_pred: torch.Tensor,
@@ -182,16 +168,17 @@ def fast_rcnn_losses(
     bbox_outside_weights: torch.Tensor,
 ) -> Dict[str, torch.Tensor]:
     """Detectron's Fast R-CNN losses: softmax cross-entropy averaged over the R sampled RoIs (``loss_cls``)
-    and smooth-L1 (beta 1) summed and divided by R (``loss_bbox``). labels ``(R,)`` int64 in
-    ``0..num_classes-1``; bbox tensors ``(R, 4 * C')`` from ``targets.fast_rcnn``."""
+    and smooth-L1 (beta 1) summed and divided by R (``loss_bbox``), Caffe2's ``SoftmaxWithLoss`` and
+    ``SmoothL1Loss``. labels ``(R,)`` int64 in ``0..num_classes-1``; bbox tensors ``(R, 4 * C')`` from
+    ``targets.fast_rcnn``."""
     if bbox_pred.shape != bbox_targets.shape:
         raise ValueError(
             f"bbox_pred {tuple(bbox_pred.shape)} and bbox_targets {tuple(bbox_targets.shape)} differ: "
             "check MODEL.NUM_CLASSES and MODEL.CLS_AGNOSTIC_BBOX_REG"
         )
     return {
-        "loss_cls": F.cross_entropy(cls_score, labels),
-        "loss_bbox": smooth_l1_loss(bbox_pred, bbox_targets, bbox_inside_weights, bbox_outside_weights),
+        "loss_cls": softmax_cross_entropy_loss(cls_score, labels),
+        "loss_bbox": smooth_l1_loss(bbox_pred, bbox_targets, bbox_inside_weights, bbox_outside_weights, beta=1.0),
     }
 
 
