@@ -13,7 +13,7 @@ pydetectron's own additions (not in either project)
                                   ``PIXEL_MEANS``/``PIXEL_STDS`` are always given in that same order.
 - ``SOLVER.TYPE``                 Detectron.pytorch's optimizer selector, extended: 'SGD' | 'Adam' | 'AdamW'.
 - ``SOLVER.BETAS``                (beta1, beta2) for Adam/AdamW.
-- ``SOLVER.LAYER_WISE_LR_DECAY``  lr multiplier per backbone stage counted from the top; 1.0 = off.
+- ``SOLVER.LAYER_WISE_LR_DECAY``  a parameter d layers below the top gets lr x decay ** d; 1.0 = off.
 - ``TEST.EVAL_PERIOD``            evaluate every N training iterations; 0 = only at the end.
 - ``KRCNN.OKS_SIGMAS``            per-keypoint OKS sigmas for evaluation; () = COCO person sigmas.
 - ``FAST_RCNN.ROI_XFORM_ALIGNED``, ``MRCNN.ROI_XFORM_ALIGNED``, ``KRCNN.ROI_XFORM_ALIGNED``
@@ -21,7 +21,7 @@ pydetectron's own additions (not in either project)
 - ``RESNETS.NORM``                'AffineChannel' (frozen BN, Detectron) | 'GN' | 'BN' | 'SyncBN' (trainable).
                                   ``RESNETS.USE_GN`` and '*_gn_*' ``TRANS_FUNC``/``STEM_FUNC``/``SHORTCUT_FUNC``
                                   names imply 'GN' (reconciled by ``assert_and_infer_cfg``).
-- ``RESNETS.TRANS_FUNC`` accepts 'basic_transformation' (ResNet-18/34 blocks) besides Detectron's names.
+ResNet-18/34 (basic blocks) need no key: the block kind follows the depth in the body name.
 """
 
 from __future__ import annotations

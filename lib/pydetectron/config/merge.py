@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 from ast import literal_eval
 from typing import Any, Callable, Mapping, Sequence
 
@@ -230,7 +231,7 @@ def load_yaml(text: str, source: str | None = None) -> dict:
     return data
 
 
-def merge_cfg_from_file(cfg: CfgNode, path: str) -> CfgNode:
+def merge_cfg_from_file(cfg: CfgNode, path: str | os.PathLike) -> CfgNode:
     """Merge the YAML file at ``path`` into ``cfg`` (in place; also returned)."""
     try:
         with open(path, encoding="utf-8") as handle:
