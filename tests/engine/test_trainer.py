@@ -55,7 +55,7 @@ def _recording(log, interrupt_at=None):
     """A forward that records every pass's losses (and can send SIGINT to itself during pass N)."""
     def forward(model, batch):
         losses = model(**batch)
-        log.append({k: float(v) for k, v in losses.items()})
+        log.append({k: float(v.detach()) for k, v in losses.items()})
         if len(log) == interrupt_at:
             os.kill(os.getpid(), signal.SIGINT)
         return losses
