@@ -116,6 +116,23 @@ def test_crowd_gt_is_never_sampled_but_labels_overlapping_proposals():
     assert out.bbox_targets[crowd_row, 8:12].tolist() == pytest.approx(expected, rel=1e-4, abs=1e-5)
 
 
+def test_crowd_filter_for_precomputed_proposals():
+    ent = entry(GT + [[200.0, 200.0, 299.0, 299.0]], [3, 5, 2], crowd=[False, False, True])
+    inside_crowd = [210.0, 210.0, 240.0, 240.0]  # fully covered by the crowd region, IoU with it < 0.5
+    half_out = [250.0, 250.0, 349.0, 349.0]  # a quarter of it is covered
+    props = torch.tensor([inside_crowd, half_out])
+    kept = label_proposals(props, ent, 1.0)
+    assert kept.max_overlaps[3:].tolist() == pytest.approx([ref_iou(inside_crowd, ent["boxes"][2].tolist()),
+                                                            ref_iou(half_out, ent["boxes"][2].tolist())])
+    filtered = label_proposals(props, ent, 1.0, crowd_filter_thresh=0.7)
+    assert filtered.max_overlaps[3].item() == -1 and filtered.max_classes[3].item() == 0
+    assert filtered.max_overlaps[4].item() == kept.max_overlaps[4].item()
+    # Never sampled, not even as background.
+    params = FastRCNNSampling(num_classes=6, batch_size_per_im=16, crowd_filter_thresh=0.7)
+    out = fast_rcnn_targets(proposals_for(0, [inside_crowd]), torch.tensor([[400.0, 400.0, 1.0]]), [ent], params)
+    assert inside_crowd not in out.rois[:, 1:].tolist()
+
+
 @pytest.mark.parametrize("agnostic", [False, True])
 def test_box_targets_match_float64_reference_at_original_scale(agnostic):
     scale = 1.6

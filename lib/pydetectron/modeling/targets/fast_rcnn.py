@@ -6,6 +6,8 @@ Detectron's end-to-end path (``collect_and_distribute_fpn_rpn_proposals`` -> ``j
 1. every ground-truth box is put in front of the image's proposals; a non-crowd gt box is labelled with
    its own class at overlap 1, a crowd gt box gets overlap -1 (never sampled);
 2. each proposal takes the class of the gt box (crowd ones included, as Detectron) it overlaps most;
+   precomputed proposals (Fast R-CNN) covered by a crowd region beyond ``TRAIN.CROWD_FILTER_THRESH``
+   are dropped from sampling;
 3. up to ``FG_FRACTION * BATCH_SIZE_PER_IM`` foreground RoIs (overlap >= FG_THRESH) and the rest
    background (overlap in [BG_THRESH_LO, BG_THRESH_HI)) are drawn at random without replacement;
 4. RoIs with overlap >= BBOX_THRESH regress to the non-crowd gt box they overlap most, encoded with
@@ -23,7 +25,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from pydetectron.boxes import box_iou, encode_boxes
+from pydetectron.boxes import box_area, box_iou, encode_boxes
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class FastRCNNSampling:
     bbox_thresh: float = 0.5
     bbox_reg_weights: Tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
     cls_agnostic_bbox_reg: bool = False
+    crowd_filter_thresh: float = 0.0
 
     @classmethod
     def from_cfg(cls, cfg) -> FastRCNNSampling:
@@ -52,6 +55,9 @@ class FastRCNNSampling:
             bbox_thresh=float(cfg.TRAIN.BBOX_THRESH),
             bbox_reg_weights=tuple(float(w) for w in cfg.MODEL.BBOX_REG_WEIGHTS),
             cls_agnostic_bbox_reg=bool(cfg.MODEL.CLS_AGNOSTIC_BBOX_REG),
+            # Detectron filters crowd-covered proposals only when they are precomputed (Fast R-CNN);
+            # end-to-end training keeps them, "for historical consistency".
+            crowd_filter_thresh=0.0 if cfg.MODEL.FASTER_RCNN else float(cfg.TRAIN.CROWD_FILTER_THRESH),
         )
 
     @property
@@ -113,11 +119,21 @@ def _gt_fields(entry: dict, index: int, device: torch.device):
     return boxes, classes, crowd
 
 
+def _intersection_over_first(boxes: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+    """``(P, G)`` intersection / area of `boxes` (inclusive pixels): COCO's IoU against iscrowd regions."""
+    top_left = torch.maximum(boxes[:, None, :2], others[None, :, :2])
+    bottom_right = torch.minimum(boxes[:, None, 2:], others[None, :, 2:])
+    inter = (bottom_right - top_left + 1).clamp(min=0).prod(dim=2)
+    return inter / box_area(boxes).clamp(min=1e-12)[:, None]
+
+
 def label_proposals(
-    proposals: torch.Tensor, entry: dict, im_scale: float, index: int = 0
+    proposals: torch.Tensor, entry: dict, im_scale: float, index: int = 0, crowd_filter_thresh: float = 0.0
 ) -> LabelledBoxes:
     """Put the gt boxes of roidb `entry` in front of `proposals` ``(P, 4)`` (input pixels) and label every
-    box with its best-overlapping gt (Detectron's ``add_proposals`` with ``crowd_thresh=0``)."""
+    box with its best-overlapping gt (Detectron's ``add_proposals``). With `crowd_filter_thresh` > 0
+    (precomputed proposals), a proposal covered by a crowd region beyond it gets overlap -1 (never
+    sampled), as Detectron's ``_filter_crowd_proposals``."""
     gt_boxes, gt_classes, is_crowd = _gt_fields(entry, index, proposals.device)
     proposals = proposals.to(torch.float32).reshape(-1, 4)
     num_gt, num_props = gt_boxes.shape[0], proposals.shape[0]
@@ -136,6 +152,11 @@ def label_proposals(
         prop_overlaps = torch.where(hit, maxes, prop_overlaps)
         prop_classes = torch.where(hit, gt_classes[argmaxes], prop_classes)
         prop_gt_inds = torch.where(hit, argmaxes, prop_gt_inds)
+    if crowd_filter_thresh > 0 and num_props > 0 and bool(is_crowd.any()):
+        coverage = _intersection_over_first(proposals / im_scale, gt_boxes[is_crowd] / im_scale)
+        covered = coverage.max(dim=1).values > crowd_filter_thresh
+        prop_overlaps = torch.where(covered, -1.0, prop_overlaps)
+        prop_classes = torch.where(covered, 0, prop_classes)
 
     return LabelledBoxes(
         boxes=torch.cat([gt_boxes, proposals]),
@@ -216,7 +237,9 @@ def fast_rcnn_targets(
     parts = {k: [] for k in ("rois", "labels", "targets", "inside", "gt_inds")}
     labelled_all = []
     for i, entry in enumerate(roidb):
-        labelled = label_proposals(proposals[proposals[:, 0] == i, 1:5], entry, float(im_info[i, 2]), i)
+        labelled = label_proposals(
+            proposals[proposals[:, 0] == i, 1:5], entry, float(im_info[i, 2]), i, params.crowd_filter_thresh
+        )
         keep, num_fg = sample_rois(labelled, params, generator)
         labels = labelled.max_classes[keep].clone()
         labels[num_fg:] = 0
