@@ -353,6 +353,7 @@ def test_list_merge_parsing_and_coercions():
         "TEST.BBOX_AUG.ENABLED", "True",
         "KRCNN.OKS_SIGMAS", "[0.07, 0.07, 0.07]",
         "TRAIN.DATASETS", "('a',)",
+        "SOLVER.MAX_ITER", "1e5",  # a whole float -> int
     ])
     assert cfg.TRAIN.SCALES == (600, 800) and cfg.SOLVER.STEPS == [0, 10, 20]
     assert cfg.TEST.NMS == 0.45 and type(cfg.SOLVER.BASE_LR) is float and cfg.SOLVER.BASE_LR == 1.0
@@ -360,6 +361,7 @@ def test_list_merge_parsing_and_coercions():
     assert cfg.OUTPUT_DIR == "1e5" and cfg.MODEL.CONV_BODY == "FPN.fpn_ResNet50_conv5_body"
     assert cfg.TEST.BBOX_AUG.ENABLED is True and cfg.KRCNN.OKS_SIGMAS == (0.07, 0.07, 0.07)
     assert cfg.TRAIN.DATASETS == ("a",)
+    assert cfg.SOLVER.MAX_ITER == 100000 and type(cfg.SOLVER.MAX_ITER) is int
     with pytest.raises(ConfigError, match="odd number"):
         merge_cfg_from_list(cfg, ["TEST.NMS"])
 
@@ -373,6 +375,16 @@ def test_merge_cfg_from_cfg_and_nested_sections():
         merge_cfg_from_cfg(cfg, {"TEST": {"BBOX_AUG": {"NOPE": 1}}})
 
 
+def test_equality_compares_arrays_and_nested_values():
+    a, b = get_cfg(), get_cfg()
+    assert a == b and not a != b
+    b.PIXEL_MEANS[0, 0, 1] += 1.0
+    assert a != b
+    b = get_cfg()
+    b.TEST.BBOX_AUG.MAX_SIZE = 1
+    assert a != b and a != {} and a != "cfg"
+
+
 def test_yaml_round_trip():
     cfg = get_cfg()
     merge_cfg_from_file(cfg, str(CONFIGS / "baselines" / "e2e_keypoint_rcnn_R-50-FPN_1x.yaml"))
@@ -380,7 +392,7 @@ def test_yaml_round_trip():
     assert_and_infer_cfg(cfg)
     text = cfg_to_yaml(cfg)
     again = merge_cfg_from_str(get_cfg(), text)
-    assert cfg_to_yaml(again) == text
+    assert cfg_to_yaml(again) == text and again == cfg
     assert again.TRAIN.SCALES == cfg.TRAIN.SCALES and isinstance(again.TRAIN.SCALES, tuple)
     np.testing.assert_array_equal(again.PIXEL_STDS, cfg.PIXEL_STDS)
 

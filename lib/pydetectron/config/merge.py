@@ -1,10 +1,11 @@
 """Merging YAML files, other configs and ``KEY value`` lists into a config tree, and dumping it back.
 
-Detectron's rules: a merged key must already exist in the tree; raw strings are parsed with
-``ast.literal_eval`` (so ``'(600, 800)'`` becomes a tuple); the value must have the default's type, except that
-tuple <-> list, numbers -> str and anything -> numpy array (of the default's dtype) are coerced. Additions: int ->
-float is accepted, every error names the full key, the file it came from and the closest valid key, and renamed
-keys are translated (with a warning) instead of rejected, so old YAMLs keep loading.
+Detectron's rules: a merged key must already exist in the tree; raw strings are parsed with ``ast.literal_eval``
+(so ``'(600, 800)'`` becomes a tuple); the value must have the default's type, except that tuple <-> list,
+numbers -> str and anything -> numpy array (of the default's dtype) are coerced. Additions: int -> float and
+whole float -> int (``'1e5'`` iterations) are accepted, every error names the full key, the file it came from
+and the closest valid key, and renamed keys are translated (with a warning) instead of rejected, so old YAMLs
+keep loading.
 """
 
 from __future__ import annotations
@@ -142,6 +143,8 @@ def coerce_value(value: Any, default: Any, full_key: str, source: str | None = N
         return value
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if type(default) is int and isinstance(value, float) and value.is_integer():  # '1e5' iterations
+        return int(value)
     if isinstance(default, str) and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if isinstance(default, tuple) and isinstance(value, list):

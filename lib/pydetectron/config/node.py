@@ -154,6 +154,25 @@ class CfgNode(dict):
     def __reduce__(self) -> tuple:
         return (_rebuild_node, (dict(self), self._path, self._frozen))
 
+    # ------------------------------------------------------------------ comparison
+    def __eq__(self, other: object) -> bool:
+        """Key-by-key equality that also compares numpy values (plain dict equality would raise on them)."""
+        if not isinstance(other, Mapping) or self.keys() != other.keys():
+            return False
+        for key, value in self.items():
+            theirs = other[key]
+            if isinstance(value, np.ndarray) or isinstance(theirs, np.ndarray):
+                if not np.array_equal(np.asarray(value), np.asarray(theirs)):
+                    return False
+            elif value != theirs:
+                return False
+        return True
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    __hash__ = None  # type: ignore[assignment]
+
     # ------------------------------------------------------------------ helpers
     def leaf_keys(self) -> Iterator[str]:
         """Every dotted leaf key below this node (``'TRAIN.SCALES'``, ...), in insertion order."""
