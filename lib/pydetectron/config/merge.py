@@ -11,6 +11,7 @@ keep loading.
 from __future__ import annotations
 
 import difflib
+import io
 import logging
 import os
 from ast import literal_eval
@@ -224,7 +225,9 @@ class _KeysAsTextLoader(yaml.SafeLoader):
 def load_yaml(text: str, source: str | None = None) -> dict:
     """Parse YAML text that must hold a mapping (an empty document is an empty mapping)."""
     try:
-        data = yaml.load(text, Loader=_KeysAsTextLoader)  # noqa: S506 (a SafeLoader)
+        stream = io.StringIO(text)
+        stream.name = source or "<string>"  # PyYAML quotes the stream's name in its error positions
+        data = yaml.load(stream, Loader=_KeysAsTextLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"cannot parse YAML{_where(source)}: {exc}") from None
     if data is None:
