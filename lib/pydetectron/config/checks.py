@@ -20,7 +20,7 @@ SHARE_RES5_HEADS = frozenset({"mask_rcnn_fcn_head_v0upshare"})
 
 NORMS = ("AffineChannel", "GN", "BN", "SyncBN")
 OPTIMIZERS = ("SGD", "Adam", "AdamW")
-LR_POLICIES = ("step", "steps_with_decay", "steps_with_lrs", "cosine_decay", "exp_decay")
+LR_POLICIES = ("step", "steps_with_decay", "steps_with_lrs", "cosine_decay")  # Detectron's lr_policy.py
 WARM_UP_METHODS = ("constant", "linear")
 ROI_XFORM_METHODS = ("RoIPoolF", "RoIPool", "RoIAlign")
 COLOR_ORDERS = ("BGR", "RGB")

@@ -187,7 +187,7 @@ def _solver(C: CfgNode) -> None:
     S = C.SOLVER = CfgNode()
     S.TYPE = "SGD"  # Detectron.pytorch: 'SGD' | 'Adam'; pydetectron adds 'AdamW'
     S.BASE_LR = 0.001
-    S.LR_POLICY = "step"  # step | steps_with_decay | steps_with_lrs | cosine_decay | exp_decay
+    S.LR_POLICY = "step"  # step | steps_with_decay | steps_with_lrs | cosine_decay
     S.GAMMA = 0.1
     S.STEP_SIZE = 30000
     S.STEPS = []

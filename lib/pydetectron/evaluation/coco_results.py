@@ -31,7 +31,7 @@ def image_results(
     """COCO entries of one image for every task its detections support.
 
     `detections` is the detector's per-image output (boxes (D, 4) inclusive xyxy in original pixels, scores,
-    classes as contiguous ids, optional masks (D, H, W) and keypoints (D, K, 3) = (x, y, logit)).
+    classes as contiguous ids, optional masks (D, H, W) or their RLEs 'segms', and keypoints (D, K, 3) = (x, y, logit)).
     `category_ids[c]` is the json category id of contiguous class c (index 0 = background).
     Boxes become [x, y, x2 - x1 + 1, y2 - y1 + 1] (Detectron's xyxy_to_xywh). Keypoint scores follow
     Detectron's KRCNN.KEYPOINT_CONFIDENCE: 'bbox' (the box score, Detectron's default) or 'logit' (the mean
@@ -49,11 +49,13 @@ def image_results(
         x1, y1, x2, y2 = box
         results["bbox"].append({"image_id": int(image_id), "category_id": cat,
                                 "bbox": [x1, y1, x2 - x1 + 1, y2 - y1 + 1], "score": float(score)})
-    if detections.get("masks") is not None:
-        masks = _numpy(detections["masks"])
+    segms = detections.get("segms")
+    if segms is None and detections.get("masks") is not None:
+        segms = [encode_mask(mask) for mask in _numpy(detections["masks"])]
+    if segms is not None:
         results["segm"] = [
-            {"image_id": int(image_id), "category_id": cat, "segmentation": encode_mask(mask), "score": float(s)}
-            for mask, s, cat in zip(masks, scores, cats)
+            {"image_id": int(image_id), "category_id": cat, "segmentation": rle, "score": float(s)}
+            for rle, s, cat in zip(segms, scores, cats)
         ]
     if detections.get("keypoints") is not None:
         keypoints = _numpy(detections["keypoints"]).astype(np.float64)

@@ -1,0 +1,250 @@
+"""Everything `tools/train_net_step.py` does, as a library: adapt the cfg, build data / model / solver, train.
+
+The adaptation follows Detectron.pytorch's train_net_step.py: the config's schedule was written for
+NUM_GPUS x TRAIN.IMS_PER_BATCH images per step; we scale BASE_LR with the batch size we run and STEPS /
+MAX_ITER inversely with the effective batch size (x iter_size), then apply the command-line overrides.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from pycocotools.coco import COCO
+
+from pydetectron.config import assert_and_infer_cfg, cfg_to_yaml
+from pydetectron.data.catalog import register_from_string, resolve_short_name
+from pydetectron.data.coco import CocoDataset, DatasetMeta
+from pydetectron.data.loader import build_train_loader_from_cfg
+from pydetectron.data.minibatch import BlobSettings, split_per_device
+from pydetectron.data.roidb import combined_roidb_for_training
+from pydetectron.engine.checkpoint import CheckpointManager, load_checkpoint
+from pydetectron.engine.logger import TrainingLogger, read_metrics
+from pydetectron.engine.trainer import Trainer, TrainLoopSettings
+from pydetectron.evaluation.inference import evaluate_detections, inference_on_dataset
+from pydetectron.modeling.detector import build_detector
+from pydetectron.parallel import DataParallel
+from pydetectron.solver import LRSchedule, build_optimizer, scale_schedule
+from pydetectron.vis import draw_training_curves
+from pydetectron.weights.detectron_pkl import load_detectron_weights
+
+Print = Callable[[str], None]
+
+
+@dataclass
+class TrainOptions:
+    """Detectron.pytorch's train_net_step.py flags (see `tools/train_net_step.py --help`)."""
+
+    dataset: str | None = None
+    register: Sequence[str] = ()
+    batch_size: int | None = None
+    num_workers: int | None = None
+    iter_size: int = 1
+    optimizer: str | None = None
+    lr: float | None = None
+    lr_decay_gamma: float | None = None
+    start_step: int = 0
+    load_ckpt: str | None = None
+    load_detectron: str | None = None
+    resume: bool = False
+    no_save: bool = False
+    use_tfboard: bool = False
+    disp_interval: int = 20
+    use_cuda: bool = True
+    output_dir: str | None = None
+    seed: int | None = None
+    cfg_name: str = "model"
+    keep_checkpoints: int = 3
+
+
+def training_device(options: TrainOptions) -> tuple[torch.device, int]:
+    """(device of the master copy, number of devices)."""
+    if options.use_cuda and torch.cuda.is_available():
+        return torch.device("cuda", 0), torch.cuda.device_count()
+    return torch.device("cpu"), 1
+
+
+def apply_dataset(cfg, options: TrainOptions) -> None:
+    """--register specs, then --dataset: TRAIN/TEST.DATASETS and MODEL.NUM_CLASSES (from the json if needed)."""
+    for spec in options.register:
+        register_from_string(spec)
+    if options.dataset:
+        short = resolve_short_name(options.dataset)
+        cfg.TRAIN.DATASETS, cfg.TEST.DATASETS = tuple(short.train), tuple(short.test)
+        if short.num_classes > 0:
+            cfg.MODEL.NUM_CLASSES = short.num_classes
+    if not cfg.TRAIN.DATASETS:
+        raise ValueError("no training dataset: pass --dataset NAME or set TRAIN.DATASETS in the config")
+
+
+def adapt_cfg(cfg, options: TrainOptions, num_devices: int, print_fn: Print = print) -> None:
+    """Scale the schedule to the hardware and batch size, then apply the command-line solver overrides."""
+    original_ims_per_batch = cfg.TRAIN.IMS_PER_BATCH
+    scaled = scale_schedule(
+        cfg.SOLVER.BASE_LR, cfg.SOLVER.STEPS, cfg.SOLVER.MAX_ITER, cfg.NUM_GPUS, cfg.TRAIN.IMS_PER_BATCH,
+        num_gpus=num_devices, batch_size=options.batch_size, iter_size=options.iter_size,
+    )
+    print_fn(scaled.summary)
+    cfg.NUM_GPUS = scaled.num_gpus
+    cfg.TRAIN.IMS_PER_BATCH = scaled.ims_per_batch
+    cfg.SOLVER.BASE_LR = scaled.base_lr
+    cfg.SOLVER.STEPS = scaled.steps
+    cfg.SOLVER.MAX_ITER = scaled.max_iter
+    if cfg.FPN.FPN_ON and cfg.MODEL.FASTER_RCNN:
+        cfg.FPN.RPN_COLLECT_SCALE = cfg.TRAIN.IMS_PER_BATCH / original_ims_per_batch
+        print_fn(f"FPN.RPN_COLLECT_SCALE (proposals collected per batch) scaled with IMS_PER_BATCH: "
+                 f"{cfg.FPN.RPN_COLLECT_SCALE}")
+    if options.num_workers is not None:
+        cfg.DATA_LOADER.NUM_THREADS = options.num_workers
+    if options.optimizer is not None:
+        cfg.SOLVER.TYPE = options.optimizer
+    if options.lr is not None:
+        cfg.SOLVER.BASE_LR = options.lr
+    if options.lr_decay_gamma is not None:
+        cfg.SOLVER.GAMMA = options.lr_decay_gamma
+    if options.seed is not None:
+        cfg.RNG_SEED = options.seed
+
+
+def apply_dataset_meta(cfg, meta: DatasetMeta, print_fn: Print = print) -> None:
+    """Class and keypoint counts of a catalog dataset the short names don't describe (shapes, custom data)."""
+    if cfg.MODEL.NUM_CLASSES <= 0:
+        cfg.MODEL.NUM_CLASSES = meta.num_classes
+        print_fn(f"MODEL.NUM_CLASSES = {meta.num_classes} from the dataset ({meta.num_classes - 1} categories)")
+    if cfg.MODEL.KEYPOINTS_ON and cfg.KRCNN.NUM_KEYPOINTS <= 0:
+        cfg.KRCNN.NUM_KEYPOINTS = meta.num_keypoints
+    if cfg.MODEL.KEYPOINTS_ON and not cfg.KRCNN.OKS_SIGMAS and meta.oks_sigmas:
+        cfg.KRCNN.OKS_SIGMAS = tuple(meta.oks_sigmas)
+
+
+def default_output_dir(cfg_name: str) -> Path:
+    stamp = datetime.datetime.now().strftime("%b%d-%H-%M-%S")
+    return Path("Outputs") / cfg_name / stamp
+
+
+def load_weights(model: torch.nn.Module, cfg, options: TrainOptions, print_fn: Print = print) -> dict | None:
+    """--load_detectron / --load_ckpt (model only unless --resume), else TRAIN.WEIGHTS or the ImageNet backbone.
+
+    Returns the checkpoint when resuming. Class-dependent layers of a different size are skipped with a
+    message (fine-tuning on another dataset).
+    """
+    if options.load_detectron:
+        report = load_detectron_weights(model, options.load_detectron, num_classes=cfg.MODEL.NUM_CLASSES)
+        print_fn(f"Loaded Detectron weights {options.load_detectron}: {report.summary()}")
+        for line in report.skipped:
+            print_fn(f"  skipped: {line}")
+    if options.load_ckpt:
+        checkpoint = load_checkpoint(options.load_ckpt)
+        if options.resume:
+            return checkpoint
+        own = model.state_dict()
+        weights = {k: v for k, v in checkpoint["model"].items() if k not in own or v.shape == own[k].shape}
+        for key in sorted(set(checkpoint["model"]) - set(weights)):
+            print_fn(f"  skipped {key}: shape {tuple(checkpoint['model'][key].shape)} in the checkpoint, "
+                     f"{tuple(own[key].shape)} in the model (different class count?)")
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        print_fn(f"Loaded weights from {options.load_ckpt} (missing: {missing or 'none'}, "
+                 f"unexpected: {unexpected or 'none'})")
+        return None
+    if options.load_detectron:
+        return None
+    if cfg.TRAIN.WEIGHTS:  # Detectron's way of naming the initial weights
+        report = load_detectron_weights(model, _existing(cfg.TRAIN.WEIGHTS, "TRAIN.WEIGHTS"),
+                                        num_classes=cfg.MODEL.NUM_CLASSES)
+        print_fn(f"Loaded TRAIN.WEIGHTS {cfg.TRAIN.WEIGHTS}: {report.summary()}")
+    elif cfg.MODEL.LOAD_IMAGENET_PRETRAINED_WEIGHTS:
+        pretrained = cfg.RESNETS.IMAGENET_PRETRAINED_WEIGHTS
+        if not pretrained:
+            raise ValueError("MODEL.LOAD_IMAGENET_PRETRAINED_WEIGHTS is True but RESNETS.IMAGENET_PRETRAINED_WEIGHTS "
+                             "is empty: name the weights file, or set the first key False to train from scratch")
+        report = load_detectron_weights(model, _existing(pretrained, "RESNETS.IMAGENET_PRETRAINED_WEIGHTS"))
+        print_fn(f"Loaded ImageNet weights {pretrained}: {report.summary()}")
+    return None
+
+
+def _existing(path: str, key: str) -> str:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{key} {path!r} does not exist")
+    return path
+
+
+def _flatten(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {f"{task}/{name}": value for task, figures in metrics.items() for name, value in figures.items()}
+
+
+def make_evaluator(model, cfg, device, output_dir: Path, print_fn: Print):
+    """evaluate(step) -> flat metrics on TEST.DATASETS[0], or None when no test dataset is set."""
+    if not cfg.TEST.DATASETS:
+        return None
+    dataset = CocoDataset(cfg.TEST.DATASETS[0])
+    entries = dataset.get_roidb()
+    settings = BlobSettings.from_cfg(cfg, train=False)
+    coco_gt = COCO(dataset.spec.ann_file)
+    category_ids = [0] + [dataset.meta.contiguous_category_id_to_json_id[c]
+                          for c in range(1, dataset.meta.num_classes)]
+
+    def evaluate(step: int) -> dict[str, float]:
+        detections = inference_on_dataset(model, entries, settings, device, print_fn)
+        metrics = evaluate_detections(coco_gt, detections, category_ids, dataset.name,
+                                      output_dir / f"eval_step{step}", cfg.KRCNN.OKS_SIGMAS or None,
+                                      cfg.KRCNN.KEYPOINT_CONFIDENCE, print_fn)
+        return _flatten(metrics)
+
+    return evaluate
+
+
+def run_training(cfg, options: TrainOptions, print_fn: Print = print) -> Path:
+    """Adapt and freeze `cfg`, train, and return the output directory (checkpoints, metrics, curves)."""
+    device, num_devices = training_device(options)
+    apply_dataset(cfg, options)
+    adapt_cfg(cfg, options, num_devices, print_fn)
+    roidb, meta = combined_roidb_for_training(cfg.TRAIN.DATASETS, cfg.TRAIN.USE_FLIPPED, cfg.MODEL.KEYPOINTS_ON,
+                                              cfg.TRAIN.GT_MIN_AREA)
+    apply_dataset_meta(cfg, meta, print_fn)
+    assert_and_infer_cfg(cfg)
+    output_dir = Path(options.output_dir) if options.output_dir else default_output_dir(options.cfg_name)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(cfg_to_yaml(cfg))
+    print_fn(f"{len(roidb)} training entries from {', '.join(cfg.TRAIN.DATASETS)}; output in {output_dir}")
+
+    torch.manual_seed(cfg.RNG_SEED)
+    model = build_detector(cfg).to(device)
+    checkpoint = load_weights(model, cfg, options, print_fn)
+    optimizer = build_optimizer(model, cfg)
+    schedule = LRSchedule.from_cfg(cfg)
+    batch_size = cfg.TRAIN.IMS_PER_BATCH * cfg.NUM_GPUS
+    settings = TrainLoopSettings(
+        max_iter=cfg.SOLVER.MAX_ITER, iter_size=options.iter_size, snapshot_iters=cfg.TRAIN.SNAPSHOT_ITERS,
+        scale_momentum=cfg.SOLVER.SCALE_MOMENTUM, scale_momentum_threshold=cfg.SOLVER.SCALE_MOMENTUM_THRESHOLD,
+        log_lr_change_threshold=cfg.SOLVER.LOG_LR_CHANGE_THRESHOLD, eval_period=cfg.TEST.EVAL_PERIOD,
+        extra_state={"train_size": len(roidb), "batch_size": batch_size, "iter_size": options.iter_size,
+                     "cfg": cfg_to_yaml(cfg)},
+    )
+    logger = TrainingLogger(output_dir, cfg.SOLVER.MAX_ITER, options.disp_interval, options.use_tfboard, print_fn)
+    checkpoints = None if options.no_save else CheckpointManager(output_dir / "ckpt", options.keep_checkpoints)
+    parallel = DataParallel(model, device_ids=list(range(num_devices)) if device.type == "cuda" else [])
+    stride = BlobSettings.from_cfg(cfg, train=True).stride
+
+    def forward(_, batch: dict) -> dict:
+        parts = split_per_device(batch, num_devices, stride) if num_devices > 1 else [batch]
+        return parallel(**{key: [part[key] for part in parts] for key in ("data", "im_info", "roidb")})
+
+    start_step = int(checkpoint["step"]) if checkpoint is not None else options.start_step
+    batches = build_train_loader_from_cfg(cfg, roidb, start_iter=start_step * options.iter_size)
+    trainer = Trainer(model, optimizer, schedule, batches, forward, settings, logger, checkpoints,
+                      make_evaluator(model, cfg, device, output_dir, print_fn), print_fn)
+    if checkpoint is not None:
+        trainer.restore(checkpoint)
+        print_fn(f"Resuming from {options.load_ckpt} at step {start_step}")
+    try:
+        trainer.train(start_step)
+    finally:
+        logger.close()
+        if logger.metrics_path and logger.metrics_path.exists():
+            draw_training_curves(read_metrics(logger.metrics_path), output_dir / "training_curves.png")
+    print_fn(f"Training curves: {output_dir / 'training_curves.png'}")
+    return output_dir

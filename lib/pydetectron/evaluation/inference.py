@@ -1,0 +1,107 @@
+"""Inference over a dataset and its evaluation, shared by tools/test_net.py and periodic training eval.
+
+Detections are kept compact as soon as an image is done (numpy arrays, masks as COCO RLE, as Detectron's
+detections.pkl keeps them): full-image masks of a COCO-sized run would not fit in memory.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import cv2
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+
+from pydetectron.data.minibatch import BlobSettings, prepare_test_image, scaled_size
+from pydetectron.evaluation.coco_eval import copypaste_lines, evaluate_coco
+from pydetectron.evaluation.coco_results import encode_mask, image_results
+
+RESULT_FILE_PREFIX = {"bbox": "bbox", "segm": "segmentations", "keypoints": "keypoints"}
+
+
+def detect_image(model: torch.nn.Module, image: np.ndarray, settings: BlobSettings, device: torch.device) -> dict:
+    """Detections of one BGR uint8 image (original pixel coordinates), as the detector returns them, on CPU."""
+    blob, im_scale = prepare_test_image(image, settings)
+    height, width = scaled_size(image.shape[0], image.shape[1], im_scale)
+    im_info = torch.tensor([[height, width, im_scale]], dtype=torch.float32)
+    with torch.no_grad():
+        result = model(blob.to(device), im_info.to(device))[0]
+    return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in result.items()}
+
+
+def compact(detections: Mapping[str, object]) -> dict:
+    """numpy arrays, and masks as a list of RLEs under 'segms' (Detectron's detections.pkl layout)."""
+    out = {}
+    for key, value in detections.items():
+        array = value.numpy() if isinstance(value, torch.Tensor) else value
+        if key == "masks" and array is not None:
+            out["segms"] = [encode_mask(m) for m in array]
+        else:
+            out[key] = array
+    return out
+
+
+def inference_on_dataset(
+    model: torch.nn.Module,
+    entries: Sequence[Mapping],
+    settings: BlobSettings,
+    device: torch.device,
+    print_fn: Callable[[str], None] = print,
+    progress_every: int = 20,
+) -> dict[int, dict]:
+    """{image id: compact detections} for each roidb entry (needs 'id' and 'image'), with a progress line."""
+    model.eval()
+    results: dict[int, dict] = {}
+    start = time.perf_counter()
+    for done, entry in enumerate(entries, start=1):
+        image = cv2.imread(entry["image"], cv2.IMREAD_COLOR)
+        if image is None:
+            raise FileNotFoundError(f"image {entry['image']!r} (image id {entry['id']}) is missing or unreadable")
+        results[int(entry["id"])] = compact(detect_image(model, image, settings, device))
+        if done % progress_every == 0 or done == len(entries):
+            elapsed = time.perf_counter() - start
+            rate = done / max(elapsed, 1e-9)
+            eta = datetime.timedelta(seconds=int((len(entries) - done) / rate))
+            print_fn(f"[inference] {done}/{len(entries)} images, {rate:.2f} img/s, eta {eta}")
+    return results
+
+
+def evaluate_detections(
+    coco_gt: COCO,
+    detections: Mapping[int, Mapping],
+    category_ids: Sequence[int],
+    dataset_name: str,
+    output_dir: str | Path | None = None,
+    oks_sigmas: Sequence[float] | None = None,
+    keypoint_confidence: str = "bbox",
+    print_fn: Callable[[str], None] = print,
+) -> dict[str, dict[str, float]]:
+    """COCO metrics for every task the detections carry; writes Detectron-named result jsons to output_dir.
+
+    `category_ids[c]` is the json category id of contiguous class c. Returns {iou_type: {AP name: value}}.
+    """
+    per_task: dict[str, list] = {}
+    for image_id in sorted(detections):
+        for task, entries in image_results(image_id, detections[image_id], category_ids,
+                                           keypoint_confidence).items():
+            per_task.setdefault(task, []).extend(entries)
+    if not per_task:
+        per_task["bbox"] = []
+    metrics = {}
+    for task, entries in per_task.items():
+        if output_dir is not None:
+            path = Path(output_dir) / f"{RESULT_FILE_PREFIX[task]}_{dataset_name}_results.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(entries))
+            print_fn(f"Wrote {len(entries)} {task} results to {path}")
+        sigmas = np.asarray(oks_sigmas, dtype=np.float64) if task == "keypoints" and oks_sigmas else None
+        print_fn(f"Evaluating {task} on {dataset_name}")
+        metrics[task] = evaluate_coco(coco_gt, entries, task, oks_sigmas=sigmas, print_fn=print_fn)
+    for line in copypaste_lines(dataset_name, metrics):
+        print_fn(line)
+    return metrics
