@@ -117,3 +117,243 @@ def test_rpn_targets_drop_crowd_boxes():
     assert t.labels.tolist() == [[1, 1, -1, 0, 0, -1], [1, 1, -1, 1, 0, -1]]
     with pytest.raises(KeyError, match="is_crowd"):
         rpn_targets(ANCHORS, [{"boxes": GT, "gt_classes": [1, 1]}], im_info[:1], RPNSampling())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Proposal generation (proposals.py) — needs pydetectron.ops.nms
+
+def _proposal_api():
+    pytest.importorskip("pydetectron.ops.nms")  # proposals (and the RPN module) need NMS
+    from pydetectron.modeling import proposals
+
+    return proposals
+
+
+def _build_rpn(*args):
+    _proposal_api()
+    from pydetectron.modeling.rpn import build_rpn
+
+    return build_rpn(*args)
+
+
+def _reference_proposals(anchors, scores, deltas, im_info, pre_n, post_n, nms_thresh, min_size):
+    """Detectron's proposals_for_one_image in plain Python float64 (one image, one level)."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    if 0 < pre_n < len(order):
+        order = order[:pre_n]
+    h_im, w_im, scale = im_info
+    props = []
+    for i in order:
+        a, d = anchors[i], deltas[i]
+        w, h = a[2] - a[0] + 1, a[3] - a[1] + 1
+        cx, cy = a[0] + 0.5 * w, a[1] + 0.5 * h
+        px, py = d[0] * w + cx, d[1] * h + cy
+        pw = math.exp(min(d[2], math.log(1000 / 16))) * w
+        ph = math.exp(min(d[3], math.log(1000 / 16))) * h
+        box = [px - 0.5 * pw, py - 0.5 * ph, px + 0.5 * pw - 1, py + 0.5 * ph - 1]
+        box = [min(max(box[0], 0), w_im - 1), min(max(box[1], 0), h_im - 1),
+               min(max(box[2], 0), w_im - 1), min(max(box[3], 0), h_im - 1)]
+        bw, bh = box[2] - box[0] + 1, box[3] - box[1] + 1
+        ok = ((box[2] - box[0]) / scale + 1 >= max(min_size, 1) and (box[3] - box[1]) / scale + 1 >= max(min_size, 1)
+              and box[0] + bw / 2 < w_im and box[1] + bh / 2 < h_im)
+        if ok:
+            props.append((box, scores[i]))
+    kept = []
+    for box, s in props:  # greedy NMS, inclusive-pixel IoU
+        suppressed = False
+        for k, _ in kept:
+            iw = min(box[2], k[2]) - max(box[0], k[0]) + 1
+            ih = min(box[3], k[3]) - max(box[1], k[1]) + 1
+            if iw > 0 and ih > 0:
+                inter = iw * ih
+                union = (box[2] - box[0] + 1) * (box[3] - box[1] + 1) + (k[2] - k[0] + 1) * (k[3] - k[1] + 1) - inter
+                suppressed |= inter / union >= nms_thresh
+        if not suppressed:
+            kept.append((box, s))
+    return kept[:post_n] if post_n > 0 else kept
+
+
+def test_proposals_hand_made_top_n_min_size_and_nms():
+    P = _proposal_api()
+    anchors = torch.tensor(
+        [
+            [0.0, 0.0, 15.0, 15.0],  # a0
+            [2.0, 0.0, 17.0, 15.0],  # a1: IoU 224/288 = 0.78 with a0
+            [40.0, 40.0, 55.0, 55.0],  # a2
+            [60.0, 0.0, 61.0, 1.0],  # a3: 2 x 2, below min_size 3
+        ]
+    )
+    obj = torch.tensor([0.8, 0.9, 0.7, 0.95]).reshape(1, 1, 1, 4)  # (N, A, H, W), anchors in (H, W, A) order
+    deltas = torch.zeros(1, 4, 1, 4)
+    deltas[0, 0, 0, 2] = 1.0  # a2 moves right by its width: [56, 40, 71, 55]
+    im_info = torch.tensor([[100.0, 100.0, 1.0]])
+
+    def run(pre, post, thresh=0.7, info=im_info, o=obj, d=deltas):
+        params = P.ProposalParams(pre_nms_top_n=pre, post_nms_top_n=post, nms_thresh=thresh, min_size=3)
+        rois, scores = P.generate_proposals([anchors], [o], [d], info, params, math.log(1000 / 16))
+        return rois[0], scores[0]
+
+    rois, scores = run(pre=0, post=0)
+    assert rois.tolist() == [[0.0, 2.0, 0.0, 17.0, 15.0], [0.0, 56.0, 40.0, 71.0, 55.0]]  # a3 small, a0 by NMS
+    assert scores.tolist() == pytest.approx([0.9, 0.7])
+    assert run(pre=3, post=0)[0][:, 1].tolist() == [2.0]  # pre-NMS top-3 is a3, a1, a0: a2 never considered
+    assert run(pre=0, post=1)[0][:, 1].tolist() == [2.0]
+    assert run(pre=0, post=1, thresh=0)[0].shape[0] == 3  # no NMS: no post-NMS cut either (Detectron)
+    # Two images: the second is 50 x 60 so a2's box is clipped to x <= 59, y <= 49.
+    two = torch.tensor([[100.0, 100.0, 1.0], [50.0, 60.0, 1.0]])
+    rois, _ = run(pre=0, post=0, info=two, o=obj.repeat(2, 1, 1, 1), d=deltas.repeat(2, 1, 1, 1))
+    assert rois.tolist()[2:] == [[1.0, 2.0, 0.0, 17.0, 15.0], [1.0, 56.0, 40.0, 59.0, 49.0]]
+
+
+def test_proposals_match_reference_on_two_levels_two_images():
+    P = _proposal_api()
+    from pydetectron.modeling.anchors import fpn_anchor_generator
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(4, 5), (2, 3)]
+    anchors = fpn_anchor_generator(3, 4, 16, (0.5, 1, 2))(shapes, torch.device("cpu"))
+    obj = [torch.rand(2, 3, h, w, generator=g) for h, w in shapes]
+    deltas = [torch.randn(2, 12, h, w, generator=g) * 0.3 for h, w in shapes]
+    im_info = torch.tensor([[40.0, 36.0, 1.5], [30.0, 40.0, 0.8]])
+    params = P.ProposalParams(pre_nms_top_n=25, post_nms_top_n=8, nms_thresh=0.5, min_size=6)
+    rois, scores = P.generate_proposals(anchors, obj, deltas, im_info, params, math.log(1000 / 16))
+    for lvl in range(2):
+        for img in range(2):
+            ref = _reference_proposals(
+                anchors[lvl].double().tolist(),
+                P.flatten_scores(obj[lvl])[img].double().tolist(),
+                P.flatten_deltas(deltas[lvl])[img].double().tolist(),
+                im_info[img].tolist(), 25, 8, 0.5, 6,
+            )
+            mine = rois[lvl][:, 0] == img
+            assert len(ref) > 0
+            torch.testing.assert_close(rois[lvl][mine, 1:].double(), torch.tensor([b for b, _ in ref]).double(),
+                                       rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(scores[lvl][mine].double(), torch.tensor([s for _, s in ref]).double())
+
+
+def test_proposals_as_detections_rescales_to_original_image():
+    P = _proposal_api()
+    rois = torch.tensor([[0.0, 10, 10, 20, 20], [1.0, 4, 4, 8, 8], [0.0, 0, 0, 4, 4]])
+    scores = torch.tensor([0.5, 0.9, 0.7])
+    out = P.proposals_as_detections(rois, scores, torch.tensor([[100.0, 100.0, 2.0], [50.0, 50.0, 0.5]]))
+    assert out[0]["boxes"].tolist() == [[0.0, 0.0, 2.0, 2.0], [5.0, 5.0, 10.0, 10.0]]
+    assert out[0]["scores"].tolist() == pytest.approx([0.7, 0.5])
+    assert out[1]["boxes"].tolist() == [[8.0, 8.0, 16.0, 16.0]]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The RPN module built from cfg
+
+FPN_SCALES = [1 / 4, 1 / 8, 1 / 16, 1 / 32, 1 / 64]
+
+
+def _cfg(fpn, **overrides):
+    from pydetectron.config import get_cfg
+
+    cfg = get_cfg()
+    cfg.FPN.FPN_ON = fpn
+    cfg.FPN.MULTILEVEL_RPN = fpn
+    cfg.MODEL.FASTER_RCNN = True
+    cfg.TRAIN.RPN_PRE_NMS_TOP_N = 40
+    cfg.TRAIN.RPN_POST_NMS_TOP_N = 30
+    cfg.TEST.RPN_PRE_NMS_TOP_N = 40
+    cfg.TEST.RPN_POST_NMS_TOP_N = 20
+    for key, value in overrides.items():
+        node, name = key.split("__")
+        setattr(getattr(cfg, node), name, value)
+    return cfg
+
+
+def _features(scales, size=64, channels=8, n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, channels, int(size * s), int(size * s), generator=g) for s in scales]
+
+
+ROIDB = [
+    {"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0], [30.0, 30.0, 60.0, 50.0]]), "gt_classes": [1, 2],
+     "is_crowd": [False, False]},
+    {"boxes": torch.tensor([[10.0, 10.0, 20.0, 25.0]]), "gt_classes": [1], "is_crowd": [False]},
+]
+IM_INFO = torch.tensor([[64.0, 64.0, 1.0], [60.0, 50.0, 0.5]])
+
+
+def test_fpn_rpn_weight_names_and_init():
+    rpn = _build_rpn(_cfg(True), 8, FPN_SCALES)
+    mapping = rpn.detectron_weight_mapping()
+    assert set(mapping) == set(rpn.state_dict())
+    assert mapping["head.conv_rpn.weight"] == "conv_rpn_fpn2_w"
+    assert mapping["head.rpn_cls_logits.bias"] == "rpn_cls_logits_fpn2_b"
+    assert mapping["head.rpn_bbox_pred.weight"] == "rpn_bbox_pred_fpn2_w"
+    assert rpn.head.rpn_cls_logits.out_channels == 3 and rpn.head.rpn_bbox_pred.out_channels == 12
+    assert rpn.head.conv_rpn.out_channels == 8  # FPN RPN keeps the pyramid width
+    assert 0.007 < rpn.head.conv_rpn.weight.std().item() < 0.013
+    assert rpn.head.conv_rpn.bias.abs().max().item() == 0.0
+
+
+def test_single_level_rpn_names_and_softmax_objectness():
+    rpn = _build_rpn(_cfg(False, RPN__CLS_ACTIVATION="softmax"), 16, [1 / 16])
+    assert rpn.detectron_weight_mapping()["head.conv_rpn.weight"] == "conv_rpn_w"
+    assert rpn.head.rpn_cls_logits.out_channels == 2 * 12  # 4 sizes x 3 ratios, bg and fg
+    logits = torch.randn(1, 24, 3, 3)
+    # softmax over (bg, fg) is the sigmoid of fg - bg
+    torch.testing.assert_close(rpn.head.objectness(logits), torch.sigmoid(logits[:, 12:] - logits[:, :12]))
+    with pytest.raises(ValueError, match="RPN.STRIDE"):
+        _build_rpn(_cfg(False), 16, [1 / 8])
+
+
+def test_missing_fpn_levels_raise():
+    with pytest.raises(ValueError, match="body levels"):
+        _build_rpn(_cfg(True), 8, [1 / 8, 1 / 16, 1 / 32, 1 / 64, 1 / 128])
+
+
+def test_fpn_training_losses_follow_detectron_normalisation():
+    rpn = _build_rpn(_cfg(True), 8, FPN_SCALES)
+    features = _features(FPN_SCALES)
+    rpn.generator = torch.Generator().manual_seed(3)
+    out = rpn(features, IM_INFO, ROIDB)
+    assert sorted(out.losses) == sorted([f"loss_rpn_{k}_fpn{lvl}" for k in ("cls", "bbox") for lvl in range(2, 7)])
+
+    # Independent recomputation: same seed -> same targets; reshape labels (N, H*W*A) -> (N, A, H, W).
+    anchors = torch.cat(rpn.anchor_generator([f.shape[-2:] for f in features], torch.device("cpu")))
+    targets = rpn_targets(anchors, ROIDB, IM_INFO, rpn.sampling, torch.Generator().manual_seed(3))
+    logits, deltas = rpn.head(features)
+    start, total = 0, 0.0
+    for lvl, lg, dl in zip(range(2, 7), logits, deltas):
+        n, a, h, w = lg.shape
+        labels = targets.labels[:, start:start + h * w * a].reshape(n, h, w, a).permute(0, 3, 1, 2)
+        valid = labels >= 0
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(lg[valid], labels[valid].float(), reduction="sum")
+        torch.testing.assert_close(out.losses[f"loss_rpn_cls_fpn{lvl}"], bce / (256 * 2))
+        total += float(valid.sum())
+
+        # (N, H*W*A, 4) -> Detectron's (N, 4A, H, W) blob layout
+        tgt, w_in, w_out = (
+            t[:, start:start + h * w * a].reshape(n, h, w, a * 4).permute(0, 3, 1, 2)
+            for t in (targets.bbox_targets, targets.bbox_inside_weights, targets.bbox_outside_weights)
+        )
+        x = (w_in * (dl - tgt)).abs()
+        huber = torch.where(x < 1 / 9, 4.5 * x * x, x - 1 / 18)
+        torch.testing.assert_close(out.losses[f"loss_rpn_bbox_fpn{lvl}"], (w_out * huber).sum() / 2)
+        start += h * w * a
+    assert total == float((targets.labels >= 0).sum())
+    assert all(torch.isfinite(v) for v in out.losses.values())
+    sum(out.losses.values()).backward()
+    assert rpn.head.rpn_bbox_pred.weight.grad.abs().sum() > 0
+    assert out.rois.shape[1] == 5 and 0 < out.rois.shape[0] <= int(30 * 1 + 0.5)
+    assert out.scores.shape == out.rois.shape[:1]
+    assert torch.all(out.scores[:-1] >= out.scores[1:])
+
+
+def test_inference_and_rpn_only_training():
+    rpn = _build_rpn(_cfg(False), 16, [1 / 16])
+    features = _features([1 / 16], size=128, channels=16)
+    with torch.no_grad():
+        out = rpn(features, IM_INFO)
+    assert out.losses == {}
+    for img in range(2):  # single-level RPN: post-NMS top-N is per image
+        assert 0 < int((out.rois[:, 0] == img).sum()) <= 20
+    assert float(out.rois[:, 3].max()) <= 63.0
+    rpn_only = _build_rpn(_cfg(False, MODEL__FASTER_RCNN=False, MODEL__RPN_ONLY=True), 16, [1 / 16])
+    out = rpn_only(features, IM_INFO, ROIDB)
+    assert out.rois is None and sorted(out.losses) == ["loss_rpn_bbox", "loss_rpn_cls"]
