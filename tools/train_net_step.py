@@ -1,0 +1,79 @@
+#!/usr/bin/env python3
+"""Train a Detectron model, step by step, with Detectron.pytorch's flags.
+
+    python tools/train_net_step.py --dataset coco2017 --cfg configs/baselines/e2e_mask_rcnn_R-50-FPN_1x.yaml
+
+The schedule in the config (written for NUM_GPUS x TRAIN.IMS_PER_BATCH images per step) is adapted to the
+batch size and devices you run with; the changes are printed at start. Ctrl-C or SIGTERM saves a checkpoint
+before exiting; `--resume --load_ckpt <ckpt>` continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pydetectron.config import get_cfg, merge_cfg_from_file, merge_cfg_from_list
+from pydetectron.engine.training import TrainOptions, run_training
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", help="dataset short name (coco2017, keypoints_coco2017, shapes, ...) or any "
+                        "catalog name, e.g. one added with --register")
+    parser.add_argument("--register", action="append", default=[], metavar="NAME:IMAGE_DIR:ANN_JSON",
+                        help="register a custom COCO-format dataset (repeatable); see data/README.md")
+    parser.add_argument("--cfg", dest="cfg_file", required=True, help="config YAML (Detectron or Detectron.pytorch)")
+    parser.add_argument("--set", dest="set_cfgs", nargs="+", default=[], metavar="KEY VALUE",
+                        help="config overrides, e.g. --set SOLVER.MAX_ITER 1000 TRAIN.SCALES '(600,)'")
+    parser.add_argument("--bs", dest="batch_size", type=int,
+                        help="total images per forward pass over all devices (default: the config's "
+                             "NUM_GPUS x TRAIN.IMS_PER_BATCH); lr scales with it")
+    parser.add_argument("--nw", dest="num_workers", type=int, help="data loader workers (DATA_LOADER.NUM_THREADS)")
+    parser.add_argument("--iter_size", type=int, default=1,
+                        help="forward/backward passes accumulated per optimizer step (steps scale with it)")
+    parser.add_argument("--o", dest="optimizer", choices=["SGD", "Adam", "AdamW"], help="SOLVER.TYPE")
+    parser.add_argument("--lr", type=float, help="base learning rate, set after the batch-size scaling")
+    parser.add_argument("--lr_decay_gamma", type=float, help="SOLVER.GAMMA")
+    parser.add_argument("--start_step", type=int, default=0, help="step to start at (without --resume)")
+    parser.add_argument("--load_ckpt", help="pydetectron checkpoint (.pth) to start from")
+    parser.add_argument("--load_detectron", help="Detectron weights (.pkl) to start from")
+    parser.add_argument("--resume", action="store_true",
+                        help="with --load_ckpt: restore step, optimizer, lr, RNG and data position too")
+    parser.add_argument("--no_save", action="store_true", help="write no checkpoints")
+    parser.add_argument("--use_tfboard", action="store_true", help="log scalars to tensorboard under output_dir")
+    parser.add_argument("--disp_interval", type=int, default=20, help="print a progress line every N steps")
+    parser.add_argument("--no_cuda", dest="cuda", action="store_false", help="train on the CPU")
+    parser.add_argument("--output_dir", help="where checkpoints, metrics.json and curves go "
+                        "(default Outputs/<cfg name>/<date-time>)")
+    parser.add_argument("--seed", type=int, help="RNG_SEED (data order, sampling, initialisation)")
+    args = parser.parse_args(argv)
+    if args.resume and not args.load_ckpt:
+        parser.error("--resume needs --load_ckpt <checkpoint>")
+    if len(args.set_cfgs) % 2:
+        parser.error(f"--set takes KEY VALUE pairs; got an odd number of items: {args.set_cfgs}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    cfg = get_cfg()
+    merge_cfg_from_file(cfg, args.cfg_file)
+    merge_cfg_from_list(cfg, args.set_cfgs)
+    options = TrainOptions(
+        dataset=args.dataset, register=args.register, batch_size=args.batch_size, num_workers=args.num_workers,
+        iter_size=args.iter_size, optimizer=args.optimizer, lr=args.lr, lr_decay_gamma=args.lr_decay_gamma,
+        start_step=args.start_step, load_ckpt=args.load_ckpt, load_detectron=args.load_detectron,
+        resume=args.resume, no_save=args.no_save, use_tfboard=args.use_tfboard,
+        disp_interval=args.disp_interval, use_cuda=args.cuda, output_dir=args.output_dir, seed=args.seed,
+        cfg_name=Path(args.cfg_file).stem,
+    )
+    output_dir = run_training(cfg, options, print)
+    print(f"Done. Checkpoints: {output_dir / 'ckpt'}; metrics: {output_dir / 'metrics.json'}")
+
+
+if __name__ == "__main__":
+    main()
