@@ -15,7 +15,7 @@ Categories use the non-contiguous ids 1 (circle), 3 (square), 7 (triangle) to ex
 The keypoint variant annotates triangles only, with keypoints 'top' (apex), 'left', 'right' (base corners,
 left = smaller x before the +-25 degree tilt), flip pairs left <-> right, a triangle skeleton, and the per-keypoint
 OKS sigmas stored in the category under 'oks_sigmas' (0.07 each: wide enough for 1-2 pixel labelling error on
-shapes of 16-170 px). Visibility is 2 when the vertex pixel shows the triangle, 1 when a later shape covers it.
+shapes of 16-170 px). Visibility is 1 when the vertex pixel is covered by a later shape, else 2.
 """
 
 from __future__ import annotations
@@ -183,8 +183,7 @@ def _annotation(k: int, obj: dict, owner: np.ndarray) -> dict | None:
         kps = []
         for x, y in obj["keypoints"]:
             xi, yi = int(min(max(round(x), 0), w - 1)), int(min(max(round(y), 0), h - 1))
-            near = owner[max(yi - 1, 0): yi + 2, max(xi - 1, 0): xi + 2]
-            kps += [float(x), float(y), 2 if (near == k).any() else 1]
+            kps += [float(x), float(y), 1 if owner[yi, xi] > k else 2]  # 1: a later shape covers it
         ann["keypoints"] = kps
         ann["num_keypoints"] = 3
     return ann

@@ -1,0 +1,108 @@
+"""Aspect-grouped infinite sampler, resume, and the DataLoader on a tiny shapes dataset."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from pydetectron.data.catalog import DatasetSpec
+from pydetectron.data.coco import CocoDataset
+from pydetectron.data.loader import build_train_loader
+from pydetectron.data.minibatch import BlobSettings
+from pydetectron.data.roidb import extend_with_flipped_entries, filter_for_training
+from pydetectron.data.samplers import InfiniteGroupedBatchSampler, aspect_groups
+
+
+def _take(iterable, n):
+    return list(itertools.islice(iterable, n))
+
+
+def test_groups_never_mixed_and_each_image_once_per_pass():
+    rng = np.random.default_rng(0)
+    roidb = [{"width": int(w), "height": int(h)} for w, h in rng.integers(100, 300, size=(60, 2))]
+    groups = aspect_groups(roidb)
+    assert set(groups.tolist()) == {0, 1}
+    for bs in (1, 2, 3, 4):
+        batches = _take(InfiniteGroupedBatchSampler(groups, len(roidb), bs, seed=5), 200)
+        for b in batches:
+            assert len(b) == bs and len({int(groups[i]) for i in b}) == 1
+        # the first pass (whole batches of each group) uses no image twice
+        first_pass = sum(int((groups == g).sum()) // bs for g in (0, 1))
+        first = [i for b in batches[:first_pass] for i in b]
+        assert len(first) == len(set(first)) == first_pass * bs
+
+
+def test_no_grouping_and_seed_changes_order():
+    a = _take(InfiniteGroupedBatchSampler(None, 10, 2, seed=0), 5)
+    b = _take(InfiniteGroupedBatchSampler(None, 10, 2, seed=1), 5)
+    assert sorted(i for x in a for i in x) == list(range(10)) and a != b
+
+
+@pytest.mark.parametrize("start", [0, 1, 7, 23, 61])
+def test_resume_matches_uninterrupted(start):
+    groups = np.array([0] * 13 + [1] * 8)
+    full = _take(InfiniteGroupedBatchSampler(groups, 21, 2, seed=3), 80)
+    sampler = InfiniteGroupedBatchSampler(groups, 21, 2, seed=99)
+    sampler.load_state_dict({"seed": 3, "start_iter": start})
+    assert _take(sampler, 80 - start) == full[start:]
+    assert sampler.state_dict() == {"seed": 3, "start_iter": start}
+
+
+def test_bad_sampler_arguments():
+    with pytest.raises(ValueError, match="empty dataset"):
+        InfiniteGroupedBatchSampler(None, 0, 2)
+    with pytest.raises(ValueError, match="batch_size"):
+        InfiniteGroupedBatchSampler(None, 4, 0)
+
+
+def _shapes_roidb(root):
+    ds = CocoDataset(DatasetSpec("tiny", str(root / "train"), str(root / "annotations" / "instances_train.json")))
+    return filter_for_training(extend_with_flipped_entries(ds.get_roidb(), ds.meta))
+
+
+def test_loader_batches_and_resume(tiny_shapes):
+    roidb = _shapes_roidb(tiny_shapes)
+    settings = BlobSettings(scales=(96, 128), max_size=200, pixel_means=(102.9801, 115.9465, 122.7717),
+                            stride=32)
+    full = _take(build_train_loader(roidb, settings, batch_size=2, num_workers=0, seed=4), 6)
+    for batch in full:
+        data, info = batch["data"], batch["im_info"]
+        assert data.shape[0] == 2 and data.shape[2] % 32 == 0 and data.shape[3] % 32 == 0
+        assert len({e["width"] >= e["height"] for e in batch["roidb"]}) == 1
+        for row, e in zip(info, batch["roidb"]):
+            assert min(row[0], row[1]) in (96, 128) or max(row[0], row[1]) == 200
+            assert e["boxes"][:, 2].max() <= row[1] and e["boxes"][:, 3].max() <= row[0]
+    resumed = _take(build_train_loader(roidb, settings, batch_size=2, num_workers=0, seed=4, start_iter=3), 3)
+    for a, b in zip(full[3:], resumed):
+        torch.testing.assert_close(a["data"], b["data"])
+        torch.testing.assert_close(a["im_info"], b["im_info"])
+        assert [e["id"] for e in a["roidb"]] == [e["id"] for e in b["roidb"]]
+
+
+@pytest.mark.slow
+def test_loader_with_workers_matches_main_process(tiny_shapes):
+    roidb = _shapes_roidb(tiny_shapes)
+    settings = BlobSettings(scales=(96, 128), max_size=200, pixel_means=(0, 0, 0), stride=32)
+    a = _take(build_train_loader(roidb, settings, 2, num_workers=0, seed=1), 4)
+    b = _take(build_train_loader(roidb, settings, 2, num_workers=2, seed=1), 4)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x["data"], y["data"])
+
+
+def test_loader_skips_unreadable_when_asked(tiny_shapes, tmp_path, caplog):
+    roidb = [dict(e) for e in _shapes_roidb(tiny_shapes)[:4]]
+    roidb[0]["image"] = str(tmp_path / "gone.jpg")
+    settings = BlobSettings(scales=(64,), max_size=200, pixel_means=(0, 0, 0))
+    loader = build_train_loader(roidb, settings, 1, num_workers=0, aspect_grouping=False, seed=0)
+    with pytest.raises(FileNotFoundError, match="gone.jpg"):
+        _take(loader, 4)
+    loader = build_train_loader(roidb, settings, 2, num_workers=0, aspect_grouping=False, seed=0,
+                                skip_unreadable=True)
+    with caplog.at_level(logging.WARNING):
+        sizes = [b["data"].shape[0] for b in _take(loader, 2)]
+    assert sum(sizes) == 3  # the first pass over the 4 entries, less the missing one
+    assert "gone.jpg" in caplog.text
