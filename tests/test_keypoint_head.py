@@ -49,6 +49,7 @@ def test_keypoint_head_shapes_and_names(options, size, score_blob, roi_align_ava
     blobs = set(mapping.values())
     assert {"conv_fcn1_w", "conv_fcn2_b", f"{score_blob}_w", f"{score_blob}_b"} <= blobs
     assert ("kps_deconv_w" in blobs) == bool(options.get("USE_DECONV", False))
+    assert ("kps_score_w" in blobs) == (options.get("UP_SCALE", -1) > 1 or score_blob == "kps_score")
 
 
 def test_heatmap_size_mismatch_is_reported():

@@ -81,7 +81,10 @@ def test_class_agnostic_fc_output_and_upsampling(roi_align_available):
     cfg = _cfg("v1up", MRCNN__UPSAMPLE_RATIO=2, MRCNN__RESOLUTION=28)
     head = registry.build("mask_head", "mask_rcnn_fcn_head_v1up", cfg, 8, [1 / 16])
     assert head(([torch.randn(1, 8, 10, 10)]), torch.tensor([[0.0, 0, 0, 50, 50]])).shape == (1, 4, 28, 28)
-    assert "upsample.weight" not in head.state_dict()  # fixed, never saved
+    mapping = head.detectron_weight_mapping()
+    assert set(mapping) == set(head.state_dict())
+    assert mapping["upsample.weight"] == "mask_fcn_logits_up_w"  # Detectron's fixed bilinear blob
+    assert not [n for n, _ in head.named_parameters() if n.startswith("upsample")]  # buffers: never trained
 
 
 def test_resolution_mismatch_is_reported(roi_align_available):
@@ -94,7 +97,7 @@ def test_resolution_mismatch_is_reported(roi_align_available):
 def test_bilinear_upsampling_interpolates_linear_ramps():
     # The FCN bilinear kernel reproduces a linear function away from the borders.
     x = torch.arange(6, dtype=torch.float32).view(1, 1, 1, 6).expand(1, 2, 6, 6).contiguous()
-    y = BilinearUpsample2d(2, 2)(x)
+    y = BilinearUpsample2d(2, 2, "up")(x)
     assert y.shape == (1, 2, 12, 12)
     interior = y[0, 0, 5, 1:11]
     assert torch.allclose(interior[1:] - interior[:-1], torch.full((9,), 0.5))

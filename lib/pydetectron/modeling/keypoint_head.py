@@ -69,7 +69,7 @@ class KeypointRCNNHead(nn.Module):
             self.score = nn.Conv2d(dim, self.num_keypoints, 1)
         init_conv(self.score, k.CONV_INIT, 0.001)
         up = int(k.UP_SCALE)
-        self.upsample = BilinearUpsample2d(self.num_keypoints, up) if up > 1 else None
+        self.upsample = BilinearUpsample2d(self.num_keypoints, up, "kps_score") if up > 1 else None
         size = size * up if up > 1 else size
         if int(k.HEATMAP_SIZE) != size:
             raise ValueError(
@@ -97,6 +97,8 @@ class KeypointRCNNHead(nn.Module):
             mapping.update({"deconv.weight": "kps_deconv_w", "deconv.bias": "kps_deconv_b"})
         score = "kps_score_lowres" if self.upsample is not None else "kps_score"
         mapping.update({"score.weight": f"{score}_w", "score.bias": f"{score}_b"})
+        if self.upsample is not None:
+            mapping.update({f"upsample.{k}": v for k, v in self.upsample.detectron_weight_mapping().items()})
         return mapping
 
 

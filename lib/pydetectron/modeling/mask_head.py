@@ -46,10 +46,11 @@ def init_conv(module: nn.Module, conv_init: str, std: float) -> None:
 
 
 class BilinearUpsample2d(nn.Module):
-    """Detectron's ``BilinearInterpolation``: a fixed (never trained, never saved) per-channel transposed
-    conv with the FCN bilinear kernel; ``(N, C, H, W) -> (N, C, s*H, s*W)`` for an even factor s."""
+    """Detectron's ``BilinearInterpolation``: a fixed (never trained) per-channel transposed conv with the
+    FCN bilinear kernel; ``(N, C, H, W) -> (N, C, s*H, s*W)`` for an even factor s. Detectron saves its
+    kernel and zero bias as blobs ``<blob>_w`` / ``<blob>_b``, so they are kept as (loadable) buffers."""
 
-    def __init__(self, channels: int, factor: int) -> None:
+    def __init__(self, channels: int, factor: int, blob: str) -> None:
         super().__init__()
         if factor % 2:
             raise ValueError(f"bilinear up-sampling factor must be even, got {factor}")
@@ -59,11 +60,18 @@ class BilinearUpsample2d(nn.Module):
         filt1d = 1 - np.abs(og - center) / factor
         kernel = torch.zeros(channels, channels, size, size)
         kernel[range(channels), range(channels)] = torch.from_numpy(np.outer(filt1d, filt1d)).float()
-        self.register_buffer("weight", kernel, persistent=False)
+        self.register_buffer("weight", kernel)
+        self.register_buffer("bias", torch.zeros(channels))
         self.factor = factor
+        self.blob = blob
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv_transpose2d(x, self.weight.to(x.dtype), stride=self.factor, padding=self.factor // 2)
+        return F.conv_transpose2d(
+            x, self.weight.to(x.dtype), self.bias.to(x.dtype), stride=self.factor, padding=self.factor // 2
+        )
+
+    def detectron_weight_mapping(self) -> dict[str, str | None]:
+        return {"weight": f"{self.blob}_w", "bias": f"{self.blob}_b"}
 
 
 class MaskRCNNHead(nn.Module):
@@ -93,7 +101,8 @@ class MaskRCNNHead(nn.Module):
             self.logits = nn.Conv2d(body.dim_out, self.num_outputs, 1)
             # Fan-in fills are too large for a class-agnostic output (Detectron), so Gaussian there.
             init_conv(self.logits, m.CONV_INIT if m.CLS_SPECIFIC_MASK else "GaussianFill", 0.001)
-        self.upsample = BilinearUpsample2d(self.num_outputs, ratio) if ratio > 1 and not self.use_fc_output else None
+        use_upsample = ratio > 1 and not self.use_fc_output
+        self.upsample = BilinearUpsample2d(self.num_outputs, ratio, "mask_fcn_logits_up") if use_upsample else None
         self._body_side = side
 
     def share_res5(self, res5: nn.Module) -> None:
@@ -132,6 +141,8 @@ class MaskRCNNHead(nn.Module):
     def detectron_weight_mapping(self) -> dict[str, str | None]:
         mapping = {f"body.{k}": v for k, v in self.body.detectron_weight_mapping().items()}
         mapping.update({"logits.weight": "mask_fcn_logits_w", "logits.bias": "mask_fcn_logits_b"})
+        if self.upsample is not None:
+            mapping.update({f"upsample.{k}": v for k, v in self.upsample.detectron_weight_mapping().items()})
         return mapping
 
 
