@@ -71,13 +71,14 @@ def box_iou(boxes_a: Tensor, boxes_b: Tensor, legacy_plus_one: bool = True) -> T
     _check_boxes(boxes_a, "boxes_a")
     _check_boxes(boxes_b, "boxes_b")
     off = _offset(legacy_plus_one)
-    top_left = torch.maximum(boxes_a[:, None, :2], boxes_b[None, :, :2])
-    bottom_right = torch.minimum(boxes_a[:, None, 2:], boxes_b[None, :, 2:])
-    wh = (bottom_right - top_left + off).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
+    ax1, ay1, ax2, ay2 = (boxes_a[:, i, None] for i in range(4))
+    bx1, by1, bx2, by2 = (boxes_b[None, :, i] for i in range(4))
+    inter_w = (torch.minimum(ax2, bx2) - torch.maximum(ax1, bx1) + off).clamp(min=0)
+    inter_h = (torch.minimum(ay2, by2) - torch.maximum(ay1, by1) + off).clamp(min=0)
+    inter = inter_w * inter_h
     union = box_area(boxes_a, legacy_plus_one)[:, None] + box_area(boxes_b, legacy_plus_one)[None, :] - inter
-    # Where nothing intersects the IoU is 0 even for degenerate (zero-area) boxes.
-    return torch.where(inter > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny), torch.zeros_like(inter))
+    # Non-intersecting pairs give 0 / union = 0; the clamp only guards two zero-area boxes (0 / 0).
+    return inter / union.clamp(min=torch.finfo(union.dtype).tiny)
 
 
 def encode_boxes(

@@ -97,18 +97,21 @@ def generate_proposals(
     for level_anchors, level_obj, level_deltas in zip(anchors, objectness, deltas):
         if level_obj.shape[0] != num_images:
             raise ValueError(f"objectness has {level_obj.shape[0]} images but im_info has {num_images} rows")
-        scores, level_deltas = flatten_scores(level_obj), flatten_deltas(level_deltas)
-        if not (level_anchors.shape[0] == scores.shape[1] == level_deltas.shape[1]):
+        n, a, h, w = level_obj.shape
+        if level_deltas.shape != (n, 4 * a, h, w) or level_anchors.shape[0] != h * w * a:
             raise ValueError(
-                f"{level_anchors.shape[0]} anchors, {scores.shape[1]} scores and {level_deltas.shape[1]} deltas "
-                "on one level"
+                f"objectness {tuple(level_obj.shape)}, deltas {tuple(level_deltas.shape)} and "
+                f"{level_anchors.shape[0]} anchors do not describe the same level"
             )
-        k = scores.shape[1]
+        # Top-k straight from the (A, H, W)-ordered map (no transposed copy), then index in (H, W, A) order.
+        k = h * w * a
         if 0 < params.pre_nms_top_n < k:
             k = params.pre_nms_top_n
-        scores, idx = scores.topk(k, dim=1, sorted=True)
-        picked_deltas = torch.gather(level_deltas, 1, idx[..., None].expand(-1, -1, 4))
-        picked_anchors = level_anchors[idx.reshape(-1)]
+        scores, idx = level_obj.reshape(n, -1).topk(k, dim=1, sorted=True)
+        a_idx, hw_idx = idx // (h * w), idx % (h * w)
+        batch = torch.arange(n, device=idx.device)[:, None]
+        picked_deltas = level_deltas.reshape(n, a, 4, h * w)[batch, a_idx, :, hw_idx]  # (N, k, 4)
+        picked_anchors = level_anchors[(hw_idx * a + a_idx).reshape(-1)]
         boxes = decode_boxes(picked_anchors, picked_deltas.reshape(-1, 4), RPN_BOX_WEIGHTS, bbox_xform_clip)
         top_scores.append(scores)
         top_boxes.append(boxes.reshape(num_images, k, 4))
