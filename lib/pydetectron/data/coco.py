@@ -164,10 +164,14 @@ def _parse_segmentation(seg: Any, height: int, width: int, r: _Reader, image_id:
     if isinstance(seg, list):
         polys = []
         for poly in seg:
-            if not isinstance(poly, list) or not all(isinstance(v, (int, float)) for v in poly):
+            try:
+                array = np.asarray(poly, dtype=np.float32) if isinstance(poly, list) else None
+            except (TypeError, ValueError):
+                array = None
+            if array is None or array.ndim != 1:
                 raise r.fail("polygon must be a flat list of numbers", image_id, "segmentation")
-            if len(poly) >= 6:
-                polys.append(np.asarray(poly, dtype=np.float32))
+            if len(array) >= 6:
+                polys.append(array)
         return polys
     if isinstance(seg, dict) and "counts" in seg and "size" in seg:
         if list(seg["size"]) != [height, width]:

@@ -81,7 +81,10 @@ def prep_im_for_blob(im: np.ndarray, pixel_means: np.ndarray, pixel_stds: np.nda
     """
     if to_rgb:
         im = im[:, :, ::-1]
-    im = (im.astype(np.float32) - pixel_means) / pixel_stds
+    im = im.astype(np.float32)
+    im -= pixel_means
+    if np.any(pixel_stds != 1):
+        im /= pixel_stds
     im_scale = compute_im_scale(im.shape[0], im.shape[1], target_size, max_size)
     im = cv2.resize(im, None, None, fx=im_scale, fy=im_scale, interpolation=cv2.INTER_LINEAR)
     return im, im_scale
