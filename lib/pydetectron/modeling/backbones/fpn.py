@@ -14,11 +14,11 @@ from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
-from pydetectron.modeling.registry import register
 from torch import nn
 
 from pydetectron.modeling.backbones.resnet import BLOCK_COUNTS, ResNet, norm_spec_from_cfg, resnet_from_cfg
 from pydetectron.modeling.layers import ConvNorm, NormSpec, compose_weight_mapping, xavier_fill_
+from pydetectron.modeling.registry import register
 
 LOWEST_BACKBONE_LVL = 2
 HIGHEST_BACKBONE_LVL = 5

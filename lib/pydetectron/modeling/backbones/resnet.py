@@ -13,10 +13,10 @@ from typing import Dict, List, Sequence
 
 import torch
 import torch.nn.functional as F
-from pydetectron.modeling.registry import register
 from torch import nn
 
 from pydetectron.modeling.layers import ConvNorm, NormSpec, compose_weight_mapping, group_count
+from pydetectron.modeling.registry import register
 
 BLOCK_COUNTS: Dict[int, Sequence[int]] = {
     18: (2, 2, 2, 2),
@@ -140,6 +140,12 @@ class ResStage(nn.Sequential):
         self.prefix = prefix
         self.dim_out = dim_out
         self.sum_blob = f"{prefix}_{num_blocks - 1}_sum"  # Detectron's name of the stage output
+
+    def __getitem__(self, idx):
+        """A block, or for a slice a plain ``nn.Sequential`` of blocks (a ResStage needs its build args)."""
+        if isinstance(idx, slice):
+            return nn.Sequential(*list(self)[idx])
+        return super().__getitem__(idx)
 
     def detectron_weight_mapping(self) -> Dict[str, str | None]:
         return compose_weight_mapping(self)

@@ -1,0 +1,217 @@
+"""Detectron ``.pkl`` weights <-> our parameters, by Caffe2 blob name.
+
+Two layouts are read (pickles from Python 2, so unpickled with ``encoding='latin1'``):
+- ImageNet models (``R-50.pkl``, ``X-101-32x8d.pkl``, ``R-50-GN.pkl``): a flat ``{blob: array}`` dict with
+  BN folded into ``*_bn_s``/``*_bn_b``, zero ``*_b`` biases on every conv (Caffe2 convs needed one) and the
+  ``fc1000_*`` classifier, which no detector uses;
+- model-zoo detectors: ``{'blobs': {...}, 'cfg': yaml}``, where trained blobs have ``*_momentum`` twins.
+
+The model says which blob each tensor is through ``detectron_weight_mapping()`` (ARCHITECTURE.md); the
+mapping of the whole model is composed by walking its modules, so no blob name is hard-coded here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from pydetectron.modeling.layers import compose_weight_mapping
+
+logger = logging.getLogger(__name__)
+
+# Output layers whose size depends on the dataset (classes / keypoints), skippable on a size mismatch.
+CLASS_LAYER_PATTERN = re.compile(
+    r"^(cls_score|bbox_pred|mask_fcn_logits|kps_score|kps_score_lowres|retnet_cls_pred_fpn\d+|"
+    r"retnet_bbox_pred_fpn\d+)_[wb]$"
+)
+IMAGENET_CLASSIFIER_BLOBS = ("fc1000_w", "fc1000_b")
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_detectron_weights` did. Names are blob names unless said otherwise."""
+
+    loaded: List[str] = field(default_factory=list)
+    unused: List[str] = field(default_factory=list)  # in the file, used by no tensor of the model
+    ignored: List[str] = field(default_factory=list)  # known extras: momentum, fc1000, zero conv biases
+    missing: List[str] = field(default_factory=list)  # mapped blobs the file lacks
+    skipped: List[str] = field(default_factory=list)  # class-count layers left at their init (messages)
+    unmapped: List[str] = field(default_factory=list)  # our state_dict keys with no Detectron blob at all
+
+    def summary(self) -> str:
+        return (
+            f"loaded {len(self.loaded)} blobs, {len(self.unused)} unused, {len(self.ignored)} ignored, "
+            f"{len(self.missing)} missing, {len(self.skipped)} skipped, {len(self.unmapped)} unmapped tensors"
+        )
+
+
+def model_weight_mapping(model: nn.Module) -> Dict[str, str | None]:
+    """``{state_dict key: blob name or None}`` for the whole model, from its modules' own mappings."""
+    if hasattr(model, "detectron_weight_mapping"):
+        return dict(model.detectron_weight_mapping())
+    return compose_weight_mapping(model)
+
+
+def read_detectron_pickle(path: str | os.PathLike) -> Dict[str, Any]:
+    """Unpickle a Detectron weights file (Python 2 pickles need ``latin1``); errors name the file."""
+    try:
+        with open(path, "rb") as f:
+            data = pickle.load(f, encoding="latin1")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"Detectron weights file not found: {path}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable Detectron .pkl ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a dict of blobs, got {type(data).__name__}")
+    return data
+
+
+def _blobs_of(source: str | os.PathLike | Mapping[str, Any]) -> Dict[str, Any]:
+    data = read_detectron_pickle(source) if isinstance(source, (str, os.PathLike)) else dict(source)
+    blobs = data["blobs"] if "blobs" in data else data
+    if not isinstance(blobs, Mapping):
+        raise ValueError(f"'blobs' of {source if isinstance(source, (str, os.PathLike)) else 'dict'} is not a dict")
+    return {k: v for k, v in blobs.items() if k != "cfg" and v is not None}
+
+
+def _source_name(blob: str, blobs: Mapping[str, Any]) -> str:
+    """Detectron's fallback: a missing ``_[mask]_res5_...`` blob initialises from ``res5_...``."""
+    if blob not in blobs and blob.startswith("_[") and "]_" in blob:
+        return blob[blob.index("]_") + 2:]
+    return blob
+
+
+def _as_tensor(blob: str, value: Any, target: torch.Tensor) -> torch.Tensor:
+    """The blob as a tensor of `target`'s shape; only unit dimensions may differ (Caffe biases)."""
+    array = np.asarray(value)
+    if array.dtype == object or not np.issubdtype(array.dtype, np.number):
+        raise ValueError(f"blob {blob!r}: expected a numeric array, got dtype {array.dtype}")
+    src_shape = tuple(array.shape)
+    if src_shape != tuple(target.shape):
+        squeeze = tuple(d for d in src_shape if d != 1) == tuple(d for d in target.shape if d != 1)
+        if not squeeze:
+            raise _ShapeMismatch(blob, src_shape, tuple(target.shape))
+        array = array.reshape(tuple(target.shape))
+    return torch.from_numpy(np.ascontiguousarray(array)).to(dtype=target.dtype)
+
+
+class _ShapeMismatch(ValueError):
+    def __init__(self, blob: str, src: tuple, dst: tuple) -> None:
+        super().__init__(f"blob {blob!r} has shape {src} in the weights file but the model expects {dst}")
+        self.blob, self.src, self.dst = blob, src, dst
+
+
+def _class_count_message(err: _ShapeMismatch, blobs: Mapping[str, Any], num_classes: int | None) -> str:
+    file_classes = np.asarray(blobs["cls_score_w"]).shape[0] if "cls_score_w" in blobs else None
+    detail = f"file {err.src} vs model {err.dst}"
+    if file_classes is not None or num_classes is not None:
+        detail += f"; classes in file: {file_classes}, in model: {num_classes}"
+    if err.blob.startswith("bbox_pred") and err.src[0] == 8 and err.dst[0] != 8:
+        detail += " (the file's box regression is class-agnostic)"
+    return f"{err.blob}: skipped, class-count layer ({detail})"
+
+
+def _is_ignorable(name: str, value: Any, used: set) -> bool:
+    """Extras a Detectron loader also passes over: momentum, ImageNet classifier, zero conv biases."""
+    if name.endswith("_momentum") or name in IMAGENET_CLASSIFIER_BLOBS:
+        return True
+    if name.endswith("_b") and name[:-2] + "_w" in used:
+        return not np.any(np.asarray(value))  # Caffe1->Caffe2 conversion added zero biases to all convs
+    return False
+
+
+def load_detectron_weights(
+    model: nn.Module,
+    source: str | os.PathLike | Mapping[str, Any],
+    *,
+    strict: bool = False,
+    allow_skip_class_layers: bool = True,
+    num_classes: int | None = None,
+) -> LoadReport:
+    """Copy the blobs of a Detectron ``.pkl`` (path, or the unpickled dict) into `model`, by blob name.
+
+    A blob mapped by several tensors is copied to each. A shape mismatch raises ``ValueError`` naming the
+    blob, except for class-count layers (``cls_score``, ``bbox_pred``, ``mask_fcn_logits``, ``kps_score``,
+    RetinaNet outputs) when `allow_skip_class_layers`: those keep their initialisation and are reported in
+    ``skipped``. `num_classes` (the model's) only enriches that message. With `strict`, anything missing,
+    unused or unmapped raises ``KeyError`` listing it. Returns a :class:`LoadReport`.
+    """
+    blobs = _blobs_of(source)
+    mapping = model_weight_mapping(model)
+    state = model.state_dict(keep_vars=True)
+    report = LoadReport()
+    used = set()
+    loaded = set()
+    for key, tensor in state.items():
+        blob = mapping.get(key)
+        if blob is None:
+            if key not in mapping:
+                report.unmapped.append(key)
+            continue
+        src = _source_name(blob, blobs)
+        used.add(blob)
+        used.add(src)
+        if src not in blobs:
+            report.missing.append(blob)
+            continue
+        try:
+            value = _as_tensor(src, blobs[src], tensor)
+        except _ShapeMismatch as err:
+            if allow_skip_class_layers and CLASS_LAYER_PATTERN.match(src):
+                report.skipped.append(_class_count_message(err, blobs, num_classes))
+                continue
+            raise ValueError(f"{err} (model tensor {key!r})") from None
+        with torch.no_grad():
+            tensor.copy_(value)
+        loaded.add(src)
+    report.loaded = sorted(loaded)
+    for name in sorted(blobs):
+        if name in used:
+            continue
+        (report.ignored if _is_ignorable(name, blobs[name], used) else report.unused).append(name)
+    report.missing = sorted(set(report.missing))
+    for line in report.skipped:
+        logger.warning(line)
+    logger.info("Detectron weights: %s", report.summary())
+    if strict and (report.missing or report.unused or report.unmapped):
+        raise KeyError(
+            f"strict Detectron weight loading failed: missing blobs {report.missing}, unused blobs "
+            f"{report.unused}, model tensors without a blob {report.unmapped}"
+        )
+    return report
+
+
+def detectron_blobs(model: nn.Module) -> Dict[str, np.ndarray]:
+    """``{blob name: float32 array}`` of every mapped tensor; tensors sharing a blob must be equal."""
+    mapping = model_weight_mapping(model)
+    blobs: Dict[str, np.ndarray] = {}
+    for key, tensor in model.state_dict().items():
+        blob = mapping.get(key)
+        if blob is None:
+            continue
+        array = tensor.detach().cpu().numpy().astype(np.float32, copy=True)
+        if blob in blobs and not np.array_equal(blobs[blob], array):
+            raise ValueError(f"tensors mapped to the same blob {blob!r} differ (second one: {key!r})")
+        blobs[blob] = array
+    return blobs
+
+
+def save_detectron_weights(
+    model: nn.Module, path: str | os.PathLike, cfg_yaml: str | None = None
+) -> Dict[str, np.ndarray]:
+    """Write `model` as Detectron does: ``pickle({'blobs': {name: float32 array}, 'cfg': yaml})``.
+
+    Returns the blobs written. Momentum is not written (Detectron loaders treat it as optional).
+    """
+    blobs = detectron_blobs(model)
+    with open(path, "wb") as f:
+        pickle.dump({"blobs": blobs, "cfg": cfg_yaml}, f, protocol=pickle.HIGHEST_PROTOCOL)
+    return blobs
