@@ -52,6 +52,19 @@ def test_keypoint_head_shapes_and_names(options, size, score_blob, roi_align_ava
     assert ("kps_score_w" in blobs) == (options.get("UP_SCALE", -1) > 1 or score_blob == "kps_score")
 
 
+@pytest.mark.parametrize("dilation,size", [(1, 28), (2, 56)])
+def test_c4_res5_keypoint_head(dilation, size, roi_align_available):
+    cfg = _cfg(ROI_XFORM_RESOLUTION=14, USE_DECONV_OUTPUT=True, UP_SCALE=2, HEATMAP_SIZE=size, DILATION=dilation)
+    cfg.RESNETS.WIDTH_PER_GROUP = 2
+    head = registry.build("keypoint_head", "keypoint_rcnn_heads.add_ResNet_roi_conv5_head_for_keypoints", cfg, 6,
+                          [1 / 16])
+    rois = torch.tensor([[0.0, 4, 4, 60, 40]])
+    assert head([torch.randn(1, 6, 10, 10)], rois).shape == (1, 3, size, size)
+    blobs = set(head.detectron_weight_mapping().values())
+    assert set(head.detectron_weight_mapping()) == set(head.state_dict())
+    assert {"_[pose]_res5_0_branch2a_w", "_[pose]_res5_2_branch2c_w", "kps_score_lowres_w", "kps_score_w"} <= blobs
+
+
 def test_heatmap_size_mismatch_is_reported():
     with pytest.raises(ValueError, match="HEATMAP_SIZE is 28 but .* makes 56x56"):
         registry.build("keypoint_head", "roi_pose_head_v1convX",

@@ -1,4 +1,5 @@
-"""Keypoint R-CNN head (Detectron's ``keypoint_rcnn_heads.py``): RoI features -> per-keypoint heatmaps.
+"""Keypoint R-CNN heads (Detectron's ``keypoint_rcnn_heads.py``: ``roi_pose_head_v1convX`` and the C4
+``ResNet_roi_conv5_head_for_keypoints``): RoI features -> per-keypoint heatmaps.
 
 How the detector calls it (``head = registry.build('keypoint_head', cfg.KRCNN.ROI_KEYPOINTS_HEAD, cfg,
 dim_in, spatial_scales)``, `dim_in` / `spatial_scales` those of the maps it pools from, finest first):
@@ -32,19 +33,12 @@ def _deconv_out(size: int, kernel: int, pad: int) -> int:
     return (size - 1) * 2 - 2 * pad + kernel
 
 
-class KeypointRCNNHead(nn.Module):
-    """``roi_pose_head_v1convX`` (X x conv ``conv_fcn{i}`` + ReLU) and Detectron's keypoint outputs:
-    optional ``kps_deconv`` (2x transposed conv + ReLU), ``kps_score`` (1x1 conv, or a 2x transposed conv
-    with ``USE_DECONV_OUTPUT``; named ``kps_score_lowres`` when followed by the fixed bilinear
-    ``UP_SCALE`` up-sampling)."""
+class PoseConvBody(nn.Module):
+    """``roi_pose_head_v1convX``'s body: ``NUM_STACKED_CONVS`` x (conv ``conv_fcn{i}`` + ReLU), same size."""
 
-    def __init__(self, cfg, dim_in: int, spatial_scales: Sequence[float]) -> None:
+    def __init__(self, cfg, dim_in: int) -> None:
         super().__init__()
         k = cfg.KRCNN
-        self.num_keypoints = int(k.NUM_KEYPOINTS)
-        if self.num_keypoints < 1:
-            raise ValueError(f"KRCNN.NUM_KEYPOINTS must be >= 1, got {self.num_keypoints}")
-        self.roi_xform = build_roi_feature_extractor(cfg, k, spatial_scales)
         kernel, hidden = int(k.CONV_HEAD_KERNEL), int(k.CONV_HEAD_DIM)
         layers: list[nn.Module] = []
         for i in range(int(k.NUM_STACKED_CONVS)):
@@ -52,8 +46,35 @@ class KeypointRCNNHead(nn.Module):
             init_conv(conv, k.CONV_INIT, 0.01)
             layers += [conv, nn.ReLU(inplace=True)]
         self.convs = nn.Sequential(*layers)
-        dim = hidden if layers else dim_in
-        size = int(k.ROI_XFORM_RESOLUTION)
+        self.dim_out = hidden if layers else dim_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.convs(x)
+
+    def detectron_weight_mapping(self) -> dict[str, str | None]:
+        mapping: dict[str, str | None] = {}
+        convs = [i for i, layer in enumerate(self.convs) if isinstance(layer, nn.Conv2d)]
+        for n, i in enumerate(convs, start=1):
+            mapping[f"convs.{i}.weight"] = f"conv_fcn{n}_w"
+            mapping[f"convs.{i}.bias"] = f"conv_fcn{n}_b"
+        return mapping
+
+
+class KeypointRCNNHead(nn.Module):
+    """A keypoint body (`body`: ``(F, dim_in, R, R) -> (F, body.dim_out, body_size, body_size)``) and
+    Detectron's keypoint outputs: optional ``kps_deconv`` (2x transposed conv + ReLU), ``kps_score`` (1x1
+    conv, or a 2x transposed conv with ``USE_DECONV_OUTPUT``; named ``kps_score_lowres`` when followed by
+    the fixed bilinear ``UP_SCALE`` up-sampling ``kps_score``)."""
+
+    def __init__(self, cfg, body: nn.Module, body_size: int, spatial_scales: Sequence[float]) -> None:
+        super().__init__()
+        k = cfg.KRCNN
+        self.num_keypoints = int(k.NUM_KEYPOINTS)
+        if self.num_keypoints < 1:
+            raise ValueError(f"KRCNN.NUM_KEYPOINTS must be >= 1, got {self.num_keypoints}")
+        self.roi_xform = build_roi_feature_extractor(cfg, k, spatial_scales)
+        self.body = body
+        dim, size = body.dim_out, body_size
         dk = int(k.DECONV_KERNEL)
         dpad = int(dk / 2 - 1)
         self.deconv = None
@@ -81,18 +102,14 @@ class KeypointRCNNHead(nn.Module):
 
     def forward(self, features: Sequence[torch.Tensor], rois: torch.Tensor) -> torch.Tensor:
         """features: body maps, finest first; rois ``(F, 5)`` -> heatmap logits ``(F, K, S, S)``."""
-        x = self.convs(self.roi_xform(features, rois))
+        x = self.body(self.roi_xform(features, rois))
         if self.deconv is not None:
             x = F.relu(self.deconv(x))
         x = self.score(x)
         return self.upsample(x) if self.upsample is not None else x
 
     def detectron_weight_mapping(self) -> dict[str, str | None]:
-        mapping: dict[str, str | None] = {}
-        convs = [i for i, layer in enumerate(self.convs) if isinstance(layer, nn.Conv2d)]
-        for n, i in enumerate(convs, start=1):
-            mapping[f"convs.{i}.weight"] = f"conv_fcn{n}_w"
-            mapping[f"convs.{i}.bias"] = f"conv_fcn{n}_b"
+        mapping = {f"body.{k}": v for k, v in self.body.detectron_weight_mapping().items()}
         if self.deconv is not None:
             mapping.update({"deconv.weight": "kps_deconv_w", "deconv.bias": "kps_deconv_b"})
         score = "kps_score_lowres" if self.upsample is not None else "kps_score"
@@ -105,7 +122,31 @@ class KeypointRCNNHead(nn.Module):
 @register("keypoint_head", "roi_pose_head_v1convX")
 def roi_pose_head_v1convX(cfg, dim_in: int, spatial_scales: Sequence[float]) -> KeypointRCNNHead:
     """v1convX design: ``KRCNN.NUM_STACKED_CONVS`` convs, then the keypoint outputs."""
-    return KeypointRCNNHead(cfg, dim_in, spatial_scales)
+    return KeypointRCNNHead(cfg, PoseConvBody(cfg, dim_in), int(cfg.KRCNN.ROI_XFORM_RESOLUTION), spatial_scales)
+
+
+@register("keypoint_head", "ResNet_roi_conv5_head_for_keypoints")
+def resnet_roi_conv5_head_for_keypoints(cfg, dim_in: int, spatial_scales: Sequence[float]) -> KeypointRCNNHead:
+    """C4 design: a res5 stage of its own (blob prefix ``_[pose]_res5``, initialised from ``res5`` when a
+    file lacks it), first stride ``ROI_XFORM_RESOLUTION // 7`` unless ``KRCNN.DILATION`` > 1, then the
+    keypoint outputs. Widths as the C4 box head's res5 (2 x dim_in out, NUM_GROUPS * WIDTH_PER_GROUP * 8)."""
+    from pydetectron.modeling.backbones.resnet import make_res_stage
+
+    resolution, dilation = int(cfg.KRCNN.ROI_XFORM_RESOLUTION), int(cfg.KRCNN.DILATION)
+    if resolution < 7:
+        raise ValueError(f"KRCNN.ROI_XFORM_RESOLUTION must be >= 7 for the res5 keypoint head, got {resolution}")
+    stride = resolution // 7 if dilation == 1 else 1
+    res5 = make_res_stage(
+        cfg,
+        "_[pose]_res5",
+        num_blocks=3,
+        dim_in=dim_in,
+        dim_out=2 * dim_in,
+        dim_inner=cfg.RESNETS.NUM_GROUPS * cfg.RESNETS.WIDTH_PER_GROUP * 8,
+        dilation=dilation,
+        stride_init=resolution // 7,
+    )
+    return KeypointRCNNHead(cfg, res5, (resolution - 1) // stride + 1, spatial_scales)
 
 
 def keypoint_rcnn_loss(

@@ -225,6 +225,10 @@ def _mask_res5_stage(cfg, dim_in: int) -> nn.Module:
     unless ``MRCNN.DILATION`` > 1 keeps the resolution."""
     from pydetectron.modeling.backbones.resnet import make_res_stage
 
+    if cfg.MRCNN.ROI_XFORM_RESOLUTION < 7:
+        raise ValueError(
+            f"MRCNN.ROI_XFORM_RESOLUTION must be >= 7 for the res5 mask head, got {cfg.MRCNN.ROI_XFORM_RESOLUTION}"
+        )
     return make_res_stage(
         cfg,
         "_[mask]_res5",
