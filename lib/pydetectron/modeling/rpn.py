@@ -176,9 +176,10 @@ class RPN(nn.Module):
             if not self.generate_in_training:
                 return RPNOutput(None, None, losses)
         params = self.train_params if roidb is not None else self.test_params
-        probs = [self.head.objectness(x.detach()) for x in logits]
+        # Proposals are not differentiated and are decoded in float32 even under mixed precision.
+        probs = [self.head.objectness(x.detach().float()) for x in logits]
         rois, scores = generate_proposals(
-            anchors, probs, [d.detach() for d in deltas], im_info, params, self.bbox_xform_clip
+            anchors, probs, [d.detach().float() for d in deltas], im_info, params, self.bbox_xform_clip
         )
         if self.levels is None:
             return RPNOutput(rois[0], scores[0], losses)
