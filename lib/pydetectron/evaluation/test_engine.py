@@ -1,0 +1,346 @@
+"""Everything ``tools/test_net.py`` does, as a library: test a model on TEST.DATASETS and evaluate it.
+
+Detectron's ``core/test_engine.py`` flow:
+  * one process runs inference over the dataset, or over ``--range START END`` (roidb indices, END
+    exclusive) and then only writes ``detections_range_START_END.pkl``;
+  * with ``--multi-gpu-testing`` (or ``--num_workers N`` > 1) the dataset is cut into N contiguous ranges,
+    the tool is launched once per range (child i sees GPU i, or a share of the CPU cores), and the parent
+    merges the partial pickles;
+  * the merged detections go to ``detections.pkl`` and are evaluated with pycocotools;
+  * ``--eval_only <detections.pkl>`` evaluates a pickle written earlier, with no model at all.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import cv2
+import numpy as np
+import pycocotools.mask as mask_util
+import torch
+from pycocotools.coco import COCO
+
+from pydetectron.config import assert_and_infer_cfg, cfg_to_yaml
+from pydetectron.data.catalog import register_from_string, resolve_short_name
+from pydetectron.data.coco import CocoDataset
+from pydetectron.data.minibatch import BlobSettings
+from pydetectron.engine.inference_model import build_inference_model
+from pydetectron.engine.training import apply_dataset_meta
+from pydetectron.evaluation.bbox_aug import detection_function
+from pydetectron.evaluation.inference import evaluate_detections, inference_on_dataset
+from pydetectron.vis import draw_detections, save_image
+
+Print = Callable[[str], None]
+DETECTIONS_FILE = "detections.pkl"
+_PKL_VERSION = 1
+
+
+@dataclass
+class TestOptions:
+    """Detectron.pytorch's test_net.py flags (see ``tools/test_net.py --help``)."""
+
+    __test__ = False  # not a pytest test class
+
+    cfg_file: str | None = None
+    set_cfgs: Sequence[str] = ()
+    dataset: str | None = None
+    register: Sequence[str] = ()
+    load_ckpt: str | None = None
+    load_detectron: str | None = None
+    output_dir: str | None = None
+    range: tuple[int, int] | None = None
+    multi_gpu_testing: bool = False
+    num_workers: int | None = None
+    vis: bool = False
+    eval_only: str | None = None
+    use_cuda: bool = True
+    child_command: Sequence[str] = field(default_factory=list)  # how to launch this tool again (multi-process)
+
+
+# ------------------------------------------------------------------------------------------------ setup
+def default_output_dir(options: TestOptions) -> Path:
+    """Detectron.pytorch's default: ``<weights dir>/../test`` (a checkpoint in ``<run>/ckpt`` tests into
+    ``<run>/test``); beside the detections pickle for --eval_only."""
+    if options.output_dir:
+        return Path(options.output_dir)
+    if options.eval_only:
+        return Path(options.eval_only).resolve().parent
+    weights = options.load_ckpt or options.load_detectron
+    if not weights:
+        raise ValueError("no --output_dir and no weights to put the results beside")
+    return Path(weights).resolve().parent.parent / "test"
+
+
+def prepare_test_cfg(cfg, options: TestOptions, print_fn: Print = print) -> None:
+    """--register, then --dataset (TEST.DATASETS, MODEL.NUM_CLASSES), class/keypoint counts from the dataset
+    when the cfg leaves them open; then check, infer and freeze the cfg."""
+    for spec in options.register:
+        register_from_string(spec)
+    if options.dataset:
+        short = resolve_short_name(options.dataset)
+        cfg.TEST.DATASETS = tuple(short.test)
+        if short.num_classes > 0:
+            cfg.MODEL.NUM_CLASSES = short.num_classes
+    if not cfg.TEST.DATASETS:
+        raise ValueError("no test dataset: pass --dataset NAME or set TEST.DATASETS in the config")
+    apply_dataset_meta(cfg, open_dataset(cfg.TEST.DATASETS[0])[0].meta, print_fn)
+    assert_and_infer_cfg(cfg)
+
+
+def open_dataset(name: str) -> tuple[CocoDataset, list[dict]]:
+    """A catalog dataset with its roidb read (which also fills its ``meta``)."""
+    dataset = CocoDataset(name)
+    return dataset, dataset.get_roidb()
+
+
+def inference_device(options: TestOptions) -> torch.device:
+    return torch.device("cuda", 0) if options.use_cuda and torch.cuda.is_available() else torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------------- detections
+def split_range(num_images: int, parts: int) -> list[tuple[int, int]]:
+    """`parts` contiguous [start, end) ranges covering 0..num_images, sizes differing by at most one
+    (Detectron splits the same way); empty ranges are dropped."""
+    if parts < 1:
+        raise ValueError(f"cannot split a dataset into {parts} parts")
+    bounds = np.linspace(0, num_images, parts + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def check_range(index_range: Sequence[int], num_images: int) -> tuple[int, int]:
+    start, end = (int(v) for v in index_range)
+    if not 0 <= start < end <= num_images:
+        raise ValueError(f"--range {start} {end} is not a non-empty part of 0..{num_images} "
+                         f"(the dataset has {num_images} images; END is exclusive)")
+    return start, end
+
+
+def merge_detections(parts: Sequence[Mapping[int, dict]]) -> dict[int, dict]:
+    """One {image id: detections} dict from partial ones; an image in two parts is an error."""
+    merged: dict[int, dict] = {}
+    for part in parts:
+        twice = sorted(set(merged) & set(part))
+        if twice:
+            raise ValueError(f"image ids {twice[:10]} appear in more than one partial detections file")
+        merged.update(part)
+    return merged
+
+
+def save_detections(path: str | Path, dataset_name: str, detections: Mapping[int, dict], cfg_yaml: str = "") -> None:
+    """Write {image id: compact detections} with the dataset name (and the cfg) to a pickle, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump({"version": _PKL_VERSION, "dataset": dataset_name, "detections": dict(detections),
+                     "cfg": cfg_yaml}, f, protocol=pickle.HIGHEST_PROTOCOL)
+    tmp.replace(path)
+
+
+def load_detections(path: str | Path) -> tuple[str, dict[int, dict]]:
+    """(dataset name, {image id: detections}) from a pickle written by :func:`save_detections`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"detections file {path} does not exist")
+    try:
+        with open(path, "rb") as f:
+            data = pickle.load(f)
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable detections pickle ({err})") from err
+    if not isinstance(data, dict) or data.get("version") != _PKL_VERSION or "detections" not in data:
+        raise ValueError(f"{path}: not a pydetectron detections pickle (expected keys 'version' = "
+                         f"{_PKL_VERSION}, 'dataset', 'detections')")
+    return str(data["dataset"]), data["detections"]
+
+
+def range_file(output_dir: Path, start: int, end: int) -> Path:
+    return output_dir / f"detections_range_{start}_{end}.pkl"
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+def evaluate_dataset(cfg, dataset_name: str, detections: Mapping[int, dict], output_dir: Path,
+                     print_fn: Print = print) -> dict[str, dict[str, float]]:
+    """COCO metrics of `detections` on catalog dataset `dataset_name` (every image must have an entry)."""
+    dataset, _ = open_dataset(dataset_name)
+    coco_gt = COCO(dataset.spec.ann_file)
+    absent = sorted(set(coco_gt.getImgIds()) - set(detections))
+    if absent:
+        raise ValueError(f"detections cover {len(detections)} of {len(coco_gt.getImgIds())} images of "
+                         f"{dataset_name}; missing image ids {absent[:10]}{' ...' if len(absent) > 10 else ''}")
+    category_ids = [0] + [dataset.meta.contiguous_category_id_to_json_id[c] for c in range(1, dataset.meta.num_classes)]
+    return evaluate_detections(coco_gt, detections, category_ids, dataset_name, output_dir,
+                               cfg.KRCNN.OKS_SIGMAS or dataset.meta.oks_sigmas or None,
+                               cfg.KRCNN.KEYPOINT_CONFIDENCE, print_fn)
+
+
+# -------------------------------------------------------------------------------------------- inference
+def decoded(detections: Mapping[str, object]) -> dict:
+    """Compact detections (masks as RLE 'segms') -> the detector's layout with (D, H, W) 'masks'."""
+    out = {k: v for k, v in detections.items() if k != "segms"}
+    if detections.get("segms") is not None:
+        out["masks"] = mask_util.decode(list(detections["segms"])).transpose(2, 0, 1) if detections["segms"] else None
+    return out
+
+
+def visualise(entries: Sequence[Mapping], detections: Mapping[int, dict], class_names: Sequence[str],
+              skeleton: Sequence[Sequence[int]], thresh: float, out_dir: Path) -> None:
+    """--vis: each image with its detections scoring >= `thresh` (cfg.VIS_TH) drawn, as out_dir/<name>.jpg."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for entry in entries:
+        image = cv2.imread(entry["image"], cv2.IMREAD_COLOR)
+        drawn = draw_detections(image, decoded(detections[int(entry["id"])]), class_names, thresh,
+                                skeleton=skeleton or ())
+        save_image(drawn, out_dir / f"{Path(entry['image']).stem}.jpg")
+
+
+def run_inference(cfg, options: TestOptions, dataset: CocoDataset, entries: Sequence[Mapping], output_dir: Path,
+                  print_fn: Print = print) -> dict[int, dict]:
+    """Detections of this process's part of `dataset` (all of its roidb `entries`, or --range)."""
+    start, end = check_range(options.range, len(entries)) if options.range else (0, len(entries))
+    device = inference_device(options)
+    model = build_inference_model(cfg, options.load_ckpt, options.load_detectron, device)
+    print_fn(f"Testing on {dataset.name}: images {start}..{end - 1} of {len(entries)}, on {device}")
+    tic = time.perf_counter()
+    detect = detection_function(cfg)  # TEST.BBOX_AUG / TEST.BBOX_VOTE, else the model's own inference
+    detections = inference_on_dataset(model, entries[start:end], BlobSettings.from_cfg(cfg, train=False), device,
+                                      print_fn, **({"detect_fn": detect} if detect is not None else {}))
+    elapsed = time.perf_counter() - tic
+    print_fn(f"Inference: {end - start} images in {elapsed:.1f} s, {(end - start) / max(elapsed, 1e-9):.2f} images/s")
+    if options.vis:
+        visualise(entries[start:end], detections, dataset.meta.classes, dataset.meta.skeleton or (),
+                  float(cfg.VIS_TH), output_dir / "vis")
+        print_fn(f"Pictures in {output_dir / 'vis'}")
+    return detections
+
+
+def _child_env(index: int, workers: int) -> dict[str, str]:
+    """Child `index` sees one GPU (round-robin over the visible ones) or an equal share of the CPU cores."""
+    env = dict(os.environ)
+    gpus = torch.cuda.device_count()
+    if gpus > 0:
+        visible = env.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",") if visible else [str(i) for i in range(gpus)]
+        env["CUDA_VISIBLE_DEVICES"] = ids[index % len(ids)]
+    else:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+    return env
+
+
+def child_arguments(options: TestOptions, dataset_name: str, num_classes: int, output_dir: Path, start: int,
+                    end: int) -> list[str]:
+    """The tool's flags for a child that tests images start..end-1 of `dataset_name` into `output_dir` with the
+    parent's MODEL.NUM_CLASSES (which a --dataset short name may have set)."""
+    args = list(options.child_command)
+    if options.cfg_file:
+        args += ["--cfg", str(options.cfg_file)]
+    for spec in options.register:
+        args += ["--register", spec]
+    args += ["--dataset", dataset_name, "--output_dir", str(output_dir), "--range", str(start), str(end)]
+    if options.load_ckpt:
+        args += ["--load_ckpt", str(options.load_ckpt)]
+    if options.load_detectron:
+        args += ["--load_detectron", str(options.load_detectron)]
+    if not options.use_cuda:
+        args.append("--no_cuda")
+    if options.vis:
+        args.append("--vis")
+    return args + ["--set", *options.set_cfgs, "MODEL.NUM_CLASSES", str(num_classes)]
+
+
+def run_in_parallel(cfg, options: TestOptions, dataset_name: str, num_images: int, workers: int, output_dir: Path,
+                    print_fn: Print = print) -> dict[int, dict]:
+    """Launch one child per range (logs in output_dir/test_range_S_E.log), wait, merge their pickles."""
+    if not options.child_command:
+        raise ValueError("multi-process testing needs TestOptions.child_command (how to launch the tool)")
+    ranges = split_range(num_images, workers)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    children = []
+    for index, (start, end) in enumerate(ranges):
+        log_path = output_dir / f"test_range_{start}_{end}.log"
+        with open(log_path, "w") as log:
+            args = child_arguments(options, dataset_name, cfg.MODEL.NUM_CLASSES, output_dir, start, end)
+            process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=_child_env(index, len(ranges)))
+        children.append((process, start, end, log_path))
+        print_fn(f"Launched process {process.pid} for images {start}..{end - 1}, log: {log_path}")
+    failures = []
+    for process, start, end, log_path in children:
+        if process.wait() != 0:
+            tail = "".join(log_path.read_text().splitlines(keepends=True)[-15:])
+            failures.append(f"range {start} {end} exited with {process.returncode}; end of {log_path}:\n{tail}")
+        else:
+            print_fn(f"Images {start}..{end - 1} done")
+    if failures:
+        raise RuntimeError("test processes failed:\n" + "\n".join(failures))
+    parts = []
+    for _, start, end, _ in children:
+        name, part = load_detections(range_file(output_dir, start, end))
+        if name != dataset_name:
+            raise ValueError(f"{range_file(output_dir, start, end)} holds {name}, expected {dataset_name}")
+        parts.append(part)
+    return merge_detections(parts)
+
+
+def _workers(options: TestOptions) -> int:
+    if options.num_workers is not None:
+        if options.num_workers < 1:
+            raise ValueError(f"--num_workers must be >= 1, got {options.num_workers}")
+        return options.num_workers
+    return max(torch.cuda.device_count(), 1) if options.multi_gpu_testing and options.use_cuda else 1
+
+
+def run_on_dataset(cfg, options: TestOptions, dataset_name: str, output_dir: Path,
+                 print_fn: Print = print) -> dict[str, dict[str, float]] | None:
+    """Detect (in this process, one --range, or several processes), save, and evaluate one dataset.
+    Returns the metrics, or None for a --range child (which only writes its partial pickle)."""
+    dataset, entries = open_dataset(dataset_name)
+    workers = _workers(options)
+    if options.range is not None:
+        detections = run_inference(cfg, options, dataset, entries, output_dir, print_fn)
+        path = range_file(output_dir, *check_range(options.range, len(entries)))
+        save_detections(path, dataset_name, detections, cfg_to_yaml(cfg))
+        print_fn(f"Wrote {path}")
+        return None
+    if workers > 1:
+        tic = time.perf_counter()
+        num_images = len(entries)
+        detections = run_in_parallel(cfg, options, dataset_name, num_images, workers, output_dir, print_fn)
+        elapsed = time.perf_counter() - tic
+        print_fn(f"Inference with {workers} processes: {num_images} images in {elapsed:.1f} s, "
+                 f"{num_images / max(elapsed, 1e-9):.2f} images/s (including start-up)")
+    else:
+        detections = run_inference(cfg, options, dataset, entries, output_dir, print_fn)
+    path = output_dir / DETECTIONS_FILE
+    save_detections(path, dataset_name, detections, cfg_to_yaml(cfg))
+    print_fn(f"Wrote detections to {path}")
+    return evaluate_dataset(cfg, dataset_name, detections, output_dir, print_fn)
+
+
+def run_test(cfg, options: TestOptions, print_fn: Print = print) -> dict[str, dict[str, dict[str, float]]]:
+    """Prepare and freeze `cfg`, then test every TEST.DATASETS entry (or --eval_only a saved pickle).
+
+    Results go to the output dir (one sub-folder per dataset when there are several). Returns
+    {dataset: {task: {AP name: value}}} (empty for a --range child)."""
+    saved = load_detections(options.eval_only) if options.eval_only else None
+    if saved is not None and not options.dataset:
+        cfg.TEST.DATASETS = (saved[0],)
+    prepare_test_cfg(cfg, options, print_fn)
+    output_dir = default_output_dir(options)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if saved is not None:  # --eval_only: no model, evaluate the saved detections again
+        name, detections = saved
+        print_fn(f"Evaluating the detections of {len(detections)} images from {options.eval_only} on {name}")
+        return {name: evaluate_dataset(cfg, name, detections, output_dir, print_fn)}
+    print_fn(f"Results in {output_dir}")
+    results = {}
+    for name in cfg.TEST.DATASETS:
+        folder = output_dir / name if len(cfg.TEST.DATASETS) > 1 else output_dir
+        metrics = run_on_dataset(cfg, options, name, folder, print_fn)
+        if metrics is not None:
+            results[name] = metrics
+    return results

@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""Test a trained model on a dataset and print its COCO AP, with Detectron.pytorch's flags.
+
+    python tools/test_net.py --dataset coco2017 --cfg configs/baselines/e2e_mask_rcnn_R-50-FPN_1x.yaml \\
+        --load_detectron model_final.pkl
+
+Writes detections.pkl, the COCO result jsons (bbox, segm as RLE, keypoints) and the metrics to the output
+dir (default: <checkpoint dir>/../test), and prints the 12-line summary per task, Detectron's copypaste
+lines and images/second. Parallel testing: --multi-gpu-testing (one process per GPU) or --num_workers N
+split the dataset into N ranges, run this tool once per range (--range START END), and merge.
+Re-evaluate earlier results without inference: --eval_only <output dir>/detections.pkl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from pydetectron.config import get_cfg, merge_cfg_from_file, merge_cfg_from_list
+from pydetectron.evaluation.test_engine import TestOptions, run_test
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", help="dataset short name (coco2017, keypoints_coco2017, shapes, ...) or any "
+                        "catalog name, e.g. one added with --register (default: the cfg's TEST.DATASETS)")
+    parser.add_argument("--register", action="append", default=[], metavar="NAME:IMAGE_DIR:ANN_JSON",
+                        help="register a custom COCO-format dataset (repeatable), as in train_net_step.py")
+    parser.add_argument("--cfg", dest="cfg_file", required=True, help="config YAML the model was trained with")
+    parser.add_argument("--load_ckpt", help="pydetectron checkpoint (.pth) to test")
+    parser.add_argument("--load_detectron", help="Detectron weights (.pkl) to test")
+    parser.add_argument("--output_dir", help="where detections.pkl, result jsons and pictures go "
+                        "(default: <weights dir>/../test; with --eval_only: beside the pickle)")
+    parser.add_argument("--set", dest="set_cfgs", nargs="+", default=[], metavar="KEY VALUE",
+                        help="config overrides, e.g. --set TEST.SCALE 800 TEST.BBOX_AUG.ENABLED True")
+    parser.add_argument("--multi-gpu-testing", dest="multi_gpu_testing", action="store_true",
+                        help="one test process per visible GPU (or per --num_workers), results merged")
+    parser.add_argument("--num_workers", type=int,
+                        help="number of test processes the dataset is split over (default: 1, or the GPU count "
+                             "with --multi-gpu-testing); on CPU they share the cores")
+    parser.add_argument("--range", nargs=2, type=int, metavar=("START", "END"),
+                        help="test only roidb images START..END-1 and write detections_range_START_END.pkl "
+                             "(what the parallel processes run; no evaluation)")
+    parser.add_argument("--vis", action="store_true",
+                        help="also draw detections scoring >= VIS_TH into <output_dir>/vis")
+    parser.add_argument("--eval_only", metavar="DETECTIONS_PKL",
+                        help="evaluate a detections.pkl written earlier again, without inference (no weights needed)")
+    parser.add_argument("--no_cuda", dest="cuda", action="store_false", help="test on the CPU")
+    args = parser.parse_args(argv)
+    if len(args.set_cfgs) % 2:
+        parser.error(f"--set takes KEY VALUE pairs; got an odd number of items: {args.set_cfgs}")
+    if args.eval_only:
+        if args.load_ckpt or args.load_detectron or args.range:
+            parser.error("--eval_only evaluates a saved pickle: it takes no weights and no --range")
+    elif bool(args.load_ckpt) == bool(args.load_detectron):
+        parser.error("give exactly one of --load_ckpt or --load_detectron (or --eval_only DETECTIONS_PKL)")
+    if args.range and (args.multi_gpu_testing or (args.num_workers or 1) > 1):
+        parser.error("--range is one process's share; it cannot be combined with --multi-gpu-testing/--num_workers")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    cfg = get_cfg()
+    merge_cfg_from_file(cfg, args.cfg_file)
+    merge_cfg_from_list(cfg, args.set_cfgs)
+    options = TestOptions(
+        cfg_file=args.cfg_file, set_cfgs=args.set_cfgs, dataset=args.dataset, register=args.register,
+        load_ckpt=args.load_ckpt, load_detectron=args.load_detectron, output_dir=args.output_dir,
+        range=tuple(args.range) if args.range else None, multi_gpu_testing=args.multi_gpu_testing,
+        num_workers=args.num_workers, vis=args.vis, eval_only=args.eval_only, use_cuda=args.cuda,
+        child_command=[sys.executable, os.path.abspath(__file__)],
+    )
+    run_test(cfg, options, lambda line: print(line, flush=True))
+
+
+if __name__ == "__main__":
+    main()
