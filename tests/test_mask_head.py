@@ -60,7 +60,7 @@ def test_every_mask_head_gives_class_logits_and_maps_all_weights(name, roi_align
     assert head(feats, rois).shape == (3, 4, 14, 14)
     mapping = head.detectron_weight_mapping()
     assert set(mapping) == set(head.state_dict())
-    blobs = set(mapping.values())
+    blobs = set(mapping.values()) - {None}
     assert {"conv5_mask_w", "conv5_mask_b", "mask_fcn_logits_w", "mask_fcn_logits_b"} <= blobs
     if name == "mask_rcnn_fcn_head_v1up4convs":
         assert {f"_[mask]_fcn{i}_w" for i in range(1, 5)} <= blobs
@@ -69,7 +69,8 @@ def test_every_mask_head_gives_class_logits_and_maps_all_weights(name, roi_align
     if name == "mask_rcnn_fcn_head_v0up":
         assert "_[mask]_res5_2_branch2c_w" in blobs
     if name == "mask_rcnn_fcn_head_v0upshare":
-        assert len(blobs) == 4  # res5 belongs to the box head
+        assert len(blobs) == 4  # res5 is the box head's: its blobs are named there
+        assert head.shared_res5 is box_head.res5
         res5 = torch.randn(3, 2 * dim_in, 7, 7)
         assert head.predict(res5).shape == (3, 4, 14, 14)
 

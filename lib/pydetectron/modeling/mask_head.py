@@ -104,23 +104,23 @@ class MaskRCNNHead(nn.Module):
         use_upsample = ratio > 1 and not self.use_fc_output
         self.upsample = BilinearUpsample2d(self.num_outputs, ratio, "mask_fcn_logits_up") if use_upsample else None
         self._body_side = side
+        self.shared_res5: nn.Module | None = None
 
     def share_res5(self, res5: nn.Module) -> None:
-        """v0upshare: use the box head's res5 stage at inference. It stays owned (and saved) by the box
-        head, so it is kept outside this module's parameters."""
+        """v0upshare: use the box head's res5 stage at inference. It is registered here too (so DataParallel
+        replicas share it with the box head's), but its blobs are the box head's: mapped to None here."""
         if not self.shares_res5:
             raise ValueError("only mask_rcnn_fcn_head_v0upshare shares the box head's res5")
-        object.__setattr__(self, "_shared_res5", res5)
+        self.shared_res5 = res5
 
     def forward(self, features: Sequence[torch.Tensor], rois: torch.Tensor) -> torch.Tensor:
         """features: body maps, finest first; rois: ``(F, 5)`` = [batch, x1, y1, x2, y2] in network-input
         pixels -> logits ``(F, C, M, M)``."""
         x = self.roi_xform(features, rois)
         if self.shares_res5:
-            res5 = self.__dict__.get("_shared_res5")
-            if res5 is None:
+            if self.shared_res5 is None:
                 raise RuntimeError("mask_rcnn_fcn_head_v0upshare: call share_res5(box_head.res5) before inference")
-            x = res5(x)
+            x = self.shared_res5(x)
         return self.predict(x)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -143,6 +143,8 @@ class MaskRCNNHead(nn.Module):
         mapping.update({"logits.weight": "mask_fcn_logits_w", "logits.bias": "mask_fcn_logits_b"})
         if self.upsample is not None:
             mapping.update({f"upsample.{k}": v for k, v in self.upsample.detectron_weight_mapping().items()})
+        if self.shared_res5 is not None:
+            mapping.update({f"shared_res5.{k}": None for k in self.shared_res5.state_dict()})
         return mapping
 
 
