@@ -90,6 +90,18 @@ def test_fpn_generator_levels_and_cache():
     assert gen(shapes, torch.device("cpu"))[0] is levels[0]
 
 
+def test_cache_is_bounded():
+    gen = AnchorGenerator([16.0], [(32.0,)], (1.0,))
+    gen.max_cached = 3
+    first = gen([(1, 1)], torch.device("cpu"))[0]
+    for w in range(2, 6):
+        grid = gen([(1, w)], torch.device("cpu"))[0]
+        assert grid.shape == (w, 4)
+    assert len(gen._cache) == 3
+    again = gen([(1, 1)], torch.device("cpu"))[0]
+    assert again is not first and torch.equal(again, first)
+
+
 def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="stride"):
         generate_anchors(0, (32,), (1,))

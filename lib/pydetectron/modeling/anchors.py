@@ -8,6 +8,7 @@ RPN outputs.
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 from typing import Sequence
 
 import torch
@@ -72,7 +73,7 @@ def shift_anchors(cell_anchors: Tensor, stride: float, height: int, width: int) 
 
 
 class AnchorGenerator:
-    """Anchors for each RPN level, cached per (level, map shape, device).
+    """Anchors for each RPN level, cached per (level, map shape, device), least recently used first out.
 
     Args:
         strides: one per level (``2 ** lvl`` for FPN, ``RPN.STRIDE`` for a single map).
@@ -80,6 +81,9 @@ class AnchorGenerator:
         aspect_ratios: shared by all levels.
     The returned tensors are shared with the cache: treat them as read-only.
     """
+
+    # Grids kept (one per level and shape): a 1333 x 800 FPN input needs about 4 MB over its five levels.
+    max_cached = 128
 
     def __init__(
         self, strides: Sequence[float], sizes: Sequence[Sequence[float]], aspect_ratios: Sequence[float]
@@ -92,7 +96,7 @@ class AnchorGenerator:
         if len(counts) != 1:
             raise ValueError(f"every level needs the same number of anchors per cell, got {sorted(counts)}")
         self.num_cell_anchors = counts.pop()
-        self._cache: dict[tuple[int, int, int, torch.device], Tensor] = {}
+        self._cache: OrderedDict[tuple[int, int, int, torch.device], Tensor] = OrderedDict()
 
     def __call__(self, feature_shapes: Sequence[tuple[int, int]], device: torch.device) -> list[Tensor]:
         """Anchors ``(H_l * W_l * A, 4)`` float32 for each level's map ``(H_l, W_l)``."""
@@ -101,9 +105,13 @@ class AnchorGenerator:
         out = []
         for i, (h, w) in enumerate(feature_shapes):
             key = (i, int(h), int(w), torch.device(device))
-            if key not in self._cache:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+            else:
                 cell = self.cell_anchors[i].to(device)
                 self._cache[key] = shift_anchors(cell, self.strides[i], int(h), int(w))
+                if len(self._cache) > self.max_cached:  # multi-scale training meets many map shapes
+                    self._cache.popitem(last=False)
             out.append(self._cache[key])
         return out
 
