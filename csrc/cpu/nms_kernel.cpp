@@ -1,0 +1,184 @@
+// Greedy non-maximum suppression on CPU.
+//
+// Boxes are visited in stable descending score order (equal scores keep their input order, as
+// torch.sort(stable=True) and torchvision's CPU kernel do). A box is suppressed when its IoU with an
+// earlier kept box is > iou_threshold, or >= iou_threshold in legacy (Detectron cython_nms) mode, where
+// widths and heights are also inclusive (x2 - x1 + 1).
+//
+// Speed: the sorted boxes live in contiguous per-coordinate arrays and are processed in row tiles. A tile's
+// rows are first resolved among themselves (rows already suppressed by earlier tiles are skipped), then the
+// tile's kept rows suppress every later box. That second sweep is nearly all of the O(kept x N) work; it is
+// split over threads by column range with at::parallel_for (threads never write the same flag) and its
+// branch-free inner loop vectorises. The IoU uses the same operations in the same order as torchvision
+// (Detectron in legacy mode), so the kept set is identical to theirs, not merely close.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace pydetectron {
+
+// The float to compare a float IoU against so that the result equals comparing it, widened to double,
+// against the double threshold: for `iou > t` the largest float <= t, for `iou >= t` the smallest float >= t.
+// Also used by cuda/nms_kernel.cu so that both devices keep the same boxes.
+float nms_float_threshold(double threshold, bool inclusive) {
+  float t = static_cast<float>(threshold);
+  if (inclusive && static_cast<double>(t) < threshold) {
+    t = std::nextafter(t, std::numeric_limits<float>::infinity());
+  } else if (!inclusive && static_cast<double>(t) > threshold) {
+    t = std::nextafter(t, -std::numeric_limits<float>::infinity());
+  }
+  return t;
+}
+
+namespace {
+
+// On x86-64 Linux the column sweep is also compiled for AVX2 and picked at load time (the baseline SSE2
+// build cannot vectorise the double version). "avx2" does not enable FMA, so no product is fused and the
+// arithmetic stays bit-identical to the plain build.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
+#define PYD_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define PYD_SIMD_CLONES
+#endif
+
+constexpr int64_t kRowTile = 256;          // rows resolved sequentially between two parallel sweeps
+constexpr int64_t kColBlock = 1024;        // columns swept for all of a tile's kept rows while in cache
+constexpr int64_t kMinTaskPairs = 1 << 18; // IoUs worth handing to another thread (~50 us of work)
+
+// Suppression flags as wide as T, so that the vectorised comparison needs no narrowing.
+template <typename T>
+using Flag = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+
+// Sorted boxes as structure-of-arrays so the column loop reads unit-stride memory.
+template <typename T>
+struct SortedBoxes {
+  std::vector<T> x1, y1, x2, y2, area;
+};
+
+template <typename T, bool kLegacy>
+SortedBoxes<T> gather_sorted(const at::Tensor& boxes, const at::Tensor& order) {
+  const int64_t n = order.numel();
+  const auto b = boxes.accessor<T, 2>();
+  const int64_t* idx = order.data_ptr<int64_t>();
+  SortedBoxes<T> s;
+  for (auto* v : {&s.x1, &s.y1, &s.x2, &s.y2, &s.area}) {
+    v->resize(n);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t k = idx[i];
+    s.x1[i] = b[k][0];
+    s.y1[i] = b[k][1];
+    s.x2[i] = b[k][2];
+    s.y2[i] = b[k][3];
+    s.area[i] = kLegacy ? (s.x2[i] - s.x1[i] + T(1)) * (s.y2[i] - s.y1[i] + T(1))
+                        : (s.x2[i] - s.x1[i]) * (s.y2[i] - s.y1[i]);
+  }
+  return s;
+}
+
+// Marks removed[j] for j in [begin, end) whose IoU with box i passes the threshold. No early exits or
+// data-dependent branches: the compiler turns this into SIMD code.
+template <typename T, bool kLegacy>
+PYD_SIMD_CLONES void suppress_by(const SortedBoxes<T>& s, int64_t i, int64_t begin, int64_t end, T threshold,
+                 Flag<T>* removed) {
+  const T ix1 = s.x1[i], iy1 = s.y1[i], ix2 = s.x2[i], iy2 = s.y2[i], iarea = s.area[i];
+  const T* x1 = s.x1.data();
+  const T* y1 = s.y1.data();
+  const T* x2 = s.x2.data();
+  const T* y2 = s.y2.data();
+  const T* area = s.area.data();
+  for (int64_t j = begin; j < end; ++j) {
+    T w = std::min(ix2, x2[j]) - std::max(ix1, x1[j]);
+    T h = std::min(iy2, y2[j]) - std::max(iy1, y1[j]);
+    if constexpr (kLegacy) {
+      w = w + T(1);
+      h = h + T(1);
+    }
+    const T inter = std::max(T(0), w) * std::max(T(0), h);
+    const T iou = inter / (iarea + area[j] - inter);
+    removed[j] |= static_cast<Flag<T>>(kLegacy ? iou >= threshold : iou > threshold);
+  }
+}
+
+// Returns the kept positions in sorted order.
+template <typename T, bool kLegacy>
+std::vector<int64_t> greedy_keep(const SortedBoxes<T>& s, T threshold) {
+  const int64_t n = static_cast<int64_t>(s.x1.size());
+  std::vector<Flag<T>> removed(n, 0);
+  std::vector<int64_t> keep;
+  std::vector<int64_t> tile_keep;
+  for (int64_t t0 = 0; t0 < n; t0 += kRowTile) {
+    const int64_t t1 = std::min(n, t0 + kRowTile);
+    tile_keep.clear();
+    for (int64_t i = t0; i < t1; ++i) {
+      if (!removed[i]) {
+        tile_keep.push_back(i);
+        suppress_by<T, kLegacy>(s, i, i + 1, t1, threshold, removed.data());
+      }
+    }
+    keep.insert(keep.end(), tile_keep.begin(), tile_keep.end());
+    if (t1 == n || tile_keep.empty()) {
+      continue;
+    }
+    // Small sweeps run inline: waking threads would cost more than the sweep itself.
+    const int64_t grain = std::max<int64_t>(kColBlock, kMinTaskPairs / static_cast<int64_t>(tile_keep.size()));
+    at::parallel_for(t1, n, grain, [&](int64_t lo, int64_t hi) {
+      for (int64_t c0 = lo; c0 < hi; c0 += kColBlock) {
+        const int64_t c1 = std::min(hi, c0 + kColBlock);
+        for (const int64_t i : tile_keep) {
+          suppress_by<T, kLegacy>(s, i, c0, c1, threshold, removed.data());
+        }
+      }
+    });
+  }
+  return keep;
+}
+
+template <typename T>
+T compare_threshold(double iou_threshold, bool inclusive) {
+  if constexpr (std::is_same_v<T, float>) {
+    return nms_float_threshold(iou_threshold, inclusive);
+  } else {
+    return static_cast<T>(iou_threshold);
+  }
+}
+
+at::Tensor nms_cpu(const at::Tensor& boxes, const at::Tensor& scores, double iou_threshold,
+                   bool legacy_plus_one) {
+  TORCH_CHECK(boxes.device().is_cpu() && scores.device().is_cpu(), "nms_cpu: boxes and scores must be CPU tensors");
+  TORCH_CHECK(boxes.dim() == 2 && boxes.size(1) == 4, "nms: boxes must have shape (N, 4), got ", boxes.sizes());
+  TORCH_CHECK(scores.dim() == 1 && scores.size(0) == boxes.size(0),
+              "nms: scores must have shape (N,) with N = boxes.size(0), got ", scores.sizes());
+  TORCH_CHECK(boxes.scalar_type() == scores.scalar_type(), "nms: boxes and scores must have the same dtype");
+  TORCH_CHECK(!std::isnan(iou_threshold), "nms: iou_threshold is NaN");
+  if (boxes.size(0) == 0) {
+    return at::empty({0}, boxes.options().dtype(at::kLong));
+  }
+  const at::Tensor order = std::get<1>(scores.sort(/*stable=*/true, /*dim=*/0, /*descending=*/true));
+  const at::Tensor dense = boxes.contiguous();
+  std::vector<int64_t> keep;
+  AT_DISPATCH_FLOATING_TYPES(boxes.scalar_type(), "nms_cpu", [&] {
+    const scalar_t threshold = compare_threshold<scalar_t>(iou_threshold, legacy_plus_one);
+    if (legacy_plus_one) {
+      keep = greedy_keep<scalar_t, true>(gather_sorted<scalar_t, true>(dense, order), threshold);
+    } else {
+      keep = greedy_keep<scalar_t, false>(gather_sorted<scalar_t, false>(dense, order), threshold);
+    }
+  });
+  const at::Tensor positions = at::tensor(keep, order.options());
+  return order.index_select(0, positions);
+}
+
+}  // namespace
+}  // namespace pydetectron
+
+TORCH_LIBRARY_IMPL(pydetectron, CPU, m) {
+  m.impl("nms", &pydetectron::nms_cpu);
+}
