@@ -250,3 +250,20 @@ def test_torchvision_into_wrong_body_fails_clearly():
         load_torchvision_resnet(ResNet(34, stride_1x1=False), net.state_dict())
     with pytest.raises(ValueError, match="GroupNorm"):
         load_torchvision_resnet(ResNet(18, norm=NormSpec("GN")), net.state_dict())
+
+
+def test_rgb_model_reverses_conv1_channels_both_ways(tmp_path):
+    torch.manual_seed(0)
+    rgb_model = ResNet(18, num_stages=4)
+    conv1 = rgb_model.stem.conv1.conv.weight.detach().clone()
+    path = tmp_path / "rgb.pkl"
+    blobs = save_detectron_weights(rgb_model, path, input_order="RGB")
+    np.testing.assert_array_equal(blobs["conv1_w"], conv1.flip(1).numpy())  # files stay BGR
+    bgr_model = ResNet(18, num_stages=4)
+    load_detectron_weights(bgr_model, path)
+    torch.testing.assert_close(bgr_model.stem.conv1.conv.weight, conv1.flip(1), rtol=0, atol=0)
+    other = ResNet(18, num_stages=4)
+    load_detectron_weights(other, path, input_order="RGB")
+    torch.testing.assert_close(other.stem.conv1.conv.weight, conv1, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="INPUT_COLOR_ORDER"):
+        load_detectron_weights(other, path, input_order="BRG")

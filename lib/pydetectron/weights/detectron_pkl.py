@@ -33,6 +33,21 @@ CLASS_LAYER_PATTERN = re.compile(
     r"retnet_bbox_pred_fpn\d+)_[wb]$"
 )
 IMAGENET_CLASSIFIER_BLOBS = ("fc1000_w", "fc1000_b")
+# The conv that sees the image. Detectron files hold it for BGR input; an RGB model gets its input
+# channels reversed on load and back on save, so files always stay in Detectron's BGR convention.
+IMAGE_CONV_BLOB = "conv1_w"
+COLOR_ORDERS = ("BGR", "RGB")
+
+
+def _to_order(blob: str, array: np.ndarray, input_order: str) -> np.ndarray:
+    """`array` of `blob` converted between the file's BGR and `input_order` (an involution)."""
+    if input_order not in COLOR_ORDERS:
+        raise ValueError(f"MODEL.INPUT_COLOR_ORDER must be one of {COLOR_ORDERS}, got {input_order!r}")
+    if blob != IMAGE_CONV_BLOB or input_order == "BGR":
+        return array
+    if array.ndim != 4 or array.shape[1] != 3:
+        raise ValueError(f"blob {blob!r} with shape {array.shape} is not a 3-channel image conv")
+    return np.ascontiguousarray(array[:, ::-1])
 
 
 @dataclass
@@ -135,6 +150,7 @@ def load_detectron_weights(
     strict: bool = False,
     allow_skip_class_layers: bool = True,
     num_classes: int | None = None,
+    input_order: str = "BGR",
 ) -> LoadReport:
     """Copy the blobs of a Detectron ``.pkl`` (path, or the unpickled dict) into `model`, by blob name.
 
@@ -142,8 +158,10 @@ def load_detectron_weights(
     blob, except for class-count layers (``cls_score``, ``bbox_pred``, ``mask_fcn_logits``, ``kps_score``,
     RetinaNet outputs) when `allow_skip_class_layers`: those keep their initialisation and are reported in
     ``skipped``. `num_classes` (the model's) only enriches that message. With `strict`, anything missing,
-    unused or unmapped raises ``KeyError`` listing it. Returns a :class:`LoadReport`.
+    unused or unmapped raises ``KeyError`` listing it. `input_order` is the model's
+    ``MODEL.INPUT_COLOR_ORDER`` ('RGB' reverses ``conv1_w``'s input channels). Returns a :class:`LoadReport`.
     """
+    _to_order("", np.empty(0), input_order)  # validate early
     blobs = _blobs_of(source)
     mapping = model_weight_mapping(model)
     state = model.state_dict(keep_vars=True)
@@ -163,7 +181,7 @@ def load_detectron_weights(
             report.missing.append(blob)
             continue
         try:
-            value = _as_tensor(src, blobs[src], tensor)
+            value = _as_tensor(src, _to_order(src, np.asarray(blobs[src]), input_order), tensor)
         except _ShapeMismatch as err:
             if allow_skip_class_layers and CLASS_LAYER_PATTERN.match(src):
                 report.skipped.append(_class_count_message(err, blobs, num_classes))
@@ -189,15 +207,16 @@ def load_detectron_weights(
     return report
 
 
-def detectron_blobs(model: nn.Module) -> Dict[str, np.ndarray]:
-    """``{blob name: float32 array}`` of every mapped tensor; tensors sharing a blob must be equal."""
+def detectron_blobs(model: nn.Module, input_order: str = "BGR") -> Dict[str, np.ndarray]:
+    """``{blob name: float32 array}`` of every mapped tensor, the image conv in BGR order; tensors sharing
+    a blob must be equal."""
     mapping = model_weight_mapping(model)
     blobs: Dict[str, np.ndarray] = {}
     for key, tensor in model.state_dict().items():
         blob = mapping.get(key)
         if blob is None:
             continue
-        array = tensor.detach().cpu().numpy().astype(np.float32, copy=True)
+        array = _to_order(blob, tensor.detach().cpu().numpy().astype(np.float32, copy=True), input_order)
         if blob in blobs and not np.array_equal(blobs[blob], array):
             raise ValueError(f"tensors mapped to the same blob {blob!r} differ (second one: {key!r})")
         blobs[blob] = array
@@ -205,13 +224,14 @@ def detectron_blobs(model: nn.Module) -> Dict[str, np.ndarray]:
 
 
 def save_detectron_weights(
-    model: nn.Module, path: str | os.PathLike, cfg_yaml: str | None = None
+    model: nn.Module, path: str | os.PathLike, cfg_yaml: str | None = None, input_order: str = "BGR"
 ) -> Dict[str, np.ndarray]:
     """Write `model` as Detectron does: ``pickle({'blobs': {name: float32 array}, 'cfg': yaml})``.
 
     Returns the blobs written. Momentum is not written (Detectron loaders treat it as optional).
+    `input_order` as for :func:`load_detectron_weights`.
     """
-    blobs = detectron_blobs(model)
+    blobs = detectron_blobs(model, input_order)
     with open(path, "wb") as f:
         pickle.dump({"blobs": blobs, "cfg": cfg_yaml}, f, protocol=pickle.HIGHEST_PROTOCOL)
     return blobs

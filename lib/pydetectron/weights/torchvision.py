@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pydetectron.weights.detectron_pkl import LoadReport, load_detectron_weights
+from pydetectron.weights.detectron_pkl import COLOR_ORDERS, LoadReport, load_detectron_weights
 
 logger = logging.getLogger(__name__)
 
@@ -57,22 +57,23 @@ def _blob_prefix(key: str) -> tuple[str, str] | None:
 def _fold_input(
     weight: np.ndarray, input_order: str, pixel_means: Sequence[float] | None, pixel_stds: Sequence[float] | None
 ) -> np.ndarray:
-    """conv1 weights ``(64, 3, 7, 7)`` for our input order and normalisation (see the module docstring)."""
-    if input_order not in ("BGR", "RGB"):
-        raise ValueError(f"MODEL.INPUT_COLOR_ORDER must be 'BGR' or 'RGB', got {input_order!r}")
-    perm = [2, 1, 0] if input_order == "BGR" else [0, 1, 2]  # our channel i is torchvision's perm[i]
-    tv_mean = np.array(TORCHVISION_MEAN_RGB)[perm] * 255.0
-    tv_std = np.array(TORCHVISION_STD_RGB)[perm] * 255.0
-    stds = np.ones(3) if pixel_stds is None else np.asarray(pixel_stds, dtype=np.float64).reshape(3)
+    """conv1 weights ``(64, 3, 7, 7)`` in Detectron's BGR channel order, scaled for our normalisation given
+    in `input_order` (see the module docstring); the loader reverses them again for an RGB model."""
+    if input_order not in COLOR_ORDERS:
+        raise ValueError(f"MODEL.INPUT_COLOR_ORDER must be one of {COLOR_ORDERS}, got {input_order!r}")
+    to_bgr = [2, 1, 0] if input_order == "RGB" else [0, 1, 2]
+    tv_mean = np.array(TORCHVISION_MEAN_RGB)[::-1] * 255.0
+    tv_std = np.array(TORCHVISION_STD_RGB)[::-1] * 255.0
+    stds = np.ones(3) if pixel_stds is None else np.asarray(pixel_stds, dtype=np.float64).reshape(3)[to_bgr]
     if pixel_means is not None:
-        means = np.asarray(pixel_means, dtype=np.float64).reshape(3)
+        means = np.asarray(pixel_means, dtype=np.float64).reshape(3)[to_bgr]
         if not np.allclose(means, tv_mean, atol=1e-3):
             logger.warning(
-                "PIXEL_MEANS %s (%s) differ from the torchvision model's %s: features will not match "
-                "torchvision's exactly", means.tolist(), input_order, tv_mean.round(4).tolist(),
+                "PIXEL_MEANS %s (BGR) differ from the torchvision model's %s: features will not match "
+                "torchvision's exactly", means.tolist(), tv_mean.round(4).tolist(),
             )
     scale = (stds / tv_std).reshape(1, 3, 1, 1)
-    return (weight[:, perm].astype(np.float64) * scale).astype(np.float32)
+    return (weight[:, ::-1].astype(np.float64) * scale).astype(np.float32)
 
 
 def torchvision_resnet_to_blobs(
@@ -84,7 +85,8 @@ def torchvision_resnet_to_blobs(
 ) -> Dict[str, np.ndarray]:
     """Detectron-named blobs (``{'conv1_w': ..., 'res_conv1_bn_s': ...}``) from a torchvision ResNet state_dict.
 
-    `pixel_means`/`pixel_stds` are ours, 3 values in `input_order`; the classifier ``fc`` is dropped.
+    `pixel_means`/`pixel_stds` are ours, 3 values in `input_order`; ``conv1_w`` comes out in BGR order like
+    every Detectron file (load it with the same `input_order`); the classifier ``fc`` is dropped.
     """
     groups: Dict[tuple[str, str], Dict[str, np.ndarray]] = {}
     for key, value in state_dict.items():
@@ -134,7 +136,7 @@ def load_torchvision_resnet(
     blobs = torchvision_resnet_to_blobs(
         state_dict, input_order=input_order, pixel_means=pixel_means, pixel_stds=pixel_stds
     )
-    report = load_detectron_weights(body, blobs, strict=False)
+    report = load_detectron_weights(body, blobs, strict=False, input_order=input_order)
     missing_body = [b for b in report.missing if _BODY_BLOB.match(b)]
     if strict and (report.unused or missing_body):
         raise KeyError(
