@@ -103,6 +103,10 @@ def test_bitmap_mask_is_sampled_at_cell_centres():
     assert out.targets[0].view(8, 8).tolist() == expected.tolist()
     # The RoI equal to the pixel extent of the rectangle (+1 at the far edges): all on.
     assert (out.targets[1] == 1).all()
+    # The same entry held in tensors (as the data loader may give it) gives the same targets.
+    tensor_entry = {k: torch.as_tensor(v) if k != "segms" else [torch.from_numpy(bitmap)] for k, v in entry.items()}
+    again = mask_rcnn_targets(rois, torch.tensor([1, 1]), [tensor_entry], [1.0], 8, 2, cls_specific=False)
+    assert torch.equal(again.targets, out.targets)
 
 
 def test_bad_polygon_is_reported():

@@ -34,6 +34,17 @@ class MaskTargets:
     roi_has_mask: torch.Tensor
 
 
+def _numpy(value) -> np.ndarray:
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+
+
+def _bitmap(segm) -> np.ndarray | None:
+    """The segmentation as a ``(H, W)`` array if it is a mask (numpy or tensor), else None (polygons)."""
+    if isinstance(segm, (np.ndarray, torch.Tensor)) and segm.ndim == 2:
+        return _numpy(segm)
+    return None
+
+
 def _check_polygons(polys, gt_index: int) -> list[np.ndarray]:
     if not isinstance(polys, (list, tuple)) or len(polys) == 0:
         raise ValueError(f"roidb segms[{gt_index}] must be a non-empty list of flat polygons or a uint8 mask")
@@ -51,8 +62,9 @@ def _check_polygons(polys, gt_index: int) -> list[np.ndarray]:
 def segm_box(segm, gt_index: int) -> np.ndarray:
     """Tight ``[x1, y1, x2, y2]`` of one segmentation: min / max polygon coordinates (Detectron's
     ``polys_to_boxes``), or the first / last on pixel of a uint8 mask (all zeros for an empty mask)."""
-    if isinstance(segm, np.ndarray) and segm.ndim == 2:
-        ys, xs = np.nonzero(segm)
+    bitmap = _bitmap(segm)
+    if bitmap is not None:
+        ys, xs = np.nonzero(bitmap)
         if xs.size == 0:
             return np.zeros(4, dtype=np.float32)
         return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float32)
@@ -121,8 +133,8 @@ def _image_mask_targets(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One image: (indices into `rois` that get a mask, their classes, their ``(F, M*M)`` targets)."""
     m = resolution
-    gt_classes = np.asarray(entry["gt_classes"]).reshape(-1)
-    is_crowd = np.asarray(entry["is_crowd"]).reshape(-1).astype(bool)
+    gt_classes = _numpy(entry["gt_classes"]).reshape(-1)
+    is_crowd = _numpy(entry["is_crowd"]).reshape(-1).astype(bool)
     segms = entry["segms"]
     if len(segms) != len(gt_classes):
         raise ValueError(f"roidb entry has {len(segms)} segms for {len(gt_classes)} gt boxes")
@@ -143,11 +155,11 @@ def _image_mask_targets(
     masks = np.zeros((fg_inds.size, m * m), dtype=np.int32)
     for g in np.unique(matched):
         rows = np.nonzero(matched == g)[0]
-        segm = segms[g]
-        if isinstance(segm, np.ndarray) and segm.ndim == 2:
-            masks[rows] = bitmap_to_mask_in_boxes(segm, rois_np[rows], m).reshape(rows.size, -1)
+        bitmap = _bitmap(segms[g])
+        if bitmap is not None:
+            masks[rows] = bitmap_to_mask_in_boxes(bitmap, rois_np[rows], m).reshape(rows.size, -1)
         else:
-            polys = _check_polygons(segm, int(g))
+            polys = _check_polygons(segms[g], int(g))
             for r in rows:
                 masks[r] = polygons_to_mask_in_box(polys, rois_np[r], m).reshape(-1)
     return fg_inds, labels_np[fg_inds].astype(np.int64), masks
