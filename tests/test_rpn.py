@@ -108,6 +108,47 @@ def test_negatives_are_drawn_with_replacement_up_to_the_budget():
     assert 40 < negatives <= 64  # 64 draws from 100 candidates, some repeated
 
 
+def _reference_labels(anchors, gts, height, width, pos=0.7, neg=0.3, straddle=0.0):
+    """Detectron's _get_rpn_blobs without subsampling, in plain Python float64 loops."""
+    def iou(a, b):
+        iw = min(a[2], b[2]) - max(a[0], b[0]) + 1
+        ih = min(a[3], b[3]) - max(a[1], b[1]) + 1
+        if iw <= 0 or ih <= 0:
+            return 0.0
+        area = (a[2] - a[0] + 1) * (a[3] - a[1] + 1) + (b[2] - b[0] + 1) * (b[3] - b[1] + 1)
+        return iw * ih / (area - iw * ih)
+
+    inside = [i for i, a in enumerate(anchors) if straddle < 0 or (
+        a[0] >= -straddle and a[1] >= -straddle and a[2] < width + straddle and a[3] < height + straddle)]
+    ov = {i: [iou(anchors[i], g) for g in gts] for i in inside}
+    labels = [-1] * len(anchors)
+    best_per_gt = [max(ov[i][j] for i in inside) for j in range(len(gts))]
+    for i in inside:
+        if any(ov[i][j] == best_per_gt[j] > 0 for j in range(len(gts))) or max(ov[i]) >= pos:
+            labels[i] = 1
+    for i in inside:
+        if max(ov[i]) < neg:
+            labels[i] = 0
+    return labels
+
+
+@pytest.mark.parametrize("straddle", [0.0, -1.0])
+def test_label_anchors_match_reference_without_subsampling(straddle):
+    from pydetectron.modeling.anchors import fpn_anchor_generator
+
+    anchors = torch.cat(fpn_anchor_generator(2, 4, 16, (0.5, 1, 2))([(8, 10), (4, 5), (2, 3)], torch.device("cpu")))
+    g = torch.Generator().manual_seed(1)
+    xy = torch.rand(5, 2, generator=g) * 30
+    gts = torch.cat((xy, xy + 4 + torch.rand(5, 2, generator=g) * 20), 1).round()  # integer coords: real ties
+    params = RPNSampling(batch_size_per_im=10**6, straddle_thresh=straddle)
+    labels, targets, inside, outside = label_anchors(anchors, gts, 32, 40, params)
+    expected = _reference_labels(anchors.double().tolist(), gts.double().tolist(), 32, 40, straddle=straddle)
+    assert labels.tolist() == expected
+    assert (labels == 1).sum() >= 5  # every gt has at least one positive anchor here
+    num_examples = sum(1 for v in expected if v >= 0)
+    torch.testing.assert_close(outside[labels == 1], torch.full_like(outside[labels == 1], 1 / num_examples))
+
+
 def test_rpn_targets_drop_crowd_boxes():
     entry = {"boxes": GT.numpy(), "gt_classes": [1, 2], "is_crowd": [False, True]}
     assert rpn_gt_boxes(entry, 0, torch.device("cpu")).tolist() == [GT[0].tolist()]
