@@ -169,3 +169,32 @@ def test_cache_hit_and_invalidation(tmp_path, monkeypatch, hand_coco):
     os.utime(tmp_path / "hand.json", ns=(1, 1))
     third = CocoDataset(ds.spec).get_roidb()
     assert len(calls) == 2 and len(third[0]["boxes"]) == 2
+
+
+def _assert_same_roidb(a_roidb, b_roidb):
+    assert len(a_roidb) == len(b_roidb)
+    for a, b in zip(a_roidb, b_roidb):
+        assert a.keys() == b.keys()
+        for key, value in a.items():
+            other = b[key]
+            if key == "segms":
+                assert len(value) == len(other)
+                for x, y in zip(value, other):
+                    if isinstance(x, dict):
+                        assert x == y
+                    else:
+                        assert len(x) == len(y) and all(np.array_equal(p, q) for p, q in zip(x, y))
+            elif isinstance(value, np.ndarray):
+                assert value.dtype == other.dtype and np.array_equal(value, other), key
+            else:
+                assert value == other, key
+
+
+def test_cache_round_trip_is_exact(tmp_path, hand_coco, hand_keypoint_coco):
+    for name, data in (("hand", hand_coco()), ("kp", hand_keypoint_coco())):
+        ds = _dataset(tmp_path, data, name=name)
+        parsed = ds.get_roidb(use_cache=False)
+        ds.get_roidb()  # writes the cache
+        cached = CocoDataset(ds.spec).get_roidb()
+        assert ds.cache_path(-1.0).is_file()
+        _assert_same_roidb(parsed, cached)

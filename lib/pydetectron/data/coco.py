@@ -28,12 +28,13 @@ import pycocotools.mask as mask_util
 import torch
 
 from pydetectron.boxes import xywh_to_xyxy
+from pydetectron.data.cache import read_cache, write_cache
 from pydetectron.data.catalog import DatasetSpec, data_dir, get_dataset
 
 logger = logging.getLogger(__name__)
 
 ENV_CACHE_DIR = "PYDETECTRON_CACHE"
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 
 
 class AnnotationError(ValueError):
@@ -320,11 +321,10 @@ class CocoDataset:
         path = self.cache_path(gt_min_area)
         if use_cache and path.is_file():
             try:
-                with open(path, "rb") as f:
-                    self.meta, roidb, self.num_invalid = pickle.load(f)
+                self.meta, roidb, self.num_invalid = read_cache(path)
                 logger.info("dataset %s: roidb loaded from cache %s", self.name, path)
                 return roidb
-            except (OSError, pickle.UnpicklingError, EOFError, ValueError) as e:
+            except (OSError, pickle.UnpicklingError, EOFError, ValueError, KeyError) as e:
                 logger.warning("dataset %s: ignoring unreadable cache %s (%s)", self.name, path, e)
         self.meta, roidb, self.num_invalid = parse_coco_json(self.spec.ann_file, self.spec.image_dir, gt_min_area)
         if self.num_invalid:
@@ -336,10 +336,6 @@ class CocoDataset:
 
     def _write_cache(self, path: Path, roidb: List[dict]) -> None:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            with open(tmp, "wb") as f:
-                pickle.dump((self.meta, roidb, self.num_invalid), f, protocol=pickle.HIGHEST_PROTOCOL)
-            os.replace(tmp, path)
+            write_cache(path, self.meta, roidb, self.num_invalid)
         except OSError as e:
             logger.warning("dataset %s: could not write roidb cache %s (%s)", self.name, path, e)
