@@ -24,14 +24,13 @@
 
 namespace pydetectron {
 
-// The float to compare a float IoU against so that the result equals comparing it, widened to double,
-// against the double threshold: for `iou > t` the largest float <= t, for `iou >= t` the smallest float >= t.
+// The float threshold that float IoUs are compared with. torchvision compares the float IoU, widened to
+// double, with the double threshold: `iou > t` is then the same as `iou > largest float <= t`. Detectron's
+// cython_nms takes the threshold as np.float32 (rounded to nearest) and compares `iou >= that`.
 // Also used by cuda/nms_kernel.cu so that both devices keep the same boxes.
-float nms_float_threshold(double threshold, bool inclusive) {
+float nms_float_threshold(double threshold, bool legacy_plus_one) {
   float t = static_cast<float>(threshold);
-  if (inclusive && static_cast<double>(t) < threshold) {
-    t = std::nextafter(t, std::numeric_limits<float>::infinity());
-  } else if (!inclusive && static_cast<double>(t) > threshold) {
+  if (!legacy_plus_one && static_cast<double>(t) > threshold) {
     t = std::nextafter(t, -std::numeric_limits<float>::infinity());
   }
   return t;
@@ -142,9 +141,9 @@ std::vector<int64_t> greedy_keep(const SortedBoxes<T>& s, T threshold) {
 }
 
 template <typename T>
-T compare_threshold(double iou_threshold, bool inclusive) {
+T compare_threshold(double iou_threshold, bool legacy_plus_one) {
   if constexpr (std::is_same_v<T, float>) {
-    return nms_float_threshold(iou_threshold, inclusive);
+    return nms_float_threshold(iou_threshold, legacy_plus_one);
   } else {
     return static_cast<T>(iou_threshold);
   }

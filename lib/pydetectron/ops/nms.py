@@ -8,7 +8,8 @@ float64; float16 too on CUDA). Inputs need not be contiguous.
 * ``False`` (torchvision's): width = x2 - x1; a box is suppressed when IoU > ``iou_threshold``. The kept
   indices equal ``torchvision.ops.nms``'s exactly.
 * ``True`` (Detectron's ``utils/cython_nms.pyx`` / ``box_utils.nms``): inclusive pixels, width = x2 - x1 + 1,
-  and a box is suppressed when IoU >= ``iou_threshold``, as Detectron's ``ovr >= thresh``.
+  and a box is suppressed when IoU >= ``iou_threshold``, as Detectron's ``ovr >= thresh`` (for float32
+  boxes against the threshold rounded to float32, as Detectron's ``np.float32_t thresh``).
 
 Ties: boxes are visited in stable descending score order, so among equal scores the lower index comes first
 (torchvision's CPU order). Detectron sorts with numpy's unstable ``argsort()[::-1]``, whose order among equal
