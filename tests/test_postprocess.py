@@ -179,6 +179,14 @@ def test_soft_nms_matches_reference(method):
     check_against_reference(scores, boxes, params, soft=(0.5, 0.3, 0.0001, method))
 
 
+def test_image_without_rois_gives_no_detections():
+    im_info = torch.tensor([[100.0, 100.0, 1.0], [80.0, 60.0, 1.0]])
+    rois = torch.tensor([[1, 10.0, 10.0, 40.0, 50.0]])
+    out = detect_boxes(torch.zeros(1, 3), torch.zeros(1, 12), rois, im_info, BoxInference(num_classes=3))
+    assert out[0]["boxes"].shape == (0, 4) and out[0]["scores"].shape == (0,) and out[0]["classes"].shape == (0,)
+    assert out[1]["classes"].tolist() == [1, 2]
+
+
 def test_bad_settings_are_reported():
     with pytest.raises(ValueError, match="SOFT_NMS.METHOD"):
         BoxInference(num_classes=3, soft_nms=True, soft_nms_method="cubic")

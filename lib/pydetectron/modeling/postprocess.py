@@ -79,6 +79,8 @@ def predict_boxes(
     """Class-tiled boxes ``(R, 4 * num_classes)`` in original-image pixels from `rois` ``(R, 4)`` in input
     pixels and `bbox_deltas` ``(R, 4 * C')`` (Detectron's ``im_detect_bbox``)."""
     boxes = rois / im_scale
+    if boxes.shape[0] == 0:
+        return boxes.new_zeros((0, 4 * num_classes))
     if not params.bbox_reg:
         return boxes.repeat(1, num_classes)
     if params.cls_agnostic_bbox_reg:
