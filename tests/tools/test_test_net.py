@@ -1,0 +1,166 @@
+"""tools/test_net.py and pydetectron.evaluation.test_engine: ranges, merging, detections.pkl, eval-only,
+multi-process testing, flags."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pydetectron.config import get_cfg, merge_cfg_from_file, merge_cfg_from_list
+from pydetectron.data.catalog import get_dataset
+from pydetectron.evaluation.test_engine import (
+    TestOptions,
+    load_detections,
+    merge_detections,
+    run_test,
+    save_detections,
+    split_range,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+TOOL = ROOT / "tools" / "test_net.py"
+FLAGS = ["--dataset", "--cfg", "--load_ckpt", "--load_detectron", "--output_dir", "--set", "--multi-gpu-testing",
+         "--vis", "--range", "--num_workers", "--register", "--eval_only", "--no_cuda"]
+
+
+def _cfg(cfg_file: str):
+    cfg = get_cfg()
+    merge_cfg_from_file(cfg, cfg_file)
+    merge_cfg_from_list(cfg, ["TEST.SCALE", 96])
+    return cfg
+
+
+def _run(cfg_file, lines=None, **kwargs):
+    options = TestOptions(cfg_file=cfg_file, use_cuda=False, **kwargs)
+    return run_test(_cfg(cfg_file), options, (lines.append if lines is not None else lambda _: None))
+
+
+def _assert_same_detections(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for image_id in a:
+        for key in ("boxes", "scores", "classes"):
+            np.testing.assert_array_equal(a[image_id][key], b[image_id][key])
+        assert a[image_id]["segms"] == b[image_id]["segms"]
+
+
+def _load_tool(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tool = _load_tool(TOOL)
+
+
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        tool.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert [flag for flag in FLAGS if flag not in out] == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cfg", "x.yaml"], "exactly one of --load_ckpt or --load_detectron"),
+    (["--cfg", "x.yaml", "--load_ckpt", "a", "--load_detectron", "b"], "exactly one of"),
+    (["--cfg", "x.yaml", "--eval_only", "d.pkl", "--load_ckpt", "a"], "takes no weights"),
+    (["--cfg", "x.yaml", "--load_ckpt", "a", "--range", "0", "3", "--num_workers", "2"], "--range is one process"),
+    (["--cfg", "x.yaml", "--load_ckpt", "a", "--set", "TEST.SCALE"], "KEY VALUE pairs"),
+])
+def test_bad_flag_combinations_are_refused(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        tool.parse_args(args)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("n, parts, expected", [
+    (6, 2, [(0, 3), (3, 6)]), (7, 3, [(0, 2), (2, 5), (5, 7)]), (2, 4, [(0, 1), (1, 2)]), (5, 1, [(0, 5)]),
+])
+def test_split_range_covers_the_dataset_in_near_equal_parts(n, parts, expected):
+    assert split_range(n, parts) == expected
+
+
+def test_merge_refuses_an_image_in_two_parts():
+    with pytest.raises(ValueError, match=r"image ids \[2\]"):
+        merge_detections([{1: {}, 2: {}}, {2: {}, 3: {}}])
+
+
+def test_range_parts_merge_to_the_full_run(shapes_val, tiny_cfg_file, grid_checkpoint, tmp_path):
+    full_dir, part_dir = tmp_path / "full", tmp_path / "parts"
+    lines = []
+    metrics = _run(tiny_cfg_file, lines, dataset=shapes_val, load_ckpt=grid_checkpoint, output_dir=str(full_dir))
+    assert any("images/s" in line for line in lines)
+    assert any(line.startswith("copypaste") or "copypaste" in line for line in lines)
+    for start, end in ((0, 2), (2, 6)):
+        assert _run(tiny_cfg_file, dataset=shapes_val, load_ckpt=grid_checkpoint, output_dir=str(part_dir),
+                    range=(start, end)) == {}
+    name_a, part_a = load_detections(part_dir / "detections_range_0_2.pkl")
+    name_b, part_b = load_detections(part_dir / "detections_range_2_6.pkl")
+    assert name_a == name_b == shapes_val and (len(part_a), len(part_b)) == (2, 4)
+    _, full = load_detections(full_dir / "detections.pkl")
+    _assert_same_detections(merge_detections([part_a, part_b]), full)
+    assert not (part_dir / "detections.pkl").exists()  # a --range child does not evaluate
+    assert set(metrics[shapes_val]) == {"bbox", "segm"}
+    # the written result json is what pycocotools was given: one entry per detection
+    entries = json.loads((full_dir / f"bbox_{shapes_val}_results.json").read_text())
+    assert len(entries) == sum(len(d["scores"]) for d in full.values())
+
+
+def test_eval_only_reproduces_the_metrics(shapes_val, tiny_cfg_file, grid_checkpoint, tmp_path):
+    first = _run(tiny_cfg_file, dataset=shapes_val, load_ckpt=grid_checkpoint, output_dir=str(tmp_path / "a"))
+    copy = tmp_path / "b" / "detections.pkl"
+    _, detections = load_detections(tmp_path / "a" / "detections.pkl")
+    save_detections(copy, shapes_val, detections)
+    lines = []
+    again = _run(tiny_cfg_file, lines, eval_only=str(copy))  # dataset from the pickle, no weights
+    assert again == first
+    assert (tmp_path / "b" / f"segmentations_{shapes_val}_results.json").is_file()
+    assert any("Evaluating the detections of 6 images" in line for line in lines)
+
+
+def test_default_output_dir_is_beside_the_checkpoint(shapes_val, tiny_cfg_file, grid_checkpoint):
+    _run(tiny_cfg_file, dataset=shapes_val, load_ckpt=grid_checkpoint)
+    assert (Path(grid_checkpoint).parents[1] / "test" / "detections.pkl").is_file()
+
+
+def test_eval_only_refuses_incomplete_detections(shapes_val, tiny_cfg_file, grid_checkpoint, tmp_path):
+    _run(tiny_cfg_file, dataset=shapes_val, load_ckpt=grid_checkpoint, output_dir=str(tmp_path), range=(0, 2))
+    with pytest.raises(ValueError, match="cover 2 of 6 images"):
+        _run(tiny_cfg_file, eval_only=str(tmp_path / "detections_range_0_2.pkl"))
+
+
+def test_bad_range_and_bad_pickle_are_named(shapes_val, tiny_cfg_file, grid_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="--range 4 9"):
+        _run(tiny_cfg_file, dataset=shapes_val, load_ckpt=grid_checkpoint, output_dir=str(tmp_path), range=(4, 9))
+    bad = tmp_path / "junk.pkl"
+    bad.write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="junk.pkl"):
+        load_detections(bad)
+
+
+def test_vis_draws_one_picture_per_image(shapes_val, tiny_cfg_file, grid_checkpoint, tmp_path):
+    _run(tiny_cfg_file, dataset=shapes_val, load_ckpt=grid_checkpoint, output_dir=str(tmp_path), vis=True,
+         set_cfgs=())
+    assert len(list((tmp_path / "vis").glob("*.jpg"))) == 6
+
+
+def test_multi_process_testing_merges_to_the_single_run(shapes_val, tiny_cfg_file, grid_checkpoint, tmp_path):
+    spec = get_dataset(shapes_val)
+    single = _run(tiny_cfg_file, dataset=shapes_val, load_ckpt=grid_checkpoint, output_dir=str(tmp_path / "one"))
+    lines = []
+    child = [sys.executable, str(Path(__file__).with_name("stub_test_net.py"))]
+    merged = _run(tiny_cfg_file, lines, dataset=shapes_val, load_ckpt=grid_checkpoint, num_workers=2,
+                  output_dir=str(tmp_path / "two"), set_cfgs=["TEST.SCALE", "96"], child_command=child,
+                  register=[f"{shapes_val}:{spec.image_dir}:{spec.ann_file}"])
+    assert merged == single
+    _, one = load_detections(tmp_path / "one" / "detections.pkl")
+    _, two = load_detections(tmp_path / "two" / "detections.pkl")
+    _assert_same_detections(one, two)
+    assert sum("Launched process" in line for line in lines) == 2
+    assert (tmp_path / "two" / "detections_range_0_3.pkl").is_file()
