@@ -113,7 +113,7 @@ class FPN(nn.Module):
             if lat.shape[-2:] != (2 * top.shape[-2], 2 * top.shape[-1]):
                 raise ValueError(
                     f"FPN: level {level} map {tuple(lat.shape[-2:])} is not twice level {level + 1} "
-                    f"{tuple(top.shape[-2:])}; pad the input to a multiple of FPN.COARSEST_STRIDE (32), "
+                    f"{tuple(top.shape[-2:])}; pad the input to a multiple of FPN.COARSEST_STRIDE (at least 32), "
                     f"got {tuple(images.shape[-2:])}"
                 )
             top = lat + F.interpolate(top, scale_factor=2, mode="nearest")

@@ -154,7 +154,7 @@ class ResStage(nn.Sequential):
 class ResNetStem(nn.Module):
     """conv1 7x7/2 -> norm -> ReLU -> max-pool 3x3/2 pad 1 (``basic_bn_stem`` / ``basic_gn_stem``).
 
-    ``(N, 3, H, W)`` -> ``(N, 64, ceil(ceil(H/2)/2), ...)`` for even-friendly sizes (floor rounding as Caffe2).
+    ``(N, 3, H, W)`` -> ``(N, 64, ceil(ceil(H / 2) / 2), ceil(ceil(W / 2) / 2))`` (Caffe2's floor formula).
     """
 
     def __init__(self, norm: NormSpec, dim_out: int = 64) -> None:
@@ -204,7 +204,6 @@ class ResNet(nn.Module):
         basic = depth in BASIC_BLOCK_DEPTHS
         self.stem = ResNetStem(norm)
         dim_in = self.stem.dim_out
-        self.stage_names: List[str] = []
         self.stage_dims: Dict[int, int] = {}
         self.stage_blobs: Dict[int, str] = {}
         for level, count in zip(range(2, num_stages + 1), BLOCK_COUNTS[depth]):
@@ -218,7 +217,6 @@ class ResNet(nn.Module):
                 groups=groups, stride_1x1=stride_1x1, norm=norm,
             )
             self.add_module(f"res{level}", stage)
-            self.stage_names.append(f"res{level}")
             self.stage_dims[level] = dim_out
             self.stage_blobs[level] = stage.sum_blob
             dim_in = dim_out
