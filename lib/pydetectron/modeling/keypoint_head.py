@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pydetectron.modeling.mask_head import BilinearUpsample2d, init_conv
+from pydetectron.modeling.mask_head import BilinearUpsample2d, init_conv, roi_res5_stage
 from pydetectron.modeling.registry import register
 from pydetectron.modeling.roi_features import build_roi_feature_extractor
 
@@ -127,26 +127,10 @@ def roi_pose_head_v1convX(cfg, dim_in: int, spatial_scales: Sequence[float]) -> 
 
 @register("keypoint_head", "ResNet_roi_conv5_head_for_keypoints")
 def resnet_roi_conv5_head_for_keypoints(cfg, dim_in: int, spatial_scales: Sequence[float]) -> KeypointRCNNHead:
-    """C4 design: a res5 stage of its own (blob prefix ``_[pose]_res5``, initialised from ``res5`` when a
-    file lacks it), first stride ``ROI_XFORM_RESOLUTION // 7`` unless ``KRCNN.DILATION`` > 1, then the
-    keypoint outputs. Widths as the C4 box head's res5 (2 x dim_in out, NUM_GROUPS * WIDTH_PER_GROUP * 8)."""
-    from pydetectron.modeling.backbones.resnet import make_res_stage
-
-    resolution, dilation = int(cfg.KRCNN.ROI_XFORM_RESOLUTION), int(cfg.KRCNN.DILATION)
-    if resolution < 7:
-        raise ValueError(f"KRCNN.ROI_XFORM_RESOLUTION must be >= 7 for the res5 keypoint head, got {resolution}")
-    stride = resolution // 7 if dilation == 1 else 1
-    res5 = make_res_stage(
-        cfg,
-        "_[pose]_res5",
-        num_blocks=3,
-        dim_in=dim_in,
-        dim_out=2 * dim_in,
-        dim_inner=cfg.RESNETS.NUM_GROUPS * cfg.RESNETS.WIDTH_PER_GROUP * 8,
-        dilation=dilation,
-        stride_init=resolution // 7,
-    )
-    return KeypointRCNNHead(cfg, res5, (resolution - 1) // stride + 1, spatial_scales)
+    """C4 design: a res5 stage of its own (``_[pose]_res5``, ``KRCNN.DILATION``), then the keypoint outputs."""
+    k = cfg.KRCNN
+    res5, side = roi_res5_stage(cfg, "_[pose]_res5", dim_in, int(k.ROI_XFORM_RESOLUTION), int(k.DILATION))
+    return KeypointRCNNHead(cfg, res5, side, spatial_scales)
 
 
 def keypoint_rcnn_loss(

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pydetectron.modeling.backbones.resnet import make_res_stage
 from pydetectron.modeling.layers import group_count, msra_fill_
 from pydetectron.modeling.registry import register
 from pydetectron.modeling.roi_features import build_roi_feature_extractor
@@ -221,26 +222,26 @@ def _res5_width(dim_in: int) -> int:
     return 2 * dim_in
 
 
-def _mask_res5_stage(cfg, dim_in: int) -> nn.Module:
-    """The C4 mask head's own res5 stage (3 blocks, Detectron blob prefix ``_[mask]_res5``, bottleneck
-    width NUM_GROUPS * WIDTH_PER_GROUP * 8 = 512 on ResNet-50), first stride ``ROI_XFORM_RESOLUTION // 7``
-    unless ``MRCNN.DILATION`` > 1 keeps the resolution."""
-    from pydetectron.modeling.backbones.resnet import make_res_stage
-
-    if cfg.MRCNN.ROI_XFORM_RESOLUTION < 7:
-        raise ValueError(
-            f"MRCNN.ROI_XFORM_RESOLUTION must be >= 7 for the res5 mask head, got {cfg.MRCNN.ROI_XFORM_RESOLUTION}"
-        )
-    return make_res_stage(
+def roi_res5_stage(cfg, prefix: str, dim_in: int, resolution: int, dilation: int) -> tuple[nn.Module, int]:
+    """A C4 head's own res5 stage on ``resolution`` x ``resolution`` RoI features (Detectron's
+    ``add_ResNet_roi_conv5_head_for_masks/_for_keypoints``): 3 blocks named ``<prefix>_<i>`` (``_[mask]_res5``,
+    ``_[pose]_res5``; a weights file without them initialises them from ``res5``), widths as the C4 box
+    head's res5 (2 x dim_in out, NUM_GROUPS * WIDTH_PER_GROUP * 8 inner: 2048 / 512 on ResNet-50), first
+    stride ``resolution // 7`` unless `dilation` > 1 keeps the size. Returns the stage and its output side."""
+    if resolution < 7:
+        raise ValueError(f"ROI_XFORM_RESOLUTION must be >= 7 for the res5 head {prefix}, got {resolution}")
+    stage = make_res_stage(
         cfg,
-        "_[mask]_res5",
+        prefix,
         num_blocks=3,
         dim_in=dim_in,
         dim_out=_res5_width(dim_in),
         dim_inner=cfg.RESNETS.NUM_GROUPS * cfg.RESNETS.WIDTH_PER_GROUP * 8,
-        dilation=int(cfg.MRCNN.DILATION),
-        stride_init=int(cfg.MRCNN.ROI_XFORM_RESOLUTION) // 7,
+        dilation=dilation,
+        stride_init=resolution // 7,
     )
+    stride = resolution // 7 if dilation == 1 else 1
+    return stage, (resolution - 1) // stride + 1
 
 
 @register("mask_head", "mask_rcnn_fcn_head_v1up4convs")
@@ -264,7 +265,8 @@ def mask_rcnn_fcn_head_v1up(cfg, dim_in: int, spatial_scales: list[float]) -> Ma
 @register("mask_head", "mask_rcnn_fcn_head_v0up")
 def mask_rcnn_fcn_head_v0up(cfg, dim_in: int, spatial_scales: list[float]) -> MaskRCNNHead:
     """v0up design (C4): its own res5 stage, convT 2x2 (Gaussian init as in Detectron)."""
-    body = Res5MaskBody(cfg, _mask_res5_stage(cfg, dim_in), _res5_width(dim_in), "GaussianFill")
+    res5, _ = roi_res5_stage(cfg, "_[mask]_res5", dim_in, cfg.MRCNN.ROI_XFORM_RESOLUTION, cfg.MRCNN.DILATION)
+    body = Res5MaskBody(cfg, res5, _res5_width(dim_in), "GaussianFill")
     return MaskRCNNHead(cfg, body, spatial_scales)
 
 
