@@ -15,10 +15,10 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from pydetectron import ops
 from pydetectron.boxes import clip_boxes, decode_boxes
+from pydetectron.ops.nms import nms, soft_nms
 
-SOFT_NMS_METHODS = {"hard": 0, "linear": 1, "gaussian": 2}
+SOFT_NMS_METHODS = ("linear", "gaussian", "hard")
 # Detectron drops soft-NMS'd boxes whose score falls below this (core/test.py).
 SOFT_NMS_SCORE_THRESH = 0.0001
 
@@ -42,7 +42,7 @@ class BoxInference:
     def __post_init__(self) -> None:
         if self.soft_nms and self.soft_nms_method not in SOFT_NMS_METHODS:
             raise ValueError(
-                f"TEST.SOFT_NMS.METHOD {self.soft_nms_method!r} is not one of {sorted(SOFT_NMS_METHODS)}"
+                f"TEST.SOFT_NMS.METHOD {self.soft_nms_method!r} is not one of {SOFT_NMS_METHODS}"
             )
 
     @classmethod
@@ -93,12 +93,12 @@ def predict_boxes(
 def _suppress(boxes: torch.Tensor, scores: torch.Tensor, params: BoxInference):
     """One class's NMS or soft-NMS: kept (boxes, scores), best first."""
     if params.soft_nms:
-        keep, new_scores = ops.soft_nms(
-            boxes, scores, params.soft_nms_sigma, params.nms, SOFT_NMS_SCORE_THRESH,
-            SOFT_NMS_METHODS[params.soft_nms_method],
+        keep, new_scores = soft_nms(
+            boxes, scores, params.soft_nms_sigma, params.nms, SOFT_NMS_SCORE_THRESH, params.soft_nms_method,
+            legacy_plus_one=True,
         )
         return boxes[keep], new_scores
-    keep = ops.nms(boxes, scores, params.nms)
+    keep = nms(boxes, scores, params.nms, legacy_plus_one=True)
     return boxes[keep], scores[keep]
 
 

@@ -13,8 +13,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from pydetectron import ops
 from pydetectron.modeling.fpn_levels import map_rois_to_fpn_levels
+from pydetectron.ops.roi_align import roi_align
+from pydetectron.ops.roi_pool import roi_pool
 
 XFORM_METHODS = ("RoIAlign", "RoIPoolF")
 
@@ -70,8 +71,8 @@ class RoIFeatureExtractor(nn.Module):
     def _pool(self, feature: torch.Tensor, rois: torch.Tensor, spatial_scale: float) -> torch.Tensor:
         size = (self.resolution, self.resolution)
         if self.method == "RoIAlign":
-            return ops.roi_align(feature, rois, size, spatial_scale, self.sampling_ratio, self.aligned)
-        return ops.roi_pool(feature, rois, size, spatial_scale)
+            return roi_align(feature, rois, size, spatial_scale, self.sampling_ratio, self.aligned)
+        return roi_pool(feature, rois, size, spatial_scale)
 
     def forward(self, features: Sequence[torch.Tensor], rois: torch.Tensor) -> torch.Tensor:
         """features: maps ``(N, C, H_l, W_l)``, finest first; rois: ``(K, 5)`` = [batch, x1, y1, x2, y2] in
