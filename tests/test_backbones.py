@@ -279,6 +279,8 @@ def test_basic_blocks_for_r18_only():
     assert not hasattr(body.res3[0], "branch2c")
     with pytest.raises(ValueError, match="basic_transformation"):
         registry.build("body", "ResNet50_conv5_body", _cfg(**{"RESNETS.TRANS_FUNC": "basic_transformation"}))
+    with pytest.raises(ValueError, match="unknown RESNETS.TRANS_FUNC 'bottleneck'"):
+        registry.build("body", "ResNet18_conv5_body", _cfg(**{"RESNETS.TRANS_FUNC": "bottleneck"}))
 
 
 def test_make_res_stage_for_c4_head():

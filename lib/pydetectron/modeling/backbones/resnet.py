@@ -285,8 +285,18 @@ def norm_spec_from_cfg(cfg, kind: str | None = None) -> NormSpec:
     return NormSpec(kind, gn_dim_per_gp=g.DIM_PER_GP, gn_num_groups=g.NUM_GROUPS, gn_eps=g.EPSILON)
 
 
+_TRANS_FUNCS = {
+    "bottleneck_transformation": "bottleneck",
+    "bottleneck_gn_transformation": "bottleneck",
+    "basic_transformation": "basic",
+}
+
+
 def _block_kind_from_cfg(cfg) -> str:
-    return "basic" if cfg.RESNETS.TRANS_FUNC == "basic_transformation" else "bottleneck"
+    name = cfg.RESNETS.TRANS_FUNC
+    if name not in _TRANS_FUNCS:
+        raise ValueError(f"unknown RESNETS.TRANS_FUNC {name!r}; valid: {', '.join(_TRANS_FUNCS)}")
+    return _TRANS_FUNCS[name]
 
 
 def make_res_stage(
@@ -314,7 +324,7 @@ def make_res_stage(
 
 def resnet_from_cfg(cfg, depth: int, num_stages: int) -> ResNet:
     """A ``ResNet<depth>_conv<num_stages>_body`` with the RESNETS.*, GROUP_NORM.* and TRAIN.FREEZE_AT options."""
-    if depth not in BASIC_BLOCK_DEPTHS and _block_kind_from_cfg(cfg) == "basic":
+    if _block_kind_from_cfg(cfg) == "basic" and depth not in BASIC_BLOCK_DEPTHS:
         raise ValueError(
             f"RESNETS.TRANS_FUNC='basic_transformation' is for ResNet-18/34 bodies, not ResNet-{depth}"
         )
