@@ -133,7 +133,8 @@ def load_weights(model: torch.nn.Module, cfg, options: TrainOptions, print_fn: P
     message (fine-tuning on another dataset).
     """
     if options.load_detectron:
-        report = load_detectron_weights(model, options.load_detectron, num_classes=cfg.MODEL.NUM_CLASSES)
+        report = load_detectron_weights(model, options.load_detectron, num_classes=cfg.MODEL.NUM_CLASSES,
+                                        input_order=cfg.MODEL.INPUT_COLOR_ORDER)
         print_fn(f"Loaded Detectron weights {options.load_detectron}: {report.summary()}")
         for line in report.skipped:
             print_fn(f"  skipped: {line}")
@@ -154,14 +155,15 @@ def load_weights(model: torch.nn.Module, cfg, options: TrainOptions, print_fn: P
         return None
     if cfg.TRAIN.WEIGHTS:  # Detectron's way of naming the initial weights
         report = load_detectron_weights(model, _existing(cfg.TRAIN.WEIGHTS, "TRAIN.WEIGHTS"),
-                                        num_classes=cfg.MODEL.NUM_CLASSES)
+                                        num_classes=cfg.MODEL.NUM_CLASSES, input_order=cfg.MODEL.INPUT_COLOR_ORDER)
         print_fn(f"Loaded TRAIN.WEIGHTS {cfg.TRAIN.WEIGHTS}: {report.summary()}")
     elif cfg.MODEL.LOAD_IMAGENET_PRETRAINED_WEIGHTS:
         pretrained = cfg.RESNETS.IMAGENET_PRETRAINED_WEIGHTS
         if not pretrained:
             raise ValueError("MODEL.LOAD_IMAGENET_PRETRAINED_WEIGHTS is True but RESNETS.IMAGENET_PRETRAINED_WEIGHTS "
                              "is empty: name the weights file, or set the first key False to train from scratch")
-        report = load_detectron_weights(model, _existing(pretrained, "RESNETS.IMAGENET_PRETRAINED_WEIGHTS"))
+        report = load_detectron_weights(model, _existing(pretrained, "RESNETS.IMAGENET_PRETRAINED_WEIGHTS"),
+                                        input_order=cfg.MODEL.INPUT_COLOR_ORDER)
         print_fn(f"Loaded ImageNet weights {pretrained}: {report.summary()}")
     return None
 
