@@ -8,7 +8,7 @@ import torchvision
 from pydetectron import ops
 from pydetectron.config import get_cfg
 from pydetectron.modeling import registry
-from pydetectron.modeling.keypoint_head import heatmaps_to_keypoints, keypoint_rcnn_loss
+from pydetectron.modeling.keypoint_head import heatmaps_to_keypoints, keypoint_rcnn_loss, nms_oks
 
 registry.import_builtin_modules()
 
@@ -129,3 +129,22 @@ def test_decoded_probability_is_the_spatial_softmax_at_the_peak():
     assert out[0, :, 0].numpy() == pytest.approx(7.0 + (pos % 6) + 0.5)
     assert out[0, :, 1].numpy() == pytest.approx(9.0 + (pos // 6) + 0.5)
     assert np.isfinite(out.numpy()).all()
+
+
+def test_nms_oks_suppresses_overlapping_poses_by_mean_logit():
+    sigmas = [0.05, 0.05, 0.05]
+    base = torch.tensor([[10.0, 10.0], [30.0, 12.0], [20.0, 30.0]])
+    kps = torch.zeros(4, 3, 3)
+    kps[0, :, :2] = base
+    kps[1, :, :2] = base + 0.5  # nearly the same pose as 0
+    kps[2, :, :2] = base + 40.0  # far away
+    kps[3, :, :2] = base + torch.tensor([6.0, 0.0])  # shifted by 6 px
+    kps[:, :, 2] = torch.tensor([1.0, 2.0, 0.5, 0.1])[:, None]  # mean logits: 1 is best
+    boxes = torch.tensor([[5.0, 5.0, 34.0, 34.0]]).repeat(4, 1)
+    # float64 reference OKS of 3 against 1: d^2 = 5.5^2 + 0.5^2, area 30 * 30, var (2 * 0.05)^2.
+    oks_31 = np.exp(-(5.5**2 + 0.5**2) / 0.01 / 900 / 2)
+    assert 0.1 < oks_31 < 0.3
+    assert nms_oks(kps, boxes, 0.3, sigmas).tolist() == [1, 2, 3]  # 0 suppressed by 1; 3 kept (OKS < 0.3)
+    assert nms_oks(kps, boxes, oks_31 - 1e-3, sigmas).tolist() == [1, 2]
+    with pytest.raises(ValueError, match="K sigmas"):
+        nms_oks(kps, boxes, 0.3, [0.05])

@@ -12,6 +12,7 @@ dim_in, spatial_scales)``, `dim_in` / `spatial_scales` those of the maps it pool
 - Inference: pool the final detections (scaled to the input), then :func:`heatmaps_to_keypoints` with the
   same detections in original-image coordinates gives ``(D, K, 4)`` = (x, y, logit, prob); the detector's
   ``keypoints`` output ``(D, K, 3)`` is ``[..., :3]`` (score = heatmap logit, as Detectron's results).
+  With ``KRCNN.NMS_OKS``, Detectron then keeps only :func:`nms_oks` ``(keypoints, boxes, 0.3, sigmas)``.
 """
 
 from __future__ import annotations
@@ -193,3 +194,32 @@ def heatmaps_to_keypoints(heatmaps: torch.Tensor, boxes: torch.Tensor, min_size:
         out[i, :, 2] = logits
         out[i, :, 3] = probs
     return torch.from_numpy(out)
+
+
+def nms_oks(keypoints: torch.Tensor, boxes: torch.Tensor, thresh: float, sigmas: Sequence[float]) -> torch.Tensor:
+    """Detectron's ``nms_oks`` (``KRCNN.NMS_OKS``, threshold 0.3 there): greedy suppression of detections
+    whose keypoints have OKS > `thresh` with a better one; better = higher mean keypoint logit.
+
+    keypoints ``(D, K, >=3)`` = (x, y, logit, ...) from :func:`heatmaps_to_keypoints`; boxes ``(D, 4)``
+    inclusive, same coordinates; sigmas: K per-keypoint OKS sigmas (COCO person: 0.026 ... 0.089).
+    OKS of j against the kept i uses i's box area (w + 1)(h + 1) as the scale. Returns kept indices
+    ``(D',)`` int64, best first.
+    """
+    if keypoints.dim() != 3 or boxes.shape != (keypoints.shape[0], 4) or len(sigmas) != keypoints.shape[1]:
+        raise ValueError(
+            f"nms_oks needs keypoints (D, K, 3+), boxes (D, 4) and K sigmas; got {tuple(keypoints.shape)}, "
+            f"{tuple(boxes.shape)}, {len(sigmas)} sigmas"
+        )
+    kps = keypoints.detach().double().cpu()
+    rois = boxes.detach().double().cpu()
+    variances = (2 * torch.as_tensor(sigmas, dtype=torch.float64)) ** 2
+    areas = (rois[:, 2] - rois[:, 0] + 1) * (rois[:, 3] - rois[:, 1] + 1)
+    order = torch.argsort(kps[:, :, 2].mean(dim=1), descending=True, stable=True)
+    keep = []
+    while order.numel() > 0:
+        i, rest = order[0], order[1:]
+        keep.append(int(i))
+        d2 = ((kps[rest, :, :2] - kps[i, :, :2]) ** 2).sum(dim=2)
+        oks = torch.exp(-d2 / variances / (areas[i] + np.spacing(1)) / 2).mean(dim=1)
+        order = rest[oks <= thresh]
+    return torch.tensor(keep, dtype=torch.int64)
