@@ -1,0 +1,100 @@
+"""tools/infer_simple.py: one picture per image, drawn where the detection is, bad files skipped, flags."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from tools_stubs import FixedDetector
+
+import pydetectron.engine.inference_model as inference_model
+from pydetectron.engine.checkpoint import atomic_save
+
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "infer_simple.py"
+FLAGS = ["--cfg", "--load_ckpt", "--load_detectron", "--dataset", "--image_dir", "--images", "--output_dir",
+         "--thresh", "--kp_thresh", "--output_ext", "--set"]
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("infer_simple", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tool = _load_tool()
+
+
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        tool.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert [flag for flag in FLAGS if flag not in out] == []
+
+
+def test_coco_names_by_default_and_keypoint_skeleton():
+    names, skeleton = tool.class_names_and_skeleton("coco")
+    assert len(names) == 81 and names[:3] == ["__background__", "person", "bicycle"] and names[-1] == "toothbrush"
+    assert len(set(names)) == 81 and skeleton == []
+    names, skeleton = tool.class_names_and_skeleton("keypoints_coco")
+    assert names == ["__background__", "person"] and len(skeleton) == 19
+    assert {k for pair in skeleton for k in pair} == set(range(1, 18))  # all 17 COCO keypoints, 1-based
+
+
+def test_dataset_names_and_skeleton_from_the_catalog(shapes_val):
+    names, skeleton = tool.class_names_and_skeleton(shapes_val)
+    assert names == ["__background__", "circle", "square", "triangle"] and skeleton == []
+
+
+@pytest.fixture
+def fixed_checkpoint(tmp_path, monkeypatch) -> str:
+    monkeypatch.setattr(inference_model, "build_detector", lambda cfg: FixedDetector(num_classes=cfg.MODEL.NUM_CLASSES))
+    path = tmp_path / "model.pth"
+    atomic_save({"model": FixedDetector().state_dict()}, path)
+    return str(path)
+
+
+def test_one_picture_per_image_drawn_at_the_detection(tmp_path, tiny_cfg_file, fixed_checkpoint, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    picture = rng.integers(60, 120, size=(80, 100, 3), dtype=np.uint8)
+    cv2.imwrite(str(images / "a.png"), picture)
+    cv2.imwrite(str(images / "b.png"), picture[:, ::-1])
+    (images / "notes.txt").write_text("not an image")
+    (images / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    out = tmp_path / "out"
+    tool.main(["--cfg", tiny_cfg_file, "--load_ckpt", fixed_checkpoint, "--image_dir", str(images),
+               "--output_dir", str(out), "--output_ext", "png"])
+    printed = capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["a.png.png", "b.png.png"]
+    assert "Skipping" in printed and "notes.txt" in printed and "broken.jpg: cannot be read" in printed
+    assert "a.png: " in printed and " s, 1 detections" in printed
+    drawn = cv2.imread(str(out / "a.png.png"))
+    changed = np.any(drawn != picture, axis=2)
+    x1, y1, x2, y2 = FixedDetector().box
+    assert changed[y1 + 5: y2 - 5, x1 + 5: x2 - 5].mean() > 0.9  # the translucent mask
+    assert changed[y1: y2 + 1, x2].mean() > 0.5  # the box outline
+    assert changed[:y1, x1:].any()  # the label above the box
+    assert not changed[y2 + 5:, :].any() and not changed[:, : x1 - 5].any()  # nothing below or left of it
+
+
+def test_high_threshold_draws_nothing_and_pdf_output(tmp_path, tiny_cfg_file, fixed_checkpoint):
+    image = tmp_path / "c.png"
+    picture = np.full((80, 100, 3), 90, np.uint8)
+    cv2.imwrite(str(image), picture)
+    tool.main(["--cfg", tiny_cfg_file, "--load_ckpt", fixed_checkpoint, "--images", str(image), "--output_dir",
+               str(tmp_path / "o"), "--thresh", "0.99", "--output_ext", "png"])
+    np.testing.assert_array_equal(cv2.imread(str(tmp_path / "o" / "c.png.png")), picture)
+    tool.main(["--cfg", tiny_cfg_file, "--load_ckpt", fixed_checkpoint, "--images", str(image), "--output_dir",
+               str(tmp_path / "p"), "--output_ext", "pdf"])
+    assert (tmp_path / "p" / "c.png.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_class_count_mismatch_is_refused(tmp_path, tiny_cfg_file, fixed_checkpoint):
+    with pytest.raises(SystemExit, match="MODEL.NUM_CLASSES is 4 but --dataset 'coco' names 81"):
+        tool.main(["--cfg", tiny_cfg_file, "--load_ckpt", fixed_checkpoint, "--images", "x.png",
+                   "--set", "MODEL.NUM_CLASSES", "4"])
