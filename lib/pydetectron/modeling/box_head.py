@@ -182,11 +182,6 @@ def fast_rcnn_losses(
     }
 
 
-def classification_accuracy(cls_score: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Fraction of RoIs whose arg-max class is the label (Detectron's ``accuracy_cls``), no gradient."""
-    return (cls_score.detach().argmax(dim=1) == labels).float().mean()
-
-
 def build_box_outputs(cfg, dim_in: int) -> FastRCNNOutputs:
     return FastRCNNOutputs(dim_in, cfg.MODEL.NUM_CLASSES, cfg.MODEL.CLS_AGNOSTIC_BBOX_REG)
 
