@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from pydetectron.config import get_cfg, merge_cfg_from_list
-from pydetectron.data.minibatch import BlobSettings
+from pydetectron.data.minibatch import BlobSettings, prepare_test_image, scaled_size
 from pydetectron.evaluation.bbox_aug import (
     AugmentedDetection,
     BoxAugmentation,
@@ -169,3 +169,29 @@ def test_flip_scale_and_aspect_passes_map_boxes_back_to_the_original():
     assert model.calls == len(passes) + 1
     assert result["classes"].tolist() == [1]  # the 8 near-identical boxes are one detection after NMS
     assert torch.allclose(result["boxes"][0], torch.tensor([10.0, 0, 19, 39]), atol=1.5)
+
+
+def test_identity_only_matches_the_detectors_own_inference(tiny_cfg_file):
+    """With no transformation and no voting the augmented path must give the detector's answer exactly
+    (boxes, scores, classes and pasted masks), on a real (randomly initialised) Mask R-CNN."""
+    from pydetectron.config import assert_and_infer_cfg, merge_cfg_from_file
+    from pydetectron.data.shapes import render_image
+    from pydetectron.modeling.detector import build_detector
+
+    cfg = get_cfg()
+    merge_cfg_from_file(cfg, tiny_cfg_file)
+    merge_cfg_from_list(cfg, ["MODEL.NUM_CLASSES", 4, "TEST.DETECTIONS_PER_IM", 30])
+    assert_and_infer_cfg(cfg)
+    torch.manual_seed(0)
+    model = build_detector(cfg).eval()
+    image, _ = render_image(0, "val", 1)
+    settings = BlobSettings.from_cfg(cfg, train=False)
+    blob, im_scale = prepare_test_image(image, settings)
+    im_info = torch.tensor([[*scaled_size(image.shape[0], image.shape[1], im_scale), im_scale]])
+    with torch.no_grad():  # the true original size, which im_info alone cannot always recover
+        expected = model(blob, im_info, [{"height": image.shape[0], "width": image.shape[1]}])[0]
+    got = AugmentedDetection(BoxAugmentation(), BoxVoting(), BoxInference.from_cfg(cfg))(
+        model, image, settings, torch.device("cpu"))
+    assert expected["boxes"].shape[0] > 0 and set(got) == set(expected)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
