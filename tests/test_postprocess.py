@@ -2,7 +2,6 @@
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -44,31 +43,6 @@ def ref_soft_nms(dets, sigma, thresh, score_thresh, method):
     return out
 
 
-def ref_box_voting(top, all_dets, thresh, method, beta):
-    """Detectron's utils/boxes.py box_voting, one kept detection at a time."""
-    out = []
-    for t in top:
-        voters = [d for d in all_dets if iou(t, d) >= thresh]
-        ws = np.array([d[4] for d in voters])
-        box = list(np.average(np.array([d[:4] for d in voters]), axis=0, weights=ws))
-        if method == "ID":
-            score = t[4]
-        elif method == "TEMP_AVG":
-            p = np.vstack((ws, 1.0 - ws))
-            x_exp = np.exp(np.log(p / p.max(axis=0)) / beta)
-            score = (x_exp / x_exp.sum(axis=0))[0].mean()
-        elif method == "AVG":
-            score = ws.mean()
-        elif method == "IOU_AVG":
-            score = np.average(ws, weights=[iou(t, d) for d in voters])
-        elif method == "GENERALIZED_AVG":
-            score = np.mean(ws**beta) ** (1.0 / beta)
-        else:
-            score = ws.sum() / float(len(ws)) ** beta
-        out.append(box + [score])
-    return out
-
-
 def ref_results(scores, boxes, params, soft=None):
     """Detectron's box_results_with_nms_and_limit on lists."""
     per_class = {}
@@ -76,9 +50,6 @@ def ref_results(scores, boxes, params, soft=None):
         dets = [boxes[i][4 * j : 4 * j + 4] + [scores[i][j]] for i in range(len(scores))
                 if scores[i][j] > params.score_thresh]
         per_class[j] = ref_soft_nms(dets, *soft) if soft else ref_nms(dets, params.nms)
-        if params.bbox_vote:
-            per_class[j] = ref_box_voting(per_class[j], dets, params.vote_thresh, params.vote_scoring,
-                                          params.vote_beta)
     all_scores = sorted((d[4] for ds in per_class.values() for d in ds), reverse=True)
     if len(all_scores) > params.detections_per_im:
         cut = all_scores[params.detections_per_im - 1]
@@ -216,21 +187,8 @@ def test_image_without_rois_gives_no_detections():
     assert out[1]["classes"].tolist() == [1, 2]
 
 
-@pytest.mark.parametrize("scoring", ["ID", "TEMP_AVG", "AVG", "IOU_AVG", "GENERALIZED_AVG", "QUASI_SUM"])
-def test_box_voting_matches_reference(scoring):
-    scores, boxes = random_case(50, 3, 11)
-    params = BoxInference(num_classes=3, nms=0.3, bbox_vote=True, vote_thresh=0.5, vote_scoring=scoring,
-                          vote_beta=2.0)
-    check_against_reference(scores.double(), boxes.double(), params)
-    voted = box_results_with_nms_and_limit(scores, boxes, params)[0]
-    plain = box_results_with_nms_and_limit(scores, boxes, BoxInference(num_classes=3, nms=0.3))[0]
-    assert voted.shape == plain.shape and not torch.allclose(voted, plain)  # voting really moved boxes
-
-
 def test_bad_settings_are_reported():
     with pytest.raises(ValueError, match="SOFT_NMS.METHOD"):
         BoxInference(num_classes=3, soft_nms=True, soft_nms_method="cubic")
-    with pytest.raises(ValueError, match="BBOX_VOTE.SCORING_METHOD"):
-        BoxInference(num_classes=3, bbox_vote=True, vote_scoring="MEDIAN")
     with pytest.raises(ValueError, match="tile"):
         box_results_with_nms_and_limit(torch.rand(4, 3), torch.rand(4, 8), BoxInference(num_classes=3))

@@ -3,7 +3,8 @@
 Detectron's ``core/test.py``: ``im_detect_bbox`` (softmax, RoIs / im_scale, decode with
 ``MODEL.BBOX_REG_WEIGHTS`` and ``BBOX_XFORM_CLIP``, clip to the original image) followed by
 ``box_results_with_nms_and_limit`` (per class: score > ``TEST.SCORE_THRESH``, NMS at ``TEST.NMS`` or
-soft-NMS, optional box voting, then ``TEST.DETECTIONS_PER_IM`` over all classes, ties at the cut kept). Boxes are
+soft-NMS, then ``TEST.DETECTIONS_PER_IM`` over all classes, ties at the cut kept). Box voting
+(``TEST.BBOX_VOTE``) and test-time augmentation live in ``evaluation/bbox_aug.py``. Boxes are
 inclusive-pixel ``[x1, y1, x2, y2]``.
 """
 
@@ -15,11 +16,10 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from pydetectron.boxes import box_iou, clip_boxes, decode_boxes
+from pydetectron.boxes import clip_boxes, decode_boxes
 from pydetectron.ops.nms import nms, soft_nms
 
 SOFT_NMS_METHODS = ("linear", "gaussian", "hard")
-VOTE_SCORINGS = ("ID", "TEMP_AVG", "AVG", "IOU_AVG", "GENERALIZED_AVG", "QUASI_SUM")
 # Detectron drops soft-NMS'd boxes whose score falls below this (core/test.py).
 SOFT_NMS_SCORE_THRESH = 0.0001
 
@@ -39,19 +39,11 @@ class BoxInference:
     soft_nms: bool = False
     soft_nms_method: str = "linear"
     soft_nms_sigma: float = 0.5
-    bbox_vote: bool = False
-    vote_thresh: float = 0.8
-    vote_scoring: str = "ID"
-    vote_beta: float = 1.0
 
     def __post_init__(self) -> None:
         if self.soft_nms and self.soft_nms_method not in SOFT_NMS_METHODS:
             raise ValueError(
                 f"TEST.SOFT_NMS.METHOD {self.soft_nms_method!r} is not one of {SOFT_NMS_METHODS}"
-            )
-        if self.bbox_vote and self.vote_scoring not in VOTE_SCORINGS:
-            raise ValueError(
-                f"TEST.BBOX_VOTE.SCORING_METHOD {self.vote_scoring!r} is not one of {VOTE_SCORINGS}"
             )
 
     @classmethod
@@ -68,10 +60,6 @@ class BoxInference:
             soft_nms=bool(cfg.TEST.SOFT_NMS.ENABLED),
             soft_nms_method=str(cfg.TEST.SOFT_NMS.METHOD),
             soft_nms_sigma=float(cfg.TEST.SOFT_NMS.SIGMA),
-            bbox_vote=bool(cfg.TEST.BBOX_VOTE.ENABLED),
-            vote_thresh=float(cfg.TEST.BBOX_VOTE.VOTE_TH),
-            vote_scoring=str(cfg.TEST.BBOX_VOTE.SCORING_METHOD),
-            vote_beta=float(cfg.TEST.BBOX_VOTE.SCORING_METHOD_BETA),
         )
 
 
@@ -115,42 +103,6 @@ def _suppress(boxes: torch.Tensor, scores: torch.Tensor, params: BoxInference):
     return boxes[keep], scores[keep]
 
 
-def box_voting(
-    top_boxes: torch.Tensor,
-    top_scores: torch.Tensor,
-    all_boxes: torch.Tensor,
-    all_scores: torch.Tensor,
-    params: BoxInference,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Detectron's ``box_voting`` (TEST.BBOX_VOTE): each kept box ``(T, 4)`` becomes the score-weighted mean
-    of the pre-NMS boxes ``(A, 4)`` overlapping it by >= ``vote_thresh``; its score is re-estimated from
-    theirs by ``vote_scoring`` ('ID' keeps it)."""
-    iou = box_iou(top_boxes, all_boxes)
-    voters = (iou >= params.vote_thresh).to(all_scores.dtype)
-    weights = voters * all_scores[None, :]
-    boxes = weights @ all_boxes / weights.sum(dim=1, keepdim=True)
-    count = voters.sum(dim=1)
-    beta, method = params.vote_beta, params.vote_scoring
-    if method == "ID":
-        scores = top_scores
-    elif method == "AVG":
-        scores = weights.sum(dim=1) / count
-    elif method == "TEMP_AVG":
-        # probabilities (p, 1 - p) sharpened by temperature beta, then the first one averaged
-        probs = torch.stack([all_scores, 1.0 - all_scores])
-        logs = torch.log(probs / probs.max(dim=0).values) / beta
-        tempered = torch.exp(logs)[0] / torch.exp(logs).sum(dim=0)
-        scores = (voters * tempered[None, :]).sum(dim=1) / count
-    elif method == "IOU_AVG":
-        iou_w = voters * iou
-        scores = (iou_w * all_scores[None, :]).sum(dim=1) / iou_w.sum(dim=1)
-    elif method == "GENERALIZED_AVG":
-        scores = ((voters * all_scores[None, :] ** beta).sum(dim=1) / count) ** (1.0 / beta)
-    else:  # QUASI_SUM
-        scores = weights.sum(dim=1) / count**beta
-    return boxes, scores.to(top_scores.dtype)
-
-
 def box_results_with_nms_and_limit(
     scores: torch.Tensor, boxes: torch.Tensor, params: BoxInference
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -165,10 +117,7 @@ def box_results_with_nms_and_limit(
     kept_boxes, kept_scores, kept_classes = [], [], []
     for j in range(1, num_classes):
         inds = torch.nonzero(scores[:, j] > params.score_thresh).squeeze(1)
-        all_boxes_j, all_scores_j = boxes[inds, 4 * j : 4 * j + 4], scores[inds, j]
-        boxes_j, scores_j = _suppress(all_boxes_j, all_scores_j, params)
-        if params.bbox_vote:
-            boxes_j, scores_j = box_voting(boxes_j, scores_j, all_boxes_j, all_scores_j, params)
+        boxes_j, scores_j = _suppress(boxes[inds, 4 * j : 4 * j + 4], scores[inds, j], params)
         kept_boxes.append(boxes_j)
         kept_scores.append(scores_j)
         kept_classes.append(torch.full((scores_j.numel(),), j, dtype=torch.int64, device=scores.device))
