@@ -55,8 +55,11 @@ class GeneralizedRCNN(nn.Module):
     """``forward(data, im_info, roidb=None)``: losses in ``train()`` mode, detections in ``eval()`` mode.
 
     data ``(N, 3, H, W)``, im_info ``(N, 3)`` = (scaled height, scaled width, im_scale), roidb a list of
-    N entries in network-input coordinates (required in training; in inference optional, used for
-    ``proposals`` and for the original ``height`` / ``width`` the detections are clipped to).
+    N entries in network-input coordinates (required in training). In inference the roidb is optional and
+    read only for ``proposals`` and the original ``height`` / ``width`` that boxes are clipped to and masks
+    pasted into; pass at least ``[{'height': h, 'width': w}, ...]``: without it the size is recovered as
+    round(scaled size / im_scale), which can be a pixel off when im_scale < 1.
+    Masks come back on the CPU (full-image uint8), everything else on the input's device.
     ``generator`` (a ``torch.Generator``, default None = global RNG) seeds the RoI sampling.
     """
 
