@@ -76,6 +76,7 @@ def test_loader_batches_and_resume(tiny_shapes):
         for row, e in zip(info, batch["roidb"]):
             assert min(row[0], row[1]) in (96, 128) or max(row[0], row[1]) == 200
             assert e["boxes"][:, 2].max() <= row[1] and e["boxes"][:, 3].max() <= row[0]
+            assert e["boxes"].dtype == torch.float32 and e["gt_classes"].dtype == torch.int64
     resumed = _take(build_train_loader(roidb, settings, batch_size=2, num_workers=0, seed=4, start_iter=3), 3)
     for a, b in zip(full[3:], resumed):
         torch.testing.assert_close(a["data"], b["data"])

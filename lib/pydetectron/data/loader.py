@@ -11,10 +11,11 @@ import logging
 from functools import partial
 from typing import Iterator, List, Sequence, Tuple
 
+import cv2
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pydetectron.data.minibatch import BlobSettings, Sample, collate_samples, prepare_sample
+from pydetectron.data.minibatch import BlobSettings, Sample, collate_samples, prepare_sample, roidb_to_tensors
 from pydetectron.data.samplers import InfiniteGroupedBatchSampler, aspect_groups
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,19 @@ def collate_minibatch(samples: Sequence[Sample | None], stride: int) -> dict:
     return collate_samples(kept, stride)
 
 
+class TrainLoader:
+    """An endless iterable of minibatch dicts (ARCHITECTURE.md): a DataLoader whose workers send numpy
+    targets (sending many small tensors between processes costs more than building the images), made
+    tensors here in the consuming process."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in self.loader:
+            yield roidb_to_tensors(batch)
+
+
 def build_train_loader(
     roidb: Sequence[dict],
     settings: BlobSettings,
@@ -73,22 +87,27 @@ def build_train_loader(
     seed: int = 0,
     start_iter: int = 0,
     skip_unreadable: bool = False,
-) -> DataLoader:
-    """An endless DataLoader of minibatch dicts (see ARCHITECTURE.md), resumable at ``start_iter``."""
+) -> TrainLoader:
+    """An endless loader of minibatch dicts, resumable at ``start_iter``."""
     sampler = InfiniteGroupedBatchSampler(
         aspect_groups(roidb) if aspect_grouping else None, len(roidb), batch_size, seed, start_iter
     )
-    return DataLoader(
+    if num_workers > 0:
+        # The workers are the parallelism: cv2's own thread pool in each would oversubscribe the cores. It must
+        # be switched off here, before the workers fork; calling cv2.setNumThreads inside a forked worker whose
+        # parent already used cv2's pool deadlocks. This is process-wide (the trainer does little cv2 work).
+        cv2.setNumThreads(0)
+    return TrainLoader(DataLoader(
         RoidbDataset(roidb, settings, skip_unreadable),
         batch_sampler=SeededBatches(sampler),
         num_workers=num_workers,
         collate_fn=partial(collate_minibatch, stride=settings.stride),
         persistent_workers=num_workers > 0,
-    )
+    ))
 
 
 def build_train_loader_from_cfg(cfg, roidb: Sequence[dict], start_iter: int = 0,
-                                skip_unreadable: bool = False) -> DataLoader:
+                                skip_unreadable: bool = False) -> TrainLoader:
     """``build_train_loader`` with TRAIN.IMS_PER_BATCH, TRAIN.ASPECT_GROUPING, DATA_LOADER.NUM_THREADS and
     RNG_SEED. The batch is per process: a DataParallel over n devices wants IMS_PER_BATCH * n images."""
     return build_train_loader(

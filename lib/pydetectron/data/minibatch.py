@@ -111,29 +111,34 @@ def collate_samples(samples: Sequence[Sample], stride: int) -> dict:
     """Samples -> {'data': Tensor[N, 3, H, W], 'im_info': Tensor[N, 3], 'roidb': list of N dicts}.
 
     ``data`` is zero-padded to the largest image rounded up to ``stride``; ``im_info`` rows are the unpadded
-    (height, width, im_scale) of each image.
+    (height, width, im_scale) of each image. The roidb arrays stay numpy here (cheap to send from a worker
+    process); ``roidb_to_tensors`` makes them tensors.
     """
     if not samples:
         raise ValueError("cannot build a minibatch from zero images")
     blob = im_list_to_blob([s.image for s in samples], stride)
     im_info = np.array([[s.image.shape[0], s.image.shape[1], s.im_scale] for s in samples], dtype=np.float32)
-    roidb = [_entry_to_tensors(s.entry) for s in samples]
-    return {"data": torch.from_numpy(blob), "im_info": torch.from_numpy(im_info), "roidb": roidb}
+    return {"data": torch.from_numpy(blob), "im_info": torch.from_numpy(im_info),
+            "roidb": [s.entry for s in samples]}
 
 
-def _entry_to_tensors(entry: dict) -> dict:
-    out = dict(entry)
-    out["boxes"] = torch.from_numpy(np.ascontiguousarray(entry["boxes"], dtype=np.float32))
-    out["gt_classes"] = torch.from_numpy(np.ascontiguousarray(entry["gt_classes"], dtype=np.int64))
-    out["is_crowd"] = torch.from_numpy(np.ascontiguousarray(entry["is_crowd"], dtype=bool))
-    if entry["gt_keypoints"] is not None:
-        out["gt_keypoints"] = torch.from_numpy(np.ascontiguousarray(entry["gt_keypoints"], dtype=np.float32))
-    return out
+def roidb_to_tensors(batch: dict) -> dict:
+    """The minibatch with each roidb entry's boxes / gt_classes / is_crowd / gt_keypoints as tensors."""
+    roidb = []
+    for entry in batch["roidb"]:
+        out = dict(entry)
+        out["boxes"] = torch.as_tensor(entry["boxes"], dtype=torch.float32)
+        out["gt_classes"] = torch.as_tensor(entry["gt_classes"], dtype=torch.int64)
+        out["is_crowd"] = torch.as_tensor(entry["is_crowd"], dtype=torch.bool)
+        if entry["gt_keypoints"] is not None:
+            out["gt_keypoints"] = torch.as_tensor(entry["gt_keypoints"], dtype=torch.float32)
+        roidb.append(out)
+    return dict(batch, roidb=roidb)
 
 
 def get_minibatch(entries: Sequence[dict], settings: BlobSettings, rng: np.random.Generator) -> dict:
     """The minibatch dict of ``entries`` (Detectron's get_minibatch), built in this process."""
-    return collate_samples([prepare_sample(e, settings, rng) for e in entries], settings.stride)
+    return roidb_to_tensors(collate_samples([prepare_sample(e, settings, rng) for e in entries], settings.stride))
 
 
 def prepare_test_image(im: np.ndarray, settings: BlobSettings) -> Tuple[torch.Tensor, float]:
