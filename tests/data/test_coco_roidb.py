@@ -9,10 +9,11 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 
+from pydetectron.config import get_cfg
 from pydetectron.data import coco as coco_mod
 from pydetectron.data.catalog import DatasetSpec
 from pydetectron.data.coco import AnnotationError, CocoDataset
-from pydetectron.data.roidb import combined_roidb_for_training, filter_for_training
+from pydetectron.data.roidb import combined_roidb_for_training, combined_roidb_from_cfg, filter_for_training
 
 
 def _dataset(tmp_path, data, name="hand") -> CocoDataset:
@@ -84,6 +85,11 @@ def test_combined_roidb_flipped_and_filtered(tmp_path, monkeypatch, hand_coco):
     np.testing.assert_array_equal(roidb[1]["boxes"][0], [100 - 1 - 39, 20, 100 - 1 - 10, 59])
     with pytest.raises(ValueError, match="define no keypoints"):
         combined_roidb_for_training(["handset"], keypoints_on=True)
+    cfg = get_cfg()
+    cfg.TRAIN.DATASETS = ("handset", "handset")
+    cfg.TRAIN.USE_FLIPPED = False
+    from_cfg, _ = combined_roidb_from_cfg(cfg)
+    assert [(e["id"], e["flipped"]) for e in from_cfg] == [(1, False), (1, False)]
 
 
 # ---------------------------------------------------------------------------------------------- bad input

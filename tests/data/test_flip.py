@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pycocotools.mask as mask_util
 
+from pydetectron.data.coco import DatasetMeta, keypoint_flip_map
 from pydetectron.data.roidb import flip_entry
 from pydetectron.data.transforms import flip_keypoints, flip_polygons, flip_rle
 
@@ -70,3 +71,16 @@ def test_flip_primitives_against_reference():
         expected_x = np.where(src[:, 2] > 0, width - 1 - src[:, 0], 0)
         np.testing.assert_allclose(out[:, k, 0], expected_x)
         np.testing.assert_array_equal(out[:, k, 1:], src[:, 1:])
+
+
+def test_coco_person_flip_map_matches_detectron():
+    names = ["nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
+             "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee",
+             "right_knee", "left_ankle", "right_ankle"]
+    expected = {f"left_{p}": f"right_{p}" for p in
+                ("eye", "ear", "shoulder", "elbow", "wrist", "hip", "knee", "ankle")}
+    assert keypoint_flip_map(names) == expected
+    meta = DatasetMeta(["__background__", "person"], {1: 1}, {1: 1}, names, expected)
+    perm = meta.keypoint_flip_permutation()
+    assert perm[0] == 0 and [names[i] for i in perm[1:3]] == ["right_eye", "left_eye"]
+    assert sorted(perm.tolist()) == list(range(17))

@@ -11,7 +11,7 @@ from pydetectron.data.catalog import (
 from pydetectron.data.coco import AnnotationError, CocoDataset, DatasetMeta
 from pydetectron.data.loader import build_train_loader, build_train_loader_from_cfg
 from pydetectron.data.minibatch import BlobSettings, get_minibatch, prepare_test_image, split_per_device
-from pydetectron.data.roidb import combined_roidb_for_training
+from pydetectron.data.roidb import combined_roidb_for_training, combined_roidb_from_cfg
 from pydetectron.data.samplers import InfiniteGroupedBatchSampler
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "build_train_loader",
     "build_train_loader_from_cfg",
     "combined_roidb_for_training",
+    "combined_roidb_from_cfg",
     "get_dataset",
     "get_minibatch",
     "load_catalog_file",

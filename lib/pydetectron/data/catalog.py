@@ -167,7 +167,8 @@ def available_datasets() -> list[str]:
 
 
 def resolve_short_name(name: str) -> ShortName:
-    """A tools' ``--dataset`` value: a short name, or any catalog name (used for training and testing)."""
+    """A tools' ``--dataset`` value: a short name, or any catalog name (used for training and testing; its
+    ``num_classes`` is then 0: take it from the json, ``CocoDataset(name).meta.num_classes``)."""
     if name in SHORT_NAMES:
         return SHORT_NAMES[name]
     get_dataset(name)  # raises with the list of names if unknown

@@ -78,3 +78,15 @@ def combined_roidb_for_training(
     if keypoints_on and not meta.keypoint_names:
         raise ValueError(f"MODEL.KEYPOINTS_ON but datasets {tuple(dataset_names)} define no keypoints")
     return filter_for_training(roidb, keypoints_on), meta
+
+
+def combined_roidb_from_cfg(cfg, cache_dir: str | None = None) -> Tuple[List[dict], DatasetMeta]:
+    """``combined_roidb_for_training`` with TRAIN.DATASETS, TRAIN.USE_FLIPPED, MODEL.KEYPOINTS_ON and
+    TRAIN.GT_MIN_AREA."""
+    return combined_roidb_for_training(
+        tuple(cfg.TRAIN.DATASETS),
+        use_flipped=bool(cfg.TRAIN.USE_FLIPPED),
+        keypoints_on=bool(cfg.MODEL.KEYPOINTS_ON),
+        gt_min_area=float(cfg.TRAIN.GT_MIN_AREA),
+        cache_dir=cache_dir,
+    )
