@@ -100,6 +100,9 @@ void forward_planes(
       for (int b = 0; b < bins; ++b) {
         acc_t sum = 0;
         for (int j = 0; j < per_bin; ++j, ++s) {
+          if (!s->inside) {
+            continue;
+          }
           sum += s->w[0] * static_cast<acc_t>(data[s->pos[0]]) + s->w[1] * static_cast<acc_t>(data[s->pos[1]]) +
               s->w[2] * static_cast<acc_t>(data[s->pos[2]]) + s->w[3] * static_cast<acc_t>(data[s->pos[3]]);
         }

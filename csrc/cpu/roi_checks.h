@@ -72,5 +72,22 @@ inline void check_backward_args(
       pooled_h, ", ", pooled_w, "), got ", grad.sizes());
 }
 
+// RoIPool's argmax: int32 flat offsets y * W + x (or -1), shaped like grad, on grad's device.
+inline void check_pool_argmax(
+    const char* op, const at::Tensor& argmax, const at::Tensor& grad, int64_t height, int64_t width) {
+  TORCH_CHECK(
+      argmax.scalar_type() == at::kInt && argmax.sizes() == grad.sizes() && argmax.device() == grad.device(), op,
+      ": argmax must be an int32 tensor shaped like grad ", grad.sizes(), " on ", grad.device(), ", got ",
+      argmax.scalar_type(), " ", argmax.sizes(), " on ", argmax.device());
+  if (argmax.numel() == 0) {
+    return;
+  }
+  const auto [low, high] = at::aminmax(argmax);
+  const int64_t lowest = low.item<int64_t>(), highest = high.item<int64_t>();
+  TORCH_CHECK(
+      lowest >= -1 && highest < height * width, op, ": argmax values must lie in [-1, H*W) = [-1, ",
+      height * width, "), got [", lowest, ", ", highest, "]");
+}
+
 }  // namespace roi
 }  // namespace pydetectron

@@ -225,17 +225,7 @@ at::Tensor roi_pool_backward_cpu(
   (void)spatial_scale;  // the argmax already says where each gradient goes
   roi::check_backward_args(
       "roi_pool_backward", grad, rois, pooled_height, pooled_width, batch_size, channels, height, width);
-  TORCH_CHECK(
-      argmax.scalar_type() == at::kInt && argmax.sizes() == grad.sizes() && argmax.device() == grad.device(),
-      "roi_pool_backward: argmax must be an int32 tensor shaped like grad ", grad.sizes(), " on ", grad.device(),
-      ", got ", argmax.scalar_type(), " ", argmax.sizes(), " on ", argmax.device());
-  if (argmax.numel() > 0) {
-    const auto [low, high] = at::aminmax(argmax);
-    TORCH_CHECK(
-        low.item<int32_t>() >= -1 && high.item<int64_t>() < height * width,
-        "roi_pool_backward: argmax values must lie in [-1, H*W) = [-1, ", height * width, "), got [",
-        low.item<int32_t>(), ", ", high.item<int32_t>(), "]");
-  }
+  roi::check_pool_argmax("roi_pool_backward", argmax, grad, height, width);
   const int64_t num_rois = rois.size(0);
   const at::Tensor grad_c = grad.contiguous(), argmax_c = argmax.contiguous();
   const at::Tensor batch_index = rois.select(1, 0).to(at::kLong).contiguous();

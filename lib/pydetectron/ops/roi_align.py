@@ -35,6 +35,13 @@ def check_spatial_scale(spatial_scale: float) -> float:
     return scale
 
 
+def check_sampling_ratio(sampling_ratio: int) -> int:
+    """Bilinear samples per bin along each axis: an int >= 0, 0 meaning adaptive."""
+    if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, int) or sampling_ratio < 0:
+        raise ValueError(f"sampling_ratio must be an int >= 0 (0 = adaptive), got {sampling_ratio!r}")
+    return sampling_ratio
+
+
 def check_tensors(input: Tensor, rois: Tensor) -> None:
     """Type check before the kernels check shapes, dtypes and devices."""
     if not isinstance(input, Tensor) or not isinstance(rois, Tensor):
@@ -94,11 +101,9 @@ def roi_align(
             True shifts the box by -0.5 pixel first (detectron2 / torchvision ``aligned=True``).
     """
     check_tensors(input, rois)
-    if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, int) or sampling_ratio < 0:
-        raise ValueError(f"sampling_ratio must be an int >= 0 (0 = adaptive), got {sampling_ratio!r}")
     return RoIAlignFunction.apply(
-        input, rois, output_size_pair(output_size), check_spatial_scale(spatial_scale), sampling_ratio,
-        bool(aligned),
+        input, rois, output_size_pair(output_size), check_spatial_scale(spatial_scale),
+        check_sampling_ratio(sampling_ratio), bool(aligned),
     )
 
 
@@ -111,8 +116,8 @@ class RoIAlign(nn.Module):
         super().__init__()
         self.output_size = output_size_pair(output_size)
         self.spatial_scale = check_spatial_scale(spatial_scale)
-        self.sampling_ratio = sampling_ratio
-        self.aligned = aligned
+        self.sampling_ratio = check_sampling_ratio(sampling_ratio)
+        self.aligned = bool(aligned)
 
     def forward(self, input: Tensor, rois: Tensor) -> Tensor:
         return roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
