@@ -263,3 +263,22 @@ def test_detectron_model_zoo_pickle_loads_completely_and_runs():
     data, im_info, roidb = synthetic_batch(sizes=((96, 128),), num_classes=81, seed=8)
     results = model.eval()(data, im_info, roidb)
     assert set(results[0]) >= {"boxes", "scores", "classes", "masks"}
+
+
+@pytest.mark.slow
+def test_small_mask_rcnn_overfits_one_batch():
+    """End to end: from scratch, AdamW on one fixed batch, the box, class and mask losses fall well."""
+    torch.manual_seed(0)
+    model = build_detector(load_cfg("getting_started/e2e_mask_rcnn_R-18-FPN_shapes.yaml",
+                                    ["TRAIN.BATCH_SIZE_PER_IM", "32"])).train()
+    batch = synthetic_batch(seed=3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    totals = []
+    for _ in range(30):
+        losses = model(*batch)
+        total = sum(losses.values())
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        totals.append(total.item())
+    assert np.mean(totals[-3:]) < 0.5 * totals[0], totals
