@@ -116,9 +116,10 @@ def collate_samples(samples: Sequence[Sample], stride: int) -> dict:
     """
     if not samples:
         raise ValueError("cannot build a minibatch from zero images")
-    blob = im_list_to_blob([s.image for s in samples], stride)
+    in_worker = torch.utils.data.get_worker_info() is not None
+    blob = im_list_to_blob([s.image for s in samples], stride, shared=in_worker)
     im_info = np.array([[s.image.shape[0], s.image.shape[1], s.im_scale] for s in samples], dtype=np.float32)
-    return {"data": torch.from_numpy(blob), "im_info": torch.from_numpy(im_info),
+    return {"data": blob, "im_info": torch.from_numpy(im_info),
             "roidb": [s.entry for s in samples]}
 
 
@@ -151,7 +152,7 @@ def prepare_test_image(im: np.ndarray, settings: BlobSettings) -> Tuple[torch.Te
     processed, im_scale = prep_im_for_blob(
         im, settings.means, settings.stds, settings.scales[0], settings.max_size, settings.to_rgb
     )
-    return torch.from_numpy(im_list_to_blob([processed], settings.stride)), im_scale
+    return im_list_to_blob([processed], settings.stride), im_scale
 
 
 def scaled_size(height: int, width: int, im_scale: float) -> Tuple[int, int]:

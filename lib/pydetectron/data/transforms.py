@@ -12,6 +12,7 @@ from typing import List, Sequence, Tuple
 import cv2
 import numpy as np
 import pycocotools.mask as mask_util
+import torch
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -97,14 +98,19 @@ def padded_size(height: int, width: int, stride: int) -> Tuple[int, int]:
     return int(math.ceil(height / stride) * stride), int(math.ceil(width / stride) * stride)
 
 
-def im_list_to_blob(ims: Sequence[np.ndarray], stride: int) -> np.ndarray:
-    """(h_i, w_i, 3) float images -> (N, 3, H, W) float32, zero-padded bottom/right to a multiple of stride."""
+def im_list_to_blob(ims: Sequence[np.ndarray], stride: int, shared: bool = False) -> torch.Tensor:
+    """(h_i, w_i, 3) float images -> Tensor[N, 3, H, W] float32, zero-padded bottom/right to a multiple of
+    ``stride``. ``shared``: allocate it in shared memory, so a DataLoader worker sends it without a copy."""
     max_h = max(im.shape[0] for im in ims)
     max_w = max(im.shape[1] for im in ims)
     height, width = padded_size(max_h, max_w, stride)
-    blob = np.zeros((len(ims), 3, height, width), dtype=np.float32)
+    shape = (len(ims), 3, height, width)
+    blob = torch.zeros(shape, dtype=torch.float32)
+    if shared:
+        blob.share_memory_()
+    out = blob.numpy()
     for i, im in enumerate(ims):
-        blob[i, :, : im.shape[0], : im.shape[1]] = im.transpose(2, 0, 1)
+        out[i, :, : im.shape[0], : im.shape[1]] = im.transpose(2, 0, 1)
     return blob
 
 
