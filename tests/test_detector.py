@@ -238,31 +238,36 @@ def test_fast_rcnn_trains_on_roidb_proposals():
         model.train()(data, im_info, roidb)
 
 
-def test_detectron_model_zoo_pickle_loads_completely_and_runs():
-    from detectron_names import imagenet_r50_blobs, mask_rcnn_r50_fpn_1x_blobs
+@pytest.mark.parametrize("config, blob_list, num_classes, output", [
+    ("baselines/e2e_mask_rcnn_R-50-FPN_1x.yaml", "mask_rcnn_r50_fpn_1x_blobs", 81, "masks"),
+    ("baselines/e2e_keypoint_rcnn_R-50-FPN_1x.yaml", "keypoint_rcnn_r50_fpn_1x_blobs", 2, "keypoints"),
+])
+def test_detectron_model_zoo_pickle_loads_completely_and_runs(config, blob_list, num_classes, output):
+    import detectron_names
 
     from pydetectron.weights.detectron_pkl import load_detectron_weights
 
     cfg = get_cfg()
-    merge_cfg_from_file(cfg, os.path.join(CONFIGS, "baselines/e2e_mask_rcnn_R-50-FPN_1x.yaml"))
+    merge_cfg_from_file(cfg, os.path.join(CONFIGS, config))
     merge_cfg_from_list(cfg, ["TEST.RPN_PRE_NMS_TOP_N", "200", "TEST.RPN_POST_NMS_TOP_N", "30"])
     assert_and_infer_cfg(cfg)
     model = build_detector(cfg)
     rng = np.random.RandomState(0)
     blobs = {name: (rng.randn(*shape) * 0.01).astype(np.float32)
-             for name, shape in mask_rcnn_r50_fpn_1x_blobs(81).items()}
+             for name, shape in getattr(detectron_names, blob_list)().items()}
     # The ImageNet conv biases a model-zoo file carries along are zeros (Caffe1 -> Caffe2 conversion).
-    for name in set(imagenet_r50_blobs()) - set(model.detectron_weight_mapping().values()):
+    for name in set(detectron_names.imagenet_r50_blobs()) - set(model.detectron_weight_mapping().values()):
         if name.endswith("_b") and name in blobs:
             blobs[name][...] = 0
     report = load_detectron_weights(model, {"blobs": blobs})
-    assert report.missing == [] and report.unused == [] and report.unmapped == []
+    assert report.missing == [] and report.unused == [] and report.unmapped == [] and report.skipped == []
     assert not any(name.endswith("_momentum") for name in report.loaded)
     assert torch.equal(model.box_outputs.cls_score.weight, torch.from_numpy(blobs["cls_score_w"]))
+    assert torch.equal(model.box_outputs.bbox_pred.bias, torch.from_numpy(blobs["bbox_pred_b"]))
     assert torch.equal(model.box_head.fc6.bias, torch.from_numpy(blobs["fc6_b"]))
-    data, im_info, roidb = synthetic_batch(sizes=((96, 128),), num_classes=81, seed=8)
+    data, im_info, roidb = synthetic_batch(sizes=((96, 128),), num_classes=num_classes, seed=8)
     results = model.eval()(data, im_info, roidb)
-    assert set(results[0]) >= {"boxes", "scores", "classes", "masks"}
+    assert set(results[0]) == {"boxes", "scores", "classes", output}
 
 
 @pytest.mark.slow
