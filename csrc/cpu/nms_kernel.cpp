@@ -7,18 +7,22 @@
 //
 // Speed: the sorted boxes live in contiguous per-coordinate arrays and are processed in row tiles. A tile's
 // rows are first resolved among themselves (rows already suppressed by earlier tiles are skipped), then the
-// tile's kept rows suppress every later box. That second sweep is nearly all of the O(kept x N) work; it is
-// split over threads by column range with at::parallel_for (threads never write the same flag) and its
-// branch-free inner loop vectorises. The IoU uses the same operations in the same order as torchvision
-// (Detectron in legacy mode), so the kept set is identical to theirs, not merely close.
+// tile's kept rows suppress every later box. That second sweep is nearly all of the O(kept x N) work; its
+// branch-free inner loop vectorises, and it is split by column range (threads never write the same flag)
+// over the calling thread and helpers that claim chunks as they come (see run_claiming_chunks).
+// The IoU uses the same operations in the same order as torchvision (Detectron in legacy mode), so the kept
+// set is identical to theirs, not merely close.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -47,9 +51,43 @@ namespace {
 #define PYD_SIMD_CLONES
 #endif
 
-constexpr int64_t kRowTile = 256;          // rows resolved sequentially between two parallel sweeps
-constexpr int64_t kColBlock = 1024;        // columns swept for all of a tile's kept rows while in cache
-constexpr int64_t kMinTaskPairs = 1 << 18; // IoUs worth handing to another thread (~50 us of work)
+constexpr int64_t kRowTile = 256;        // rows resolved sequentially between two column sweeps
+constexpr int64_t kColBlock = 1024;      // columns swept for all of a tile's kept rows while in cache
+constexpr int64_t kTaskPairs = 1 << 19;  // IoUs per claimable chunk of a sweep (~0.15 ms of work)
+
+// Runs body(lo, hi) over chunks of [begin, end) on the calling thread and on up to at::get_num_threads() - 1
+// helpers from the inter-op pool. Chunks are claimed one at a time and the caller waits only for chunks a
+// helper has claimed: on a busy machine a helper the OS has not scheduled yet costs nothing, whereas an
+// OpenMP region would wait for it at its closing barrier. body must not throw.
+template <typename F>
+void run_claiming_chunks(int64_t begin, int64_t end, int64_t chunk, const F& body) {
+  const int64_t chunks = (end - begin + chunk - 1) / chunk;
+  const int64_t helpers = std::min<int64_t>(at::get_num_threads() - 1, chunks - 1);
+  if (helpers <= 0) {
+    body(begin, end);
+    return;
+  }
+  struct Progress {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  // Shared ownership: a helper may start after this call returned; it then claims nothing and touches
+  // only `progress` (body is dereferenced only for a claimed chunk, which this call waits for).
+  auto progress = std::make_shared<Progress>();
+  auto work = [progress, begin, end, chunk, chunks, &body] {
+    for (int64_t c = progress->next.fetch_add(1); c < chunks; c = progress->next.fetch_add(1)) {
+      body(begin + c * chunk, std::min(end, begin + (c + 1) * chunk));
+      progress->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t h = 0; h < helpers; ++h) {
+    at::launch(work);
+  }
+  work();
+  while (progress->done.load(std::memory_order_acquire) < chunks) {
+    std::this_thread::yield();
+  }
+}
 
 // Suppression flags as wide as T, so that the vectorised comparison needs no narrowing.
 template <typename T>
@@ -126,9 +164,8 @@ std::vector<int64_t> greedy_keep(const SortedBoxes<T>& s, T threshold) {
     if (t1 == n || tile_keep.empty()) {
       continue;
     }
-    // Small sweeps run inline: waking threads would cost more than the sweep itself.
-    const int64_t grain = std::max<int64_t>(kColBlock, kMinTaskPairs / static_cast<int64_t>(tile_keep.size()));
-    at::parallel_for(t1, n, grain, [&](int64_t lo, int64_t hi) {
+    const int64_t chunk = std::max<int64_t>(kColBlock, kTaskPairs / static_cast<int64_t>(tile_keep.size()));
+    run_claiming_chunks(t1, n, chunk, [&](int64_t lo, int64_t hi) {
       for (int64_t c0 = lo; c0 < hi; c0 += kColBlock) {
         const int64_t c1 = std::min(hi, c0 + kColBlock);
         for (const int64_t i : tile_keep) {
@@ -161,18 +198,23 @@ at::Tensor nms_cpu(const at::Tensor& boxes, const at::Tensor& scores, double iou
     return at::empty({0}, boxes.options().dtype(at::kLong));
   }
   const at::Tensor order = std::get<1>(scores.sort(/*stable=*/true, /*dim=*/0, /*descending=*/true));
-  const at::Tensor dense = boxes.contiguous();
   std::vector<int64_t> keep;
   AT_DISPATCH_FLOATING_TYPES(boxes.scalar_type(), "nms_cpu", [&] {
     const scalar_t threshold = compare_threshold<scalar_t>(iou_threshold, legacy_plus_one);
     if (legacy_plus_one) {
-      keep = greedy_keep<scalar_t, true>(gather_sorted<scalar_t, true>(dense, order), threshold);
+      keep = greedy_keep<scalar_t, true>(gather_sorted<scalar_t, true>(boxes, order), threshold);
     } else {
-      keep = greedy_keep<scalar_t, false>(gather_sorted<scalar_t, false>(dense, order), threshold);
+      keep = greedy_keep<scalar_t, false>(gather_sorted<scalar_t, false>(boxes, order), threshold);
     }
   });
-  const at::Tensor positions = at::tensor(keep, order.options());
-  return order.index_select(0, positions);
+  // Plain loop rather than index_select: keeps this call free of any other parallel region.
+  at::Tensor kept = at::empty({static_cast<int64_t>(keep.size())}, order.options());
+  const int64_t* sorted_index = order.data_ptr<int64_t>();
+  int64_t* out = kept.data_ptr<int64_t>();
+  for (size_t k = 0; k < keep.size(); ++k) {
+    out[k] = sorted_index[keep[k]];
+  }
+  return kept;
 }
 
 }  // namespace
