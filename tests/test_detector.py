@@ -165,6 +165,16 @@ def test_training_needs_roidb_and_bad_inputs_are_named(fpn_mask_model):
         model(data, im_info[:1], roidb)
 
 
+def test_model_type_and_freeze_conv_body():
+    with pytest.raises(ValueError, match="MODEL.TYPE"):
+        build_detector(load_cfg("baselines/rpn_R-50-C4_1x.yaml", ["MODEL.TYPE", "rfcn"]))
+    torch.manual_seed(0)
+    model = build_detector(load_cfg("baselines/rpn_R-50-C4_1x.yaml", ["TRAIN.FREEZE_CONV_BODY", "True"]))
+    train_step(model, synthetic_batch(seed=9))
+    assert all(p.grad is None for p in model.body.parameters())
+    assert all(p.grad is not None for p in model.rpn.parameters())
+
+
 def test_c4_share_res5_mask_head_reuses_box_head_res5_in_training(monkeypatch):
     torch.manual_seed(0)
     cfg = load_cfg("baselines/e2e_mask_rcnn_R-50-C4_1x.yaml")

@@ -110,6 +110,7 @@ class GeneralizedRCNN(nn.Module):
                                          * cfg.TRAIN.FG_FRACTION * max(num_kps, 1)),
         )
         self.num_classes = int(cfg.MODEL.NUM_CLASSES)
+        self.freeze_conv_body = bool(cfg.TRAIN.FREEZE_CONV_BODY)
         self.generator: torch.Generator | None = None
 
     def detectron_weight_mapping(self) -> Dict[str, str | None]:
@@ -129,6 +130,8 @@ class GeneralizedRCNN(nn.Module):
         if self.training:
             if roidb is None:
                 raise ValueError("GeneralizedRCNN needs the minibatch roidb in training mode")
+            if self.freeze_conv_body:  # Detectron's StopGradient on the body outputs
+                features = [f.detach() for f in features]
             return self._losses(features, im_info, roidb)
         return self._detect(features, im_info, roidb)
 
@@ -281,7 +284,15 @@ def _proposal_results(rois: torch.Tensor, scores: torch.Tensor, im_info: torch.T
     return {"boxes": rois[mine, 1:5] / im_info[i, 2], "scores": scores[mine]}
 
 
+MODEL_TYPES = ("generalized_rcnn", "")
+
+
 def build_detector(cfg) -> GeneralizedRCNN:
-    """The model of ``cfg`` (``MODEL.TYPE`` 'generalized_rcnn' or Detectron's legacy empty value)."""
+    """The model of ``cfg``: ``MODEL.TYPE`` must be Detectron's ``generalized_rcnn`` (or left empty)."""
+    if cfg.MODEL.TYPE not in MODEL_TYPES:
+        raise ValueError(
+            f"MODEL.TYPE {cfg.MODEL.TYPE!r} is not supported; pydetectron builds {MODEL_TYPES[0]!r} models "
+            "(Fast/Faster/Mask/Keypoint R-CNN and RPN, chosen by MODEL.* and the head names)"
+        )
     registry.import_builtin_modules()
     return GeneralizedRCNN(cfg)
