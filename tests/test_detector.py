@@ -236,10 +236,10 @@ def test_rpn_only_model():
     assert results[0]["boxes"].max() <= 64  # the 128-pixel input at scale 2 is a 64-pixel image
 
 
-def test_fast_rcnn_trains_on_roidb_proposals():
+def test_fast_rcnn_trains_on_roidb_proposals_with_class_agnostic_regression():
     torch.manual_seed(0)
-    model = build_detector(load_cfg("baselines/fast_rcnn_R-50-FPN_1x.yaml"))
-    assert model.rpn is None
+    model = build_detector(load_cfg("baselines/fast_rcnn_R-50-FPN_1x.yaml", ["MODEL.CLS_AGNOSTIC_BBOX_REG", "True"]))
+    assert model.rpn is None and model.box_outputs.bbox_pred.out_features == 8
     batch = synthetic_batch(proposals=True, seed=7)
     assert set(train_step(model, batch)) == {"loss_cls", "loss_bbox"}
     check_detections(model.eval()(*batch), batch[2], 4)

@@ -172,6 +172,15 @@ def test_class_agnostic_regression_uses_fg_column_for_every_class():
     assert torch.allclose(out["boxes"], ref["boxes"]) and torch.allclose(out["boxes"][0], out["boxes"][1])
 
 
+def test_without_box_regression_the_rois_are_the_boxes():
+    im_info = torch.tensor([[100.0, 100.0, 2.0]])
+    rois = torch.tensor([[0, 10.0, 10.0, 40.0, 50.0], [0, 60.0, 10.0, 90.0, 30.0]])
+    cls_score = torch.tensor([[0.0, 3.0, 0.0], [0.0, 0.0, 3.0]])
+    out = detect_boxes(cls_score, torch.full((2, 12), 5.0), rois, im_info,
+                       BoxInference(num_classes=3, score_thresh=0.5, bbox_reg=False))[0]
+    assert torch.equal(out["boxes"], rois[:, 1:] / 2) and out["classes"].tolist() == [1, 2]
+
+
 @pytest.mark.parametrize("method", ["linear", "gaussian"])
 def test_soft_nms_matches_reference(method):
     scores, boxes = random_case(40, 3, 7)
