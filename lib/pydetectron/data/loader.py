@@ -13,6 +13,7 @@ from typing import Iterator, List, Sequence, Tuple
 
 import cv2
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pydetectron.data.minibatch import BlobSettings, Sample, collate_samples, prepare_sample, roidb_to_tensors
@@ -103,6 +104,9 @@ def build_train_loader(
         num_workers=num_workers,
         collate_fn=partial(collate_minibatch, stride=settings.stride),
         persistent_workers=num_workers > 0,
+        # Its own generator: starting an iterator then draws no number from the global RNG, which a resumed
+        # run restores from its checkpoint and must find exactly where the uninterrupted run left it.
+        generator=torch.Generator().manual_seed(seed),
     ))
 
 
