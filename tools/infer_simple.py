@@ -77,19 +77,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def class_names_and_skeleton(dataset: str) -> tuple[list[str], list[list[int]]]:
-    """(class names with '__background__' first, 1-based keypoint skeleton or []) for --dataset.
+def class_names_and_skeleton(dataset: str) -> tuple[list[str], list[list[int]], int]:
+    """(class names with '__background__' first, 1-based keypoint skeleton or [], keypoint count) for --dataset.
 
-    A catalog dataset (or short name) whose annotation file exists gives its own categories and skeleton;
+    A catalog dataset (or short name) whose annotation file exists gives its own categories and keypoints;
     otherwise COCO names ('coco*', 'keypoints_coco*') fall back to the built-in COCO lists."""
     name = resolve_short_name(dataset).test[0] if dataset not in ("coco", "keypoints_coco") else None
     if name is not None and Path(get_dataset(name).ann_file).is_file():
         meta = _dataset_meta(name)
-        return list(meta.classes), [list(pair) for pair in meta.skeleton or []]
+        return list(meta.classes), [list(pair) for pair in meta.skeleton or []], meta.num_keypoints
     if dataset.startswith("keypoints_coco"):
-        return ["__background__", "person"], COCO_PERSON_SKELETON
+        return ["__background__", "person"], COCO_PERSON_SKELETON, 17
     if dataset.startswith("coco"):
-        return list(COCO_CLASSES), []
+        return list(COCO_CLASSES), [], 0
     raise FileNotFoundError(f"--dataset {dataset!r}: annotation file {get_dataset(name).ann_file} (for the class "
                             "names) does not exist")
 
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     for spec in args.register:
         register_from_string(spec)
-    class_names, skeleton = class_names_and_skeleton(args.dataset)
+    class_names, skeleton, num_keypoints = class_names_and_skeleton(args.dataset)
     cfg = get_cfg()
     merge_cfg_from_file(cfg, args.cfg_file)
     merge_cfg_from_list(cfg, args.set_cfgs)
@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     elif cfg.MODEL.NUM_CLASSES != len(class_names):
         sys.exit(f"error: MODEL.NUM_CLASSES is {cfg.MODEL.NUM_CLASSES} but --dataset {args.dataset!r} names "
                  f"{len(class_names)} classes (with background); pass the dataset the model was trained on")
+    if cfg.MODEL.KEYPOINTS_ON and cfg.KRCNN.NUM_KEYPOINTS <= 0:
+        cfg.KRCNN.NUM_KEYPOINTS = num_keypoints
     assert_and_infer_cfg(cfg)
     device = torch.device("cuda", 0) if args.cuda and torch.cuda.is_available() else torch.device("cpu")
     model = build_inference_model(cfg, args.load_ckpt, args.load_detectron, device)

@@ -11,6 +11,7 @@ import pytest
 from tools_stubs import FixedDetector
 
 import pydetectron.engine.inference_model as inference_model
+from pydetectron.data.catalog import get_dataset, register_dataset
 from pydetectron.engine.checkpoint import atomic_save
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "infer_simple.py"
@@ -36,17 +37,21 @@ def test_help_lists_every_flag(capsys):
 
 
 def test_coco_names_by_default_and_keypoint_skeleton():
-    names, skeleton = tool.class_names_and_skeleton("coco")
+    names, skeleton, num_keypoints = tool.class_names_and_skeleton("coco")
     assert len(names) == 81 and names[:3] == ["__background__", "person", "bicycle"] and names[-1] == "toothbrush"
-    assert len(set(names)) == 81 and skeleton == []
-    names, skeleton = tool.class_names_and_skeleton("keypoints_coco")
-    assert names == ["__background__", "person"] and len(skeleton) == 19
+    assert len(set(names)) == 81 and skeleton == [] and num_keypoints == 0
+    names, skeleton, num_keypoints = tool.class_names_and_skeleton("keypoints_coco")
+    assert names == ["__background__", "person"] and len(skeleton) == 19 and num_keypoints == 17
     assert {k for pair in skeleton for k in pair} == set(range(1, 18))  # all 17 COCO keypoints, 1-based
 
 
 def test_dataset_names_and_skeleton_from_the_catalog(shapes_val):
-    names, skeleton = tool.class_names_and_skeleton(shapes_val)
-    assert names == ["__background__", "circle", "square", "triangle"] and skeleton == []
+    names, skeleton, num_keypoints = tool.class_names_and_skeleton(shapes_val)
+    assert names == ["__background__", "circle", "square", "triangle"] and skeleton == [] and num_keypoints == 0
+    spec = get_dataset(shapes_val)
+    register_dataset("tools_kp_shapes_val", spec.image_dir, str(Path(spec.ann_file).with_name("keypoints_val.json")))
+    names, skeleton, num_keypoints = tool.class_names_and_skeleton("tools_kp_shapes_val")
+    assert names == ["__background__", "triangle"] and skeleton == [[1, 2], [2, 3], [3, 1]] and num_keypoints == 3
 
 
 @pytest.fixture
