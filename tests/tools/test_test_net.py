@@ -164,3 +164,27 @@ def test_multi_process_testing_merges_to_the_single_run(shapes_val, tiny_cfg_fil
     _assert_same_detections(one, two)
     assert sum("Launched process" in line for line in lines) == 2
     assert (tmp_path / "two" / "detections_range_0_3.pkl").is_file()
+
+
+def test_children_get_one_gpu_each_or_a_share_of_the_cores(monkeypatch):
+    from pydetectron.evaluation import test_engine
+
+    monkeypatch.setattr(test_engine.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert [test_engine._child_env(i, 3)["CUDA_VISIBLE_DEVICES"] for i in range(3)] == ["3", "5", "3"]
+    monkeypatch.setattr(test_engine.torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(test_engine.os, "cpu_count", lambda: 8)
+    assert test_engine._child_env(0, 4)["OMP_NUM_THREADS"] == "2"
+
+
+def test_child_arguments_carry_the_parents_choices(tmp_path):
+    options = TestOptions(cfg_file="c.yaml", set_cfgs=["TEST.SCALE", "96"], register=["d:i:a.json"],
+                          load_ckpt="m.pth", use_cuda=False, vis=True, child_command=["python", "tool.py"])
+    from pydetectron.evaluation.test_engine import child_arguments
+
+    args = child_arguments(options, "d", 4, tmp_path, 3, 6)
+    assert args[:2] == ["python", "tool.py"]
+    text = " ".join(args)
+    for part in ("--cfg c.yaml", "--register d:i:a.json", "--dataset d", f"--output_dir {tmp_path}", "--range 3 6",
+                 "--load_ckpt m.pth", "--no_cuda", "--vis", "--set TEST.SCALE 96 MODEL.NUM_CLASSES 4"):
+        assert part in text
