@@ -1,9 +1,48 @@
-"""Detectors whose output the tool tests control (stand-ins for the real model, used ONLY in tests)."""
+"""Detectors whose output the tool tests control (stand-ins for the real model, used ONLY in tests), and a
+small Mask R-CNN cfg for the tests that run the real one."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+# A ResNet-18-FPN Mask R-CNN with narrow heads and small images.
+TINY_CFG = """\
+MODEL:
+  TYPE: generalized_rcnn
+  CONV_BODY: FPN.add_fpn_ResNet18_conv5_body
+  NUM_CLASSES: -1
+  FASTER_RCNN: True
+  MASK_ON: True
+  LOAD_IMAGENET_PRETRAINED_WEIGHTS: False
+RESNETS:
+  TRANS_FUNC: basic_transformation
+  NORM: GN
+FPN:
+  FPN_ON: True
+  MULTILEVEL_ROIS: True
+  MULTILEVEL_RPN: True
+  DIM: 32
+FAST_RCNN:
+  ROI_BOX_HEAD: fast_rcnn_heads.add_roi_2mlp_head
+  ROI_XFORM_METHOD: RoIAlign
+  ROI_XFORM_RESOLUTION: 7
+  ROI_XFORM_SAMPLING_RATIO: 2
+  MLP_HEAD_DIM: 64
+MRCNN:
+  ROI_MASK_HEAD: mask_rcnn_heads.mask_rcnn_fcn_head_v1up4convs
+  RESOLUTION: 28
+  ROI_XFORM_METHOD: RoIAlign
+  ROI_XFORM_RESOLUTION: 14
+  ROI_XFORM_SAMPLING_RATIO: 2
+  DILATION: 1
+  DIM_REDUCED: 32
+TEST:
+  SCALE: 128
+  MAX_SIZE: 200
+  RPN_PRE_NMS_TOP_N: 200
+  RPN_POST_NMS_TOP_N: 50
+"""
 
 
 class GridDetector(nn.Module):
