@@ -131,8 +131,9 @@ def _caffe2_sgd_trajectory(w0, grads, lrs, momentum, weight_decay, scale_momentu
     return out
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("scale_momentum", [True, False])
-def test_sgd_matches_caffe2_momentum_update_through_lr_changes(scale_momentum):
+def test_sgd_matches_caffe2_momentum_update_through_lr_changes(scale_momentum, fused):
     torch.manual_seed(0)
     w0 = torch.randn(5, dtype=torch.float64)
     grads = [torch.randn(5, dtype=torch.float64) for _ in range(12)]
@@ -145,7 +146,7 @@ def test_sgd_matches_caffe2_momentum_update_through_lr_changes(scale_momentum):
     model = nn.Module()
     model.weight = param
     groups = parameter_groups(model, weight_decay=1e-2)
-    optimizer = torch.optim.SGD(groups, lr=lrs[0], momentum=0.9)
+    optimizer = torch.optim.SGD(groups, lr=lrs[0], momentum=0.9, fused=fused)
     for group in optimizer.param_groups:
         group["lr"] = lrs[0] * group["lr_scale"]
     for step, (grad, lr) in enumerate(zip(grads, lrs)):
@@ -164,7 +165,7 @@ def test_build_optimizer_from_cfg(optimizer_type, expected_class):
     merge_cfg_from_list(cfg, ["SOLVER.TYPE", optimizer_type, "SOLVER.BASE_LR", 0.01, "SOLVER.WARM_UP_ITERS", 10,
                               "SOLVER.WARM_UP_FACTOR", 0.1, "SOLVER.WEIGHT_DECAY", 1e-4])
     optimizer = build_optimizer(_Tiny(), cfg)
-    assert isinstance(optimizer, expected_class)
+    assert isinstance(optimizer, expected_class) and optimizer.defaults["fused"]
     assert current_learning_rate(optimizer) == pytest.approx(0.001)  # warm-up factor at step 0
     bias_scale = 2.0 if optimizer_type == "SGD" else 1.0
     lr_of = {name: g["lr"] for g in optimizer.param_groups for name in g["names"]}
