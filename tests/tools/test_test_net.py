@@ -226,8 +226,6 @@ def test_real_detector_end_to_end(real_run, shapes_val):
     assert all(len(d["segms"]) == len(d["scores"]) for d in detections.values())
 
 
-@pytest.mark.xfail(strict=True, reason="evaluation.inference.detect_image recovers the original size from "
-                   "im_info (round(scaled / scale)), one pixel short for image 3 (231 x 256 at scale 96/231)")
 def test_result_masks_have_their_images_size(real_run, shapes_val):
     _, out = real_run
     _, detections = load_detections(out / "detections.pkl")

@@ -25,12 +25,16 @@ RESULT_FILE_PREFIX = {"bbox": "bbox", "segm": "segmentations", "keypoints": "key
 
 
 def detect_image(model: torch.nn.Module, image: np.ndarray, settings: BlobSettings, device: torch.device) -> dict:
-    """Detections of one BGR uint8 image (original pixel coordinates), as the detector returns them, on CPU."""
+    """Detections of one BGR uint8 image (original pixel coordinates), as the detector returns them, on CPU.
+
+    The original size goes to the detector explicitly: recovering it from the scaled size can be one pixel off.
+    """
     blob, im_scale = prepare_test_image(image, settings)
     height, width = scaled_size(image.shape[0], image.shape[1], im_scale)
     im_info = torch.tensor([[height, width, im_scale]], dtype=torch.float32)
+    original_size = [{"height": image.shape[0], "width": image.shape[1]}]
     with torch.no_grad():
-        result = model(blob.to(device), im_info.to(device))[0]
+        result = model(blob.to(device), im_info.to(device), original_size)[0]
     return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in result.items()}
 
 
@@ -53,8 +57,12 @@ def inference_on_dataset(
     device: torch.device,
     print_fn: Callable[[str], None] = print,
     progress_every: int = 20,
+    detect_fn: Callable[[torch.nn.Module, np.ndarray, BlobSettings, torch.device], dict] = detect_image,
 ) -> dict[int, dict]:
-    """{image id: compact detections} for each roidb entry (needs 'id' and 'image'), with a progress line."""
+    """{image id: compact detections} for each roidb entry (needs 'id' and 'image'), with a progress line.
+
+    `detect_fn` runs one image (default: the model's own inference; test-time augmentation passes its own).
+    """
     model.eval()
     results: dict[int, dict] = {}
     start = time.perf_counter()
@@ -62,7 +70,7 @@ def inference_on_dataset(
         image = cv2.imread(entry["image"], cv2.IMREAD_COLOR)
         if image is None:
             raise FileNotFoundError(f"image {entry['image']!r} (image id {entry['id']}) is missing or unreadable")
-        results[int(entry["id"])] = compact(detect_image(model, image, settings, device))
+        results[int(entry["id"])] = compact(detect_fn(model, image, settings, device))
         if done % progress_every == 0 or done == len(entries):
             elapsed = time.perf_counter() - start
             rate = done / max(elapsed, 1e-9)

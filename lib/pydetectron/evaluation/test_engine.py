@@ -12,7 +12,6 @@ Detectron's ``core/test_engine.py`` flow:
 
 from __future__ import annotations
 
-import inspect
 import os
 import pickle
 import subprocess
@@ -209,10 +208,6 @@ def run_inference(cfg, options: TestOptions, dataset: CocoDataset, entries: Sequ
     print_fn(f"Testing on {dataset.name}: images {start}..{end - 1} of {len(entries)}, on {device}")
     tic = time.perf_counter()
     detect = detection_function(cfg)  # TEST.BBOX_AUG / TEST.BBOX_VOTE, else the model's own inference
-    if detect is not None and "detect_fn" not in inspect.signature(inference_on_dataset).parameters:
-        raise NotImplementedError("TEST.BBOX_AUG / TEST.BBOX_VOTE in test_net need inference_on_dataset(..., "
-                                  "detect_fn=...) in pydetectron.evaluation.inference (requested; infer_simple.py "
-                                  "already applies them)")
     detections = inference_on_dataset(model, entries[start:end], BlobSettings.from_cfg(cfg, train=False), device,
                                       print_fn, **({"detect_fn": detect} if detect is not None else {}))
     elapsed = time.perf_counter() - tic
