@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from pycocotools.coco import COCO
 
@@ -31,6 +32,7 @@ from pydetectron.parallel import DataParallel
 from pydetectron.solver import LRSchedule, build_optimizer, scale_schedule
 from pydetectron.vis import draw_training_curves
 from pydetectron.weights.detectron_pkl import load_detectron_weights
+from pydetectron.weights.torchvision import load_torchvision_resnet
 
 Print = Callable[[str], None]
 
@@ -162,8 +164,13 @@ def load_weights(model: torch.nn.Module, cfg, options: TrainOptions, print_fn: P
         if not pretrained:
             raise ValueError("MODEL.LOAD_IMAGENET_PRETRAINED_WEIGHTS is True but RESNETS.IMAGENET_PRETRAINED_WEIGHTS "
                              "is empty: name the weights file, or set the first key False to train from scratch")
-        report = load_detectron_weights(model, _existing(pretrained, "RESNETS.IMAGENET_PRETRAINED_WEIGHTS"),
-                                        input_order=cfg.MODEL.INPUT_COLOR_ORDER)
+        path = _existing(pretrained, "RESNETS.IMAGENET_PRETRAINED_WEIGHTS")
+        if path.endswith((".pth", ".pt")):  # a torchvision-layout ResNet: BN and input normalisation folded in
+            report = load_torchvision_resnet(model, path, input_order=cfg.MODEL.INPUT_COLOR_ORDER,
+                                             pixel_means=list(np.asarray(cfg.PIXEL_MEANS).ravel()),
+                                             pixel_stds=list(np.asarray(cfg.PIXEL_STDS).ravel()))
+        else:
+            report = load_detectron_weights(model, path, input_order=cfg.MODEL.INPUT_COLOR_ORDER)
         print_fn(f"Loaded ImageNet weights {pretrained}: {report.summary()}")
     return None
 
