@@ -12,6 +12,7 @@ float ``(P, 4)`` in network-input pixels (already scaled and flipped like ``boxe
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, List, Sequence
 
 import torch
@@ -45,6 +46,44 @@ def _roi_feature_indices(cfg, body_levels: Sequence[int]) -> List[int]:
             f"but the body provides levels {list(body_levels)}"
         )
     return [list(body_levels).index(lvl) for lvl in wanted]
+
+
+@dataclass(frozen=True)
+class MaskSettings:
+    """The ``MRCNN.*`` values the detector reads for mask targets, loss and pasting."""
+
+    resolution: int
+    cls_specific: bool
+    loss_weight: float
+    thresh: float
+
+    @classmethod
+    def from_cfg(cls, cfg) -> MaskSettings:
+        m = cfg.MRCNN
+        return cls(int(m.RESOLUTION), bool(m.CLS_SPECIFIC_MASK), float(m.WEIGHT_LOSS_MASK), float(m.THRESH_BINARIZE))
+
+
+@dataclass(frozen=True)
+class KeypointSettings:
+    """The ``KRCNN.*`` values the detector reads for keypoint targets, loss and decoding."""
+
+    num_keypoints: int
+    heatmap_size: int
+    loss_weight: float
+    by_visible: bool  # NORMALIZE_BY_VISIBLE_KEYPOINTS
+    min_count: int  # MIN_KEYPOINT_COUNT_FOR_VALID_MINIBATCH
+    inference_min_size: int
+    normalizer_denominator: float  # Detectron's finalize_keypoint_minibatch: IMS * BATCH_SIZE_PER_IM * FG_FRACTION * K
+
+    @classmethod
+    def from_cfg(cls, cfg) -> KeypointSettings:
+        k, t = cfg.KRCNN, cfg.TRAIN
+        num = int(k.NUM_KEYPOINTS)
+        return cls(
+            num, int(k.HEATMAP_SIZE), float(k.LOSS_WEIGHT), bool(k.NORMALIZE_BY_VISIBLE_KEYPOINTS),
+            int(k.MIN_KEYPOINT_COUNT_FOR_VALID_MINIBATCH), int(k.INFERENCE_MIN_SIZE),
+            float(t.IMS_PER_BATCH * t.BATCH_SIZE_PER_IM * t.FG_FRACTION * max(num, 1)),
+        )
 
 
 def _rpn_on(cfg) -> bool:
@@ -95,20 +134,8 @@ class GeneralizedRCNN(nn.Module):
         self.sampling = FastRCNNSampling.from_cfg(cfg)
         self.box_inference = BoxInference.from_cfg(cfg)
         self.proposal_limit = int(cfg.TEST.PROPOSAL_LIMIT)
-        self.mask_settings = dict(
-            resolution=int(cfg.MRCNN.RESOLUTION), cls_specific=bool(cfg.MRCNN.CLS_SPECIFIC_MASK),
-            loss_weight=float(cfg.MRCNN.WEIGHT_LOSS_MASK), thresh=float(cfg.MRCNN.THRESH_BINARIZE),
-        )
-        num_kps = int(cfg.KRCNN.NUM_KEYPOINTS)
-        self.keypoint_settings = dict(
-            heatmap_size=int(cfg.KRCNN.HEATMAP_SIZE), loss_weight=float(cfg.KRCNN.LOSS_WEIGHT),
-            by_visible=bool(cfg.KRCNN.NORMALIZE_BY_VISIBLE_KEYPOINTS),
-            min_count=int(cfg.KRCNN.MIN_KEYPOINT_COUNT_FOR_VALID_MINIBATCH),
-            inference_min_size=int(cfg.KRCNN.INFERENCE_MIN_SIZE), num_keypoints=num_kps,
-            # Detectron's keypoint_loss_normalizer denominator (finalize_keypoint_minibatch)
-            normalizer_denominator=float(cfg.TRAIN.IMS_PER_BATCH * cfg.TRAIN.BATCH_SIZE_PER_IM
-                                         * cfg.TRAIN.FG_FRACTION * max(num_kps, 1)),
-        )
+        self.mask_settings = MaskSettings.from_cfg(cfg)
+        self.keypoint_settings = KeypointSettings.from_cfg(cfg)
         self.num_classes = int(cfg.MODEL.NUM_CLASSES)
         self.freeze_conv_body = bool(cfg.TRAIN.FREEZE_CONV_BODY)
         self.generator: torch.Generator | None = None
@@ -182,25 +209,25 @@ class GeneralizedRCNN(nn.Module):
     def _mask_loss(self, roi_feats, targets: FastRCNNTargets, im_info, roidb, res5) -> torch.Tensor:
         s = self.mask_settings
         mt = mask_rcnn_targets(
-            targets.rois, targets.labels, roidb, im_info[:, 2].tolist(), s["resolution"], self.num_classes,
-            s["cls_specific"],
+            targets.rois, targets.labels, roidb, im_info[:, 2].tolist(), s.resolution, self.num_classes,
+            s.cls_specific,
         )
         # SHARE_RES5: Detectron's SampleAs picks the box head's res5 rows of the RoIs that have a mask.
         if res5 is not None:
             logits = self.mask_head.predict(res5[mt.roi_has_mask])
         else:
             logits = self.mask_head(roi_feats, mt.rois)
-        return mask_rcnn_loss(logits, mt.targets, s["loss_weight"])
+        return mask_rcnn_loss(logits, mt.targets, s.loss_weight)
 
     def _keypoint_loss(self, roi_feats, targets: FastRCNNTargets, roidb) -> torch.Tensor:
         s = self.keypoint_settings
         kt = keypoint_rcnn_targets(
-            targets.labelled, roidb, s["heatmap_size"], self.sampling.fg_thresh, self.sampling.fg_rois_per_image,
-            s["normalizer_denominator"], s["min_count"], self.generator,
+            targets.labelled, roidb, s.heatmap_size, self.sampling.fg_thresh, self.sampling.fg_rois_per_image,
+            s.normalizer_denominator, s.min_count, self.generator,
         )
         heatmaps = self.keypoint_head(roi_feats, kt.rois)
-        normalizer = None if s["by_visible"] else kt.normalizer
-        return keypoint_rcnn_loss(heatmaps, kt.locations, kt.weights, s["loss_weight"], normalizer)
+        normalizer = None if s.by_visible else kt.normalizer
+        return keypoint_rcnn_loss(heatmaps, kt.locations, kt.weights, s.loss_weight, normalizer)
 
     # ---------------------------------------------------------------------------------------------- #
 
@@ -257,7 +284,7 @@ class GeneralizedRCNN(nn.Module):
                 det["masks"] = torch.zeros((0, height, width), dtype=torch.uint8)
             else:
                 det["masks"] = paste_masks_in_image(
-                    probs[start : start + count], det["boxes"], height, width, self.mask_settings["thresh"]
+                    probs[start : start + count], det["boxes"], height, width, self.mask_settings.thresh
                 )
             start += count
 
@@ -270,9 +297,9 @@ class GeneralizedRCNN(nn.Module):
         for det in results:
             count = det["boxes"].shape[0]
             if count == 0:
-                det["keypoints"] = torch.zeros((0, s["num_keypoints"], 3))
+                det["keypoints"] = torch.zeros((0, s.num_keypoints, 3))
             else:
-                kps = heatmaps_to_keypoints(heatmaps[start : start + count], det["boxes"], s["inference_min_size"])
+                kps = heatmaps_to_keypoints(heatmaps[start : start + count], det["boxes"], s.inference_min_size)
                 det["keypoints"] = kps[..., :3].to(det["boxes"].device)
             start += count
 
