@@ -18,12 +18,12 @@ import torch
 from pycocotools.coco import COCO
 
 from pydetectron.config import assert_and_infer_cfg, cfg_to_yaml
-from pydetectron.data.catalog import register_from_string, resolve_short_name
-from pydetectron.data.coco import CocoDataset, DatasetMeta
+from pydetectron.data.coco import CocoDataset
 from pydetectron.data.loader import build_train_loader_from_cfg
 from pydetectron.data.minibatch import BlobSettings, split_per_device
 from pydetectron.data.roidb import combined_roidb_for_training
 from pydetectron.engine.checkpoint import CheckpointManager, load_checkpoint
+from pydetectron.engine.dataset_cfg import apply_dataset_meta, select_datasets
 from pydetectron.engine.logger import TrainingLogger, read_metrics
 from pydetectron.engine.trainer import Trainer, TrainLoopSettings
 from pydetectron.evaluation.inference import evaluate_detections, inference_on_dataset
@@ -70,19 +70,6 @@ def training_device(options: TrainOptions) -> tuple[torch.device, int]:
     return torch.device("cpu"), 1
 
 
-def apply_dataset(cfg, options: TrainOptions) -> None:
-    """--register specs, then --dataset: TRAIN/TEST.DATASETS and MODEL.NUM_CLASSES (from the json if needed)."""
-    for spec in options.register:
-        register_from_string(spec)
-    if options.dataset:
-        short = resolve_short_name(options.dataset)
-        cfg.TRAIN.DATASETS, cfg.TEST.DATASETS = tuple(short.train), tuple(short.test)
-        if short.num_classes > 0:
-            cfg.MODEL.NUM_CLASSES = short.num_classes
-    if not cfg.TRAIN.DATASETS:
-        raise ValueError("no training dataset: pass --dataset NAME or set TRAIN.DATASETS in the config")
-
-
 def adapt_cfg(cfg, options: TrainOptions, num_devices: int, print_fn: Print = print) -> None:
     """Scale the schedule to the hardware and batch size, then apply the command-line solver overrides."""
     original_ims_per_batch = cfg.TRAIN.IMS_PER_BATCH
@@ -110,17 +97,6 @@ def adapt_cfg(cfg, options: TrainOptions, num_devices: int, print_fn: Print = pr
         cfg.SOLVER.GAMMA = options.lr_decay_gamma
     if options.seed is not None:
         cfg.RNG_SEED = options.seed
-
-
-def apply_dataset_meta(cfg, meta: DatasetMeta, print_fn: Print = print) -> None:
-    """Class and keypoint counts of a catalog dataset the short names don't describe (shapes, custom data)."""
-    if cfg.MODEL.NUM_CLASSES <= 0:
-        cfg.MODEL.NUM_CLASSES = meta.num_classes
-        print_fn(f"MODEL.NUM_CLASSES = {meta.num_classes} from the dataset ({meta.num_classes - 1} categories)")
-    if cfg.MODEL.KEYPOINTS_ON and cfg.KRCNN.NUM_KEYPOINTS <= 0:
-        cfg.KRCNN.NUM_KEYPOINTS = meta.num_keypoints
-    if cfg.MODEL.KEYPOINTS_ON and not cfg.KRCNN.OKS_SIGMAS and meta.oks_sigmas:
-        cfg.KRCNN.OKS_SIGMAS = tuple(meta.oks_sigmas)
 
 
 def default_output_dir(cfg_name: str) -> Path:
@@ -209,7 +185,7 @@ def make_evaluator(model, cfg, device, output_dir: Path, print_fn: Print):
 def run_training(cfg, options: TrainOptions, print_fn: Print = print) -> Path:
     """Adapt and freeze `cfg`, train, and return the output directory (checkpoints, metrics, curves)."""
     device, num_devices = training_device(options)
-    apply_dataset(cfg, options)
+    select_datasets(cfg, options.dataset, options.register, train=True)
     adapt_cfg(cfg, options, num_devices, print_fn)
     roidb, meta = combined_roidb_for_training(cfg.TRAIN.DATASETS, cfg.TRAIN.USE_FLIPPED, cfg.MODEL.KEYPOINTS_ON,
                                               cfg.TRAIN.GT_MIN_AREA)

@@ -27,11 +27,10 @@ import torch
 from pycocotools.coco import COCO
 
 from pydetectron.config import assert_and_infer_cfg, cfg_to_yaml
-from pydetectron.data.catalog import register_from_string, resolve_short_name
 from pydetectron.data.coco import CocoDataset
 from pydetectron.data.minibatch import BlobSettings
+from pydetectron.engine.dataset_cfg import apply_dataset_meta, select_datasets
 from pydetectron.engine.inference_model import build_inference_model
-from pydetectron.engine.training import apply_dataset_meta
 from pydetectron.evaluation.bbox_aug import detection_function
 from pydetectron.evaluation.inference import evaluate_detections, inference_on_dataset
 from pydetectron.vis import draw_detections, save_image
@@ -80,15 +79,7 @@ def default_output_dir(options: TestOptions) -> Path:
 def prepare_test_cfg(cfg, options: TestOptions, print_fn: Print = print) -> None:
     """--register, then --dataset (TEST.DATASETS, MODEL.NUM_CLASSES), class/keypoint counts from the dataset
     when the cfg leaves them open; then check, infer and freeze the cfg."""
-    for spec in options.register:
-        register_from_string(spec)
-    if options.dataset:
-        short = resolve_short_name(options.dataset)
-        cfg.TEST.DATASETS = tuple(short.test)
-        if short.num_classes > 0:
-            cfg.MODEL.NUM_CLASSES = short.num_classes
-    if not cfg.TEST.DATASETS:
-        raise ValueError("no test dataset: pass --dataset NAME or set TEST.DATASETS in the config")
+    select_datasets(cfg, options.dataset, options.register, train=False)
     apply_dataset_meta(cfg, open_dataset(cfg.TEST.DATASETS[0])[0].meta, print_fn)
     assert_and_infer_cfg(cfg)
 
