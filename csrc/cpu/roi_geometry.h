@@ -62,7 +62,40 @@ C10_HOST_DEVICE inline T sample_coord(T start, T bin_size, int bin, int i, int g
       static_cast<T>(i + 0.5f) * bin_size / static_cast<T>(grid);
 }
 
-// One bilinear sample on an H x W plane: four flat offsets (y * W + x) and their weights.
+// Where one sample coordinate falls along an axis of `size` pixels: the two neighbouring pixels and their
+// weights. Caffe2's boundary rules: a coordinate more than one pixel outside the map gives nothing;
+// otherwise it is clamped onto the map, and on the last pixel it takes that pixel's value.
+template <typename T>
+struct AxisSample {
+  int low, high;
+  T w_low, w_high;
+  bool inside;
+};
+
+template <typename T>
+C10_HOST_DEVICE inline AxisSample<T> axis_sample(T v, int size) {
+  AxisSample<T> a;
+  a.inside = !(v < T(-1) || v > static_cast<T>(size));
+  if (!a.inside) {
+    a.low = a.high = 0;
+    a.w_low = a.w_high = T(0);
+    return a;
+  }
+  v = v <= T(0) ? T(0) : v;
+  a.low = static_cast<int>(v);
+  if (a.low >= size - 1) {
+    a.high = a.low = size - 1;
+    v = static_cast<T>(a.low);
+  } else {
+    a.high = a.low + 1;
+  }
+  a.w_high = v - static_cast<T>(a.low);
+  a.w_low = T(1) - a.w_high;
+  return a;
+}
+
+// One bilinear sample on an H x W plane: four flat offsets (y * W + x) and their weights, the products of
+// the two axes' weights.
 template <typename T>
 struct Bilinear {
   int pos[4];
@@ -70,47 +103,19 @@ struct Bilinear {
   bool inside;  // false: the sample lies beyond the map and contributes nothing
 };
 
-// Caffe2's boundary rules: a sample more than one pixel outside the map is zero; otherwise it is clamped
-// onto the map, and on the last row/column it takes that row/column's value.
 template <typename T>
 C10_HOST_DEVICE inline Bilinear<T> bilinear(T y, T x, int height, int width) {
+  const AxisSample<T> ay = axis_sample(y, height), ax = axis_sample(x, width);
   Bilinear<T> s;
-  if (y < T(-1) || y > static_cast<T>(height) || x < T(-1) || x > static_cast<T>(width)) {
-    for (int j = 0; j < 4; ++j) {
-      s.pos[j] = 0;
-      s.w[j] = T(0);
-    }
-    s.inside = false;
-    return s;
-  }
-  y = y <= T(0) ? T(0) : y;
-  x = x <= T(0) ? T(0) : x;
-  int y_low = static_cast<int>(y);
-  int x_low = static_cast<int>(x);
-  int y_high, x_high;
-  if (y_low >= height - 1) {
-    y_high = y_low = height - 1;
-    y = static_cast<T>(y_low);
-  } else {
-    y_high = y_low + 1;
-  }
-  if (x_low >= width - 1) {
-    x_high = x_low = width - 1;
-    x = static_cast<T>(x_low);
-  } else {
-    x_high = x_low + 1;
-  }
-  const T ly = y - static_cast<T>(y_low), lx = x - static_cast<T>(x_low);
-  const T hy = T(1) - ly, hx = T(1) - lx;
-  s.pos[0] = y_low * width + x_low;
-  s.pos[1] = y_low * width + x_high;
-  s.pos[2] = y_high * width + x_low;
-  s.pos[3] = y_high * width + x_high;
-  s.w[0] = hy * hx;
-  s.w[1] = hy * lx;
-  s.w[2] = ly * hx;
-  s.w[3] = ly * lx;
-  s.inside = true;
+  s.inside = ay.inside && ax.inside;
+  s.pos[0] = ay.low * width + ax.low;
+  s.pos[1] = ay.low * width + ax.high;
+  s.pos[2] = ay.high * width + ax.low;
+  s.pos[3] = ay.high * width + ax.high;
+  s.w[0] = ay.w_low * ax.w_low;
+  s.w[1] = ay.w_low * ax.w_high;
+  s.w[2] = ay.w_high * ax.w_low;
+  s.w[3] = ay.w_high * ax.w_high;
   return s;
 }
 
