@@ -30,7 +30,8 @@ class AffineChannel2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_features), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        # One fused multiply-add pass (half the memory traffic of ``x * w + b``); keeps x's memory format.
+        return torch.addcmul(self.bias.view(1, -1, 1, 1), x, self.weight.view(1, -1, 1, 1))
 
     def extra_repr(self) -> str:
         return f"{self.num_features}"
