@@ -3,6 +3,8 @@ FREEZE_AT, GroupNorm, ResNeXt, dilation, and FPN's arithmetic against a referenc
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +14,7 @@ from torch import nn
 from pydetectron.config import get_cfg
 from pydetectron.modeling import registry
 from pydetectron.modeling.backbones import FPN, ResNet, make_res_stage
-from pydetectron.modeling.layers import AffineChannel2d
+from pydetectron.modeling.layers import AffineChannel2d, NormSpec
 from pydetectron.weights import model_weight_mapping
 
 registry.import_builtin_modules()
@@ -304,3 +306,36 @@ def test_bn_and_syncbn_bodies_are_trainable_and_map_stats_to_nothing():
         assert mapping["res3.0.branch2a.norm.weight"] == "res3_0_branch2a_bn_s"
         assert mapping["res3.0.branch2a.norm.running_mean"] is None
         assert mapping["stem.conv1.norm.bias"] == "res_conv1_bn_b"
+
+
+def test_affine_channel_matches_float64_and_keeps_memory_format():
+    torch.manual_seed(3)
+    layer = AffineChannel2d(5)
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.normal_()
+    x = torch.randn(2, 5, 3, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = layer(x)
+    w, b = layer.weight.double()[:, None, None], layer.bias.double()[:, None, None]
+    torch.testing.assert_close(y.double(), x.double() * w + b, rtol=1e-6, atol=1e-6)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, layer.weight[:, None, None].expand(2, 5, 3, 4))
+
+
+@pytest.mark.parametrize("norm", ["AffineChannel", "GN"])
+def test_body_stages_are_channels_last_and_match_float64(norm):
+    """The body computes in channels-last memory; values must be those of a float64 NCHW run."""
+    torch.manual_seed(4)
+    spec = NormSpec(kind=norm, gn_num_groups=8)
+    body = ResNet(18, freeze_at=0, norm=spec).eval()
+    for name, p in body.named_parameters():
+        if "norm" in name:
+            nn.init.normal_(p, mean=1.0 if name.endswith("weight") else 0.0, std=0.1)
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        got = body.forward_stages(x)
+        want = copy.deepcopy(body).double().forward_stages(x.double())
+    for level, g in got.items():
+        assert g.is_contiguous(memory_format=torch.channels_last), level
+        torch.testing.assert_close(g.double(), want[level], rtol=1e-4, atol=1e-4)
