@@ -31,3 +31,12 @@ def test_reports_every_interval_and_at_the_last_step(tmp_path):
     assert records[1]["loss_cls"] == 0.5 and records[1]["eta_seconds"] == 2.0
     assert records[-1] == {"step": 5, "eval/bbox/AP": 0.5}
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_console_sums_fpn_levels_but_metrics_keep_them(tmp_path):
+    lines = []
+    logger = TrainingLogger(tmp_path, max_iter=1, disp_interval=1, print_fn=lines.append)
+    logger.log_step(0, {"loss": 1.0, "loss_rpn_cls_fpn2": 0.25, "loss_rpn_cls_fpn3": 0.5, "loss_cls": 0.25},
+                    lr=0.1, iter_time=1.0, data_time=0.0)
+    assert "loss_rpn_cls 0.7500" in lines[0] and "fpn2" not in lines[0]
+    assert read_metrics(tmp_path / "metrics.json")[0]["loss_rpn_cls_fpn2"] == 0.25

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 import resource
 import statistics
 from collections import defaultdict, deque
@@ -44,12 +45,24 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+_FPN_LEVEL = re.compile(r"_fpn\d+$")
+
+
+def sum_fpn_levels(values: Mapping[str, float]) -> dict[str, float]:
+    """Per-FPN-level losses (loss_rpn_cls_fpn2 ...) summed under their common name, for a readable line."""
+    summed: dict[str, float] = {}
+    for name, value in values.items():
+        key = _FPN_LEVEL.sub("", name)
+        summed[key] = summed.get(key, 0.0) + value
+    return summed
+
+
 class TrainingLogger:
     """Smooths per-step values and reports them every `disp_interval` steps.
 
-    Console: step, total and each loss, lr, time/iter, data time, ETA, memory. `metrics.json` in
-    `output_dir` gets one JSON object per reported step (and per evaluation); tensorboardX gets the same
-    scalars when `use_tfboard`.
+    Console: step, total and each loss (per-FPN-level losses summed), lr, time/iter, data time, ETA, memory.
+    `metrics.json` in `output_dir` gets one JSON object per reported step with every loss (and one per
+    evaluation); tensorboardX gets the same scalars when `use_tfboard`.
     """
 
     def __init__(
@@ -89,7 +102,7 @@ class TrainingLogger:
         eta = datetime.timedelta(seconds=int(time_per_iter * (self.max_iter - step - 1)))
         memory = peak_memory_mb()
         total = loss_values.get("loss", sum(loss_values.values()))
-        parts = [f"loss {total:.4f}"] + [f"{k} {v:.4f}" for k, v in loss_values.items() if k != "loss"]
+        parts = [f"loss {total:.4f}"] + [f"{k} {v:.4f}" for k, v in sum_fpn_levels(loss_values).items() if k != "loss"]
         self.print(
             f"[step {step + 1}/{self.max_iter}] " + ", ".join(parts)
             + f" | lr {lr:.6f} | {time_per_iter:.3f}s/it (data {self.values['data_time'].median:.3f}s)"
