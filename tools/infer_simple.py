@@ -21,13 +21,14 @@ from typing import Sequence
 import cv2
 import torch
 
-from pydetectron.config import assert_and_infer_cfg, get_cfg, merge_cfg_from_file, merge_cfg_from_list
+from pydetectron.config import assert_and_infer_cfg
 from pydetectron.data.catalog import get_dataset, register_from_string, resolve_short_name
 from pydetectron.data.coco import CocoDataset
 from pydetectron.data.minibatch import BlobSettings
 from pydetectron.engine.inference_model import build_inference_model
 from pydetectron.evaluation.bbox_aug import detection_function
 from pydetectron.evaluation.inference import detect_image
+from pydetectron.utils.cli import add_config_args, add_register_arg, check_config_args, load_cfg
 from pydetectron.vis import draw_detections, save_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jp2"}
@@ -51,14 +52,13 @@ COCO_PERSON_SKELETON = [
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cfg", dest="cfg_file", required=True, help="config YAML the model was trained with")
+    add_config_args(parser, "config YAML the model was trained with", "TEST.SCALE 600")
     parser.add_argument("--load_ckpt", help="pydetectron checkpoint (.pth)")
     parser.add_argument("--load_detectron", help="Detectron weights (.pkl)")
     parser.add_argument("--dataset", default="coco",
                         help="where class names (and the keypoint skeleton) come from: 'coco' (COCO's 80 classes, "
                              "default), 'keypoints_coco', a --dataset short name or a catalog dataset")
-    parser.add_argument("--register", action="append", default=[], metavar="NAME:IMAGE_DIR:ANN_JSON",
-                        help="register a custom COCO-format dataset to take class names from (repeatable)")
+    add_register_arg(parser)
     images = parser.add_mutually_exclusive_group(required=True)
     images.add_argument("--image_dir", help="folder of images (non-image files are skipped)")
     images.add_argument("--images", nargs="+", help="image files")
@@ -66,14 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--thresh", type=float, default=0.7, help="draw detections scoring at least this (0.7)")
     parser.add_argument("--kp_thresh", type=float, default=2.0, help="draw keypoints whose logit exceeds this (2)")
     parser.add_argument("--output_ext", default="jpg", choices=["jpg", "png", "pdf"], help="picture format")
-    parser.add_argument("--set", dest="set_cfgs", nargs="+", default=[], metavar="KEY VALUE",
-                        help="config overrides, e.g. --set TEST.SCALE 600")
     parser.add_argument("--no_cuda", dest="cuda", action="store_false", help="run on the CPU")
     args = parser.parse_args(argv)
     if bool(args.load_ckpt) == bool(args.load_detectron):
         parser.error("give exactly one of --load_ckpt or --load_detectron")
-    if len(args.set_cfgs) % 2:
-        parser.error(f"--set takes KEY VALUE pairs; got an odd number of items: {args.set_cfgs}")
+    check_config_args(parser, args)
     return args
 
 
@@ -123,9 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     for spec in args.register:
         register_from_string(spec)
     class_names, skeleton, num_keypoints = class_names_and_skeleton(args.dataset)
-    cfg = get_cfg()
-    merge_cfg_from_file(cfg, args.cfg_file)
-    merge_cfg_from_list(cfg, args.set_cfgs)
+    cfg = load_cfg(args)
     if cfg.MODEL.NUM_CLASSES <= 0:
         cfg.MODEL.NUM_CLASSES = len(class_names)
     elif cfg.MODEL.NUM_CLASSES != len(class_names):

@@ -18,23 +18,20 @@ import logging
 import os
 import sys
 
-from pydetectron.config import get_cfg, merge_cfg_from_file, merge_cfg_from_list
 from pydetectron.evaluation.test_engine import TestOptions, run_test
+from pydetectron.utils.cli import add_config_args, add_register_arg, check_config_args, load_cfg
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", help="dataset short name (coco2017, keypoints_coco2017, shapes, ...) or any "
                         "catalog name, e.g. one added with --register (default: the cfg's TEST.DATASETS)")
-    parser.add_argument("--register", action="append", default=[], metavar="NAME:IMAGE_DIR:ANN_JSON",
-                        help="register a custom COCO-format dataset (repeatable), as in train_net_step.py")
-    parser.add_argument("--cfg", dest="cfg_file", required=True, help="config YAML the model was trained with")
+    add_register_arg(parser)
+    add_config_args(parser, "config YAML the model was trained with", "TEST.SCALE 800 TEST.BBOX_AUG.ENABLED True")
     parser.add_argument("--load_ckpt", help="pydetectron checkpoint (.pth) to test")
     parser.add_argument("--load_detectron", help="Detectron weights (.pkl) to test")
     parser.add_argument("--output_dir", help="where detections.pkl, result jsons and pictures go "
                         "(default: <weights dir>/../test; with --eval_only: beside the pickle)")
-    parser.add_argument("--set", dest="set_cfgs", nargs="+", default=[], metavar="KEY VALUE",
-                        help="config overrides, e.g. --set TEST.SCALE 800 TEST.BBOX_AUG.ENABLED True")
     parser.add_argument("--multi-gpu-testing", dest="multi_gpu_testing", action="store_true",
                         help="one test process per visible GPU (or per --num_workers), results merged")
     parser.add_argument("--num_workers", type=int,
@@ -49,8 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="evaluate a detections.pkl written earlier again, without inference (no weights needed)")
     parser.add_argument("--no_cuda", dest="cuda", action="store_false", help="test on the CPU")
     args = parser.parse_args(argv)
-    if len(args.set_cfgs) % 2:
-        parser.error(f"--set takes KEY VALUE pairs; got an odd number of items: {args.set_cfgs}")
+    check_config_args(parser, args)
     if args.eval_only:
         if args.load_ckpt or args.load_detectron or args.range:
             parser.error("--eval_only evaluates a saved pickle: it takes no weights and no --range")
@@ -64,9 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout)
-    cfg = get_cfg()
-    merge_cfg_from_file(cfg, args.cfg_file)
-    merge_cfg_from_list(cfg, args.set_cfgs)
+    cfg = load_cfg(args)
     options = TestOptions(
         cfg_file=args.cfg_file, set_cfgs=args.set_cfgs, dataset=args.dataset, register=args.register,
         load_ckpt=args.load_ckpt, load_detectron=args.load_detectron, output_dir=args.output_dir,

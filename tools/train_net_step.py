@@ -15,19 +15,17 @@ import logging
 import sys
 from pathlib import Path
 
-from pydetectron.config import get_cfg, merge_cfg_from_file, merge_cfg_from_list
 from pydetectron.engine.training import TrainOptions, run_training
+from pydetectron.utils.cli import add_config_args, add_register_arg, check_config_args, load_cfg
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", help="dataset short name (coco2017, keypoints_coco2017, shapes, ...) or any "
                         "catalog name, e.g. one added with --register")
-    parser.add_argument("--register", action="append", default=[], metavar="NAME:IMAGE_DIR:ANN_JSON",
-                        help="register a custom COCO-format dataset (repeatable); see data/README.md")
-    parser.add_argument("--cfg", dest="cfg_file", required=True, help="config YAML (Detectron or Detectron.pytorch)")
-    parser.add_argument("--set", dest="set_cfgs", nargs="+", default=[], metavar="KEY VALUE",
-                        help="config overrides, e.g. --set SOLVER.MAX_ITER 1000 TRAIN.SCALES '(600,)'")
+    add_register_arg(parser)
+    add_config_args(parser, "config YAML (Detectron or Detectron.pytorch)",
+                    "SOLVER.MAX_ITER 1000 TRAIN.SCALES '(600,)'")
     parser.add_argument("--bs", dest="batch_size", type=int,
                         help="total images per forward pass over all devices (default: the config's "
                              "NUM_GPUS x TRAIN.IMS_PER_BATCH); lr scales with it")
@@ -52,17 +50,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.resume and not args.load_ckpt:
         parser.error("--resume needs --load_ckpt <checkpoint>")
-    if len(args.set_cfgs) % 2:
-        parser.error(f"--set takes KEY VALUE pairs; got an odd number of items: {args.set_cfgs}")
+    check_config_args(parser, args)
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout)
-    cfg = get_cfg()
-    merge_cfg_from_file(cfg, args.cfg_file)
-    merge_cfg_from_list(cfg, args.set_cfgs)
+    cfg = load_cfg(args)
     options = TrainOptions(
         dataset=args.dataset, register=args.register, batch_size=args.batch_size, num_workers=args.num_workers,
         iter_size=args.iter_size, optimizer=args.optimizer, lr=args.lr, lr_decay_gamma=args.lr_decay_gamma,
