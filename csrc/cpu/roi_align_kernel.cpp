@@ -229,15 +229,19 @@ at::Tensor roi_align_forward_cpu(
 
 // ---------------------------------------------------------------------------------------------- backward
 
-// grad_input: (N, C, H, W) planes of acc_t. Threads own channels (no two add into the same element) and
-// sweep them block of RoIs by block, so the plane being written stays in cache.
+// grad_input: uninitialised (N, C, H, W) planes of acc_t. Threads own channels (no two write the same
+// element): each zeroes its planes, then sweeps them block of RoIs by block, so the plane being written
+// stays in cache.
 template <typename scalar_t, typename acc_t>
 void backward_planes(
-    const scalar_t* grad, const scalar_t* rois, acc_t* grad_input, int64_t num_rois, int64_t channels, int height,
-    int width, const AlignParams& p) {
+    const scalar_t* grad, const scalar_t* rois, acc_t* grad_input, int64_t num_rois, int64_t batch,
+    int64_t channels, int height, int width, const AlignParams& p) {
   const int bins = p.bins();
   const int64_t plane = static_cast<int64_t>(height) * width;
   at::parallel_for(0, channels, 1, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t n = 0; n < batch; ++n) {
+      std::fill_n(grad_input + (n * channels + c_begin) * plane, (c_end - c_begin) * plane, acc_t(0));
+    }
     RoiBlock<acc_t> block;
     for (int64_t k0 = 0; k0 < num_rois; k0 += kRoiBlock) {
       const int64_t k1 = std::min(num_rois, k0 + kRoiBlock);
@@ -278,16 +282,20 @@ void backward_planes(
   });
 }
 
-// grad_input: (N, H, W, C) of acc_t in memory; each task owns a block of kChannelBlock channels.
+// grad_input: uninitialised (N, H, W, C) of acc_t in memory; each task owns blocks of kChannelBlock
+// channels, which it zeroes and then adds into.
 template <typename scalar_t, typename acc_t>
 void backward_channels_last(
-    const scalar_t* grad, const scalar_t* rois, acc_t* grad_input, int64_t num_rois, int64_t channels, int height,
-    int width, const AlignParams& p) {
+    const scalar_t* grad, const scalar_t* rois, acc_t* grad_input, int64_t num_rois, int64_t batch,
+    int64_t channels, int height, int width, const AlignParams& p) {
   const int bins = p.bins();
-  const int64_t image = static_cast<int64_t>(height) * width * channels;
+  const int64_t pixels = static_cast<int64_t>(height) * width, image = pixels * channels;
   const int64_t blocks = (channels + kChannelBlock - 1) / kChannelBlock;
   at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
     const int64_t c0 = block_begin * kChannelBlock, nc = std::min(block_end * kChannelBlock, channels) - c0;
+    for (int64_t pixel = 0; pixel < batch * pixels; ++pixel) {
+      std::fill_n(grad_input + pixel * channels + c0, nc, acc_t(0));
+    }
     std::vector<acc_t> shares(nc);
     acc_t* __restrict__ share = shares.data();
     for (int64_t k = 0; k < num_rois; ++k) {
@@ -338,14 +346,12 @@ at::Tensor roi_align_backward_cpu(
     const bool last =
         prefer_channels_last(r, num_rois, p, batch_size, height, width, kBackwardSamplesPerPixelForChannelsLast);
     const auto format = last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+    // Left uninitialised: the kernels zero it in parallel, each thread the part it owns.
     at::Tensor acc = at::empty({batch_size, channels, height, width},
-                               grad.options().dtype(c10::CppTypeToScalarType<acc_t>::value), format)
-                         .zero_();
-    if (num_rois > 0 && channels > 0) {
-      const auto run = last ? backward_channels_last<scalar_t, acc_t> : backward_planes<scalar_t, acc_t>;
-      run(grad_c.data_ptr<scalar_t>(), r, acc.data_ptr<acc_t>(), num_rois, channels, static_cast<int>(height),
-          static_cast<int>(width), p);
-    }
+                               grad.options().dtype(c10::CppTypeToScalarType<acc_t>::value), format);
+    const auto run = last ? backward_channels_last<scalar_t, acc_t> : backward_planes<scalar_t, acc_t>;
+    run(grad_c.data_ptr<scalar_t>(), r, acc.data_ptr<acc_t>(), num_rois, batch_size, channels,
+        static_cast<int>(height), static_cast<int>(width), p);
     result = acc.to(grad.scalar_type()).contiguous();
   });
   return result;

@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cfloat>
 #include <vector>
 
@@ -197,13 +198,18 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_forward_cpu(
   return {output, argmax};
 }
 
+// grad_input: uninitialised (N, C, H, W) planes of acc_t. Threads own channels; each zeroes a channel's
+// planes and adds every RoI's gradients into them while they are in cache.
 template <typename scalar_t, typename acc_t>
 void backward_planes(
     const scalar_t* grad, const int32_t* argmax, const std::vector<int64_t>& batch_of, acc_t* grad_input,
-    int64_t channels, int64_t plane, int bins) {
+    int64_t batch, int64_t channels, int64_t plane, int bins) {
   const int64_t num_rois = static_cast<int64_t>(batch_of.size());
   at::parallel_for(0, channels, 1, [&](int64_t c_begin, int64_t c_end) {
     for (int64_t c = c_begin; c < c_end; ++c) {
+      for (int64_t n = 0; n < batch; ++n) {
+        std::fill_n(grad_input + (n * channels + c) * plane, plane, acc_t(0));
+      }
       for (int64_t k = 0; k < num_rois; ++k) {
         acc_t* data = grad_input + (batch_of[k] * channels + c) * plane;
         const int64_t o = (k * channels + c) * bins;
@@ -233,10 +239,11 @@ at::Tensor roi_pool_backward_cpu(
   at::Tensor result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_pool_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    at::Tensor acc = at::zeros({batch_size, channels, height, width},
+    // Left uninitialised: the kernel zeroes it in parallel, each thread its own channels.
+    at::Tensor acc = at::empty({batch_size, channels, height, width},
                                grad.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     backward_planes(grad_c.data_ptr<scalar_t>(), argmax_c.data_ptr<int32_t>(), batch_of, acc.data_ptr<acc_t>(),
-                    channels, height * width, static_cast<int>(pooled_height * pooled_width));
+                    batch_size, channels, height * width, static_cast<int>(pooled_height * pooled_width));
     result = acc.to(grad.scalar_type());
   });
   return result;
