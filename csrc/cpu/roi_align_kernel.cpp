@@ -39,11 +39,11 @@ constexpr int64_t kChannelBlock = 16;
 
 // The channels-last kernels first pay a transpose of the whole map (and, in the backward, a transpose of
 // the gradient back), then run vectorised over channels; the planar kernels pay per sample. Measured on
-// 1x256x200x304 with 7x7 bins and 2x2 samples (CPU time, 2 threads), they break even at about this many
-// samples per map pixel: forward 87 vs 86 ms at 1.65 (512 RoIs) and 450 vs 261 ms at 6.4 (2000 RoIs);
-// backward 151 vs 221 ms at 1.65 and 574 vs 504 ms at 6.4.
-constexpr double kForwardSamplesPerPixelForChannelsLast = 2.0;
-constexpr double kBackwardSamplesPerPixelForChannelsLast = 6.0;
+// 1x256x200x304 with 7x7 bins and 2x2 samples (ms of CPU time, planar vs channels-last), at 1.65 samples per
+// map pixel (512 RoIs): forward 88 vs 78, backward 156 vs 191; at 6.4 (2000 RoIs): forward 448 vs 227,
+// backward 563 vs 415. Hence these break-even densities.
+constexpr double kForwardSamplesPerPixelForChannelsLast = 1.5;
+constexpr double kBackwardSamplesPerPixelForChannelsLast = 4.0;
 
 template <typename acc_t, typename scalar_t>
 AlignRoi<acc_t> roi_at(const scalar_t* rois, int64_t k, const AlignParams& p) {

@@ -141,7 +141,7 @@ def test_planar_and_channels_last_paths_agree_with_torchvision():
     # small map, or a channels-last input, take the channels-last ones.
     g = torch.Generator().manual_seed(5)
     for features, num_rois in ((torch.randn(1, 20, 64, 64, generator=g), 1),
-                               (torch.randn(1, 2, 128, 128, generator=g), 300),
+                               (torch.randn(1, 2, 160, 160, generator=g), 300),
                                (torch.randn(2, 20, 8, 8, generator=g), 64)):
         rois = random_rois(num_rois, features.shape[0], 8.0 * features.shape[-1], g)
         expected = torchvision.ops.roi_align(features, rois.float(), 5, 0.125, 2)
