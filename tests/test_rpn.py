@@ -398,3 +398,19 @@ def test_inference_and_rpn_only_training():
     rpn_only = _build_rpn(_cfg(False, MODEL__FASTER_RCNN=False, MODEL__RPN_ONLY=True), 16, [1 / 16])
     out = rpn_only(features, IM_INFO, ROIDB)
     assert out.rois is None and sorted(out.losses) == ["loss_rpn_bbox", "loss_rpn_cls"]
+
+
+def test_rpn_bookkeeping_runs_on_one_cpu_thread_and_restores_the_count():
+    from pydetectron.modeling.rpn import _one_cpu_thread
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with _one_cpu_thread(torch.device("cpu")):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError, match="boom"), _one_cpu_thread(torch.device("cpu")):
+            raise RuntimeError("boom")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
