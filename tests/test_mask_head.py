@@ -194,3 +194,25 @@ def test_paste_uses_opencv_bilinear_on_padded_mask_exactly():
     assert np.array_equal(out[1, :, ex1:], full[-ey1 : -ey1 + 30, : 60 - ex1])
     assert out[1, :, :ex1].sum() == 0
     assert paste_masks_in_image(torch.zeros(0, 6, 6), torch.zeros(0, 4), 5, 5).shape == (0, 5, 5)
+
+
+@pytest.mark.parametrize("name", [n for n in MASK_HEADS if not n.endswith("share")] + ["fc_output"])
+def test_channels_last_head_body_matches_float64(name):
+    """predict() runs its body channels-last; the logits must be those of a float64 copy of the head."""
+    import copy
+
+    if name == "fc_output":
+        cfg = _cfg("v1up", MRCNN__CLS_SPECIFIC_MASK=False, MRCNN__USE_FC_OUTPUT=True)
+        name = "mask_rcnn_fcn_head_v1up"
+    else:
+        cfg = _cfg(name)
+    torch.manual_seed(0)
+    head = registry.build("mask_head", name, cfg, 8, [1 / 16]).eval()
+    for p in head.parameters():  # Detectron's tiny init would make every logit ~0
+        torch.nn.init.normal_(p, std=0.2)
+    side = cfg.MRCNN.ROI_XFORM_RESOLUTION
+    x = torch.randn(3, 8, side, side)
+    with torch.no_grad():
+        got, want = head.predict(x), copy.deepcopy(head).double().predict(x.double())
+    assert got.shape == want.shape
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
