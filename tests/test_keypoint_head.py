@@ -148,3 +148,20 @@ def test_nms_oks_suppresses_overlapping_poses_by_mean_logit():
     assert nms_oks(kps, boxes, oks_31 - 1e-3, sigmas).tolist() == [1, 2]
     with pytest.raises(ValueError, match="K sigmas"):
         nms_oks(kps, boxes, 0.3, [0.05])
+
+
+def test_channels_last_head_matches_float64_and_returns_contiguous_heatmaps(roi_align_available):
+    import copy
+
+    cfg = _cfg(ROI_XFORM_RESOLUTION=7, USE_DECONV=True, USE_DECONV_OUTPUT=True, HEATMAP_SIZE=28)
+    torch.manual_seed(0)
+    head = registry.build("keypoint_head", "keypoint_rcnn_heads.add_roi_pose_head_v1convX", cfg, 6, [1 / 8]).eval()
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    feats = [torch.randn(2, 6, 10, 10)]
+    rois = torch.tensor([[0.0, 4, 4, 60, 40], [1.0, 0, 0, 20, 30]])
+    with torch.no_grad():
+        got = head(feats, rois)
+        want = copy.deepcopy(head).double()([feats[0].double()], rois.double())
+    assert got.is_contiguous()
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
