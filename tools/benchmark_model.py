@@ -87,15 +87,19 @@ class _Calibrating:
             handle.remove()
 
 
-def build_ours(height: int, device: torch.device):
+def ours_cfg(height: int):
+    """The R-50-FPN Mask R-CNN baseline at the benchmark size, thresholds 0 (see the module docstring)."""
     cfg = get_cfg()
     merge_cfg_from_file(cfg, str(CONFIG))
     merge_cfg_from_list(cfg, ["MODEL.NUM_CLASSES", 81, "TEST.SCALE", height, "TEST.MAX_SIZE", 1333,
                               "TRAIN.SCALES", (height,), "TRAIN.MAX_SIZE", 1333, "TEST.SCORE_THRESH", 0.0,
                               "MODEL.LOAD_IMAGENET_PRETRAINED_WEIGHTS", False])
-    assert_and_infer_cfg(cfg)
+    return assert_and_infer_cfg(cfg)
+
+
+def build_ours(cfg, device: torch.device) -> nn.Module:
     torch.manual_seed(0)
-    return build_detector(cfg).to(device), BlobSettings.from_cfg(cfg, train=False)
+    return build_detector(cfg).to(device)
 
 
 def build_peer(height: int, device: torch.device) -> nn.Module:
@@ -108,12 +112,15 @@ def build_peer(height: int, device: torch.device) -> nn.Module:
 class Workloads:
     """The same image and ground truth, in each model's input format."""
 
-    def __init__(self, height: int, width: int, device: torch.device, ims_per_batch: int):
+    def __init__(self, height: int, width: int, device: torch.device, ims_per_batch: int,
+                 models: tuple[str, ...] = ("ours", "peer")):
         self.image, self.boxes, self.masks = synthetic_scene(height, width)
         self.device = device
         self.ims_per_batch = ims_per_batch
-        self.ours_model, self.settings = build_ours(height, device)
-        self.peer_model = build_peer(height, device)
+        cfg = ours_cfg(height)
+        self.settings = BlobSettings.from_cfg(cfg, train=False)
+        self.ours_model = build_ours(cfg, device) if "ours" in models else None
+        self.peer_model = build_peer(height, device) if "peer" in models else None
         rgb = torch.from_numpy(cv2.cvtColor(self.image, cv2.COLOR_BGR2RGB)).permute(2, 0, 1).float() / 255
         self.peer_image = rgb.to(device)
         blob, self.im_scale = prepare_test_image(self.image, self.settings)
@@ -133,6 +140,8 @@ class Workloads:
 
     def calibrate(self) -> None:
         for model, run in ((self.ours_model, self.ours_detect), (self.peer_model, self.peer_detect)):
+            if model is None:
+                continue
             model.eval()
             with _Calibrating(model):
                 run()
@@ -167,17 +176,21 @@ class Workloads:
                 optimizer.step()
             return step
 
-        self.ours_model.train()
-        self.peer_model.train()
-        ours = step_fn(self.ours_model, lambda: self.ours_model(data, im_info, roidb))
-        peer = step_fn(self.peer_model, lambda: self.peer_model([self.peer_image] * k, [target] * k))
+        ours = peer = None
+        if self.ours_model is not None:
+            self.ours_model.train()
+            ours = step_fn(self.ours_model, lambda: self.ours_model(data, im_info, roidb))
+        if self.peer_model is not None:
+            self.peer_model.train()
+            peer = step_fn(self.peer_model, lambda: self.peer_model([self.peer_image] * k, [target] * k))
         return ours, peer
 
 
 def measure_memory(which: str, args) -> None:
-    """Child-process mode: one calibrated model, a few training iterations, then peak RSS / CUDA memory."""
+    """Child-process mode: only the model measured is built; a few training iterations, then the peak RSS
+    (CPU) or max_memory_allocated (CUDA) of this process."""
     device = torch.device(args.device)
-    work = Workloads(args.height, args.width, device, args.ims_per_batch)
+    work = Workloads(args.height, args.width, device, args.ims_per_batch, models=(which,))
     work.calibrate()
     ours, peer = work.training_steps()
     step = ours if which == "ours" else peer
