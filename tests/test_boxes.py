@@ -160,3 +160,9 @@ def test_bad_shapes_raise():
         B.encode_boxes(torch.zeros(1, 4), torch.zeros(1, 4), (1, 1, 1))
     with pytest.raises(ValueError, match="deltas"):
         B.decode_boxes(torch.zeros(2, 4), torch.zeros(2, 6), (1, 1, 1, 1))
+
+
+def test_clip_accepts_zero_tiled_rows():
+    from pydetectron.boxes import clip_boxes
+
+    assert clip_boxes(torch.zeros(0, 12), 10, 10).shape == (0, 12)

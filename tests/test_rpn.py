@@ -414,3 +414,16 @@ def test_rpn_bookkeeping_runs_on_one_cpu_thread_and_restores_the_count():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_inference_collects_top_n_per_image_training_over_the_batch():
+    from pydetectron.modeling.fpn_levels import collect_proposals
+
+    # image 0 has the 3 best scores; with a batch-wide cut of 2, image 1 would get nothing
+    rois = torch.tensor([[0, 0, 0, 9, 9], [0, 1, 1, 9, 9], [0, 2, 2, 9, 9], [1, 3, 3, 9, 9], [1, 4, 4, 9, 9]],
+                        dtype=torch.float32)
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5])
+    batch_rois, _ = collect_proposals([rois], [scores], top_n=2)
+    assert batch_rois[:, 0].tolist() == [0, 0]
+    image_rois, image_scores = collect_proposals([rois[:2], rois[2:]], [scores[:2], scores[2:]], 2, per_image=True)
+    assert image_rois[:, 0].tolist() == [0, 0, 1, 1] and image_scores.tolist() == pytest.approx([0.9, 0.8, 0.6, 0.5])

@@ -157,7 +157,7 @@ def clip_boxes(boxes: Tensor, height: float, width: float, legacy_plus_one: bool
     off = _offset(legacy_plus_one)
     x_max = float(width) - off
     y_max = float(height) - off
-    tiled = boxes.reshape(boxes.shape[0], -1, 4)
+    tiled = boxes.reshape(boxes.shape[0], boxes.shape[1] // 4, 4)  # explicit: also right for zero rows
     clipped = torch.stack(
         (
             tiled[..., 0].clamp(0, x_max),

@@ -20,6 +20,7 @@ from torch import nn
 
 from pydetectron.modeling import registry
 from pydetectron.modeling.box_head import build_box_outputs, fast_rcnn_losses
+from pydetectron.modeling.fpn_levels import level_indices
 from pydetectron.modeling.keypoint_head import heatmaps_to_keypoints, keypoint_rcnn_loss
 from pydetectron.modeling.layers import compose_weight_mapping
 from pydetectron.modeling.mask_head import mask_probs, mask_rcnn_loss
@@ -38,14 +39,8 @@ def _roi_feature_indices(cfg, body_levels: Sequence[int]) -> List[int]:
     single (coarsest) map of a C4-style body (Detectron's ``_narrow_to_fpn_roi_levels``)."""
     if not cfg.FPN.FPN_ON:
         return [len(body_levels) - 1]
-    wanted = list(range(cfg.FPN.ROI_MIN_LEVEL, cfg.FPN.ROI_MAX_LEVEL + 1))
-    missing = [lvl for lvl in wanted if lvl not in body_levels]
-    if missing:
-        raise ValueError(
-            f"FPN.ROI_MIN_LEVEL..ROI_MAX_LEVEL = {wanted[0]}..{wanted[-1]} needs body levels {missing}, "
-            f"but the body provides levels {list(body_levels)}"
-        )
-    return [list(body_levels).index(lvl) for lvl in wanted]
+    return level_indices(body_levels, cfg.FPN.ROI_MIN_LEVEL, cfg.FPN.ROI_MAX_LEVEL,
+                         "FPN.ROI_MIN_LEVEL..ROI_MAX_LEVEL")
 
 
 @dataclass(frozen=True)

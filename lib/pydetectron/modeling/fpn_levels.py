@@ -58,19 +58,36 @@ def distribute_rois(rois: Tensor, levels: Tensor, k_min: int, k_max: int) -> tup
 
 
 def collect_proposals(
-    rois_per_level: Sequence[Tensor], scores_per_level: Sequence[Tensor], top_n: int
+    rois_per_level: Sequence[Tensor], scores_per_level: Sequence[Tensor], top_n: int, per_image: bool = False
 ) -> tuple[Tensor, Tensor]:
     """Keep the ``top_n`` highest-scoring proposals over all levels *and all images* of the batch.
 
-    This is Detectron's ``collect``: the cut is over the whole minibatch, not per image (Detectron.pytorch
-    scales ``top_n`` by ``FPN.RPN_COLLECT_SCALE`` for that reason). ``top_n <= 0`` keeps everything.
-    Returns RoIs ``(K, 5)`` and scores ``(K,)`` sorted by decreasing score.
+    This is Detectron's ``collect``: in training the cut is over the whole minibatch, not per image
+    (Detectron.pytorch scales ``top_n`` by ``FPN.RPN_COLLECT_SCALE`` for that reason). Detectron tests one
+    image at a time, so inference keeps ``top_n`` per image (`per_image`), whatever the batch.
+    ``top_n <= 0`` keeps everything. Returns RoIs ``(K, 5)`` and scores ``(K,)`` sorted by decreasing score
+    (per image, images in order, when `per_image`).
     """
     rois = torch.cat(list(rois_per_level))
     scores = torch.cat(list(scores_per_level))
     if rois.shape[0] != scores.shape[0]:
         raise ValueError(f"{rois.shape[0]} proposals but {scores.shape[0]} scores")
     order = torch.argsort(scores, descending=True, stable=True)
-    if top_n > 0:
+    if per_image and top_n > 0:
+        image_of = rois[order, 0]
+        order = torch.cat([order[image_of == image][:top_n] for image in image_of.unique(sorted=True)]
+                          or [order[:0]])
+    elif top_n > 0:
         order = order[:top_n]
     return rois[order], scores[order]
+
+
+def level_indices(body_levels: Sequence[int], lowest: int, highest: int, keys: str) -> list[int]:
+    """Positions in `body_levels` of levels `lowest..highest`, with an error naming the cfg `keys` if the
+    body lacks one (e.g. keys = 'FPN.ROI_MIN_LEVEL..ROI_MAX_LEVEL')."""
+    wanted = list(range(lowest, highest + 1))
+    missing = [level for level in wanted if level not in body_levels]
+    if missing:
+        raise ValueError(f"{keys} = {lowest}..{highest} needs body levels {missing}, "
+                         f"but the body provides levels {list(body_levels)}")
+    return [list(body_levels).index(level) for level in wanted]

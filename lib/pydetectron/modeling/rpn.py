@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pydetectron.modeling.anchors import AnchorGenerator, fpn_anchor_generator
-from pydetectron.modeling.fpn_levels import collect_proposals
+from pydetectron.modeling.fpn_levels import collect_proposals, level_indices
 from pydetectron.modeling.losses import sigmoid_cross_entropy_loss, smooth_l1_loss, softmax_cross_entropy_loss
 from pydetectron.modeling.proposals import ProposalParams, flatten_deltas, flatten_scores, generate_proposals
 from pydetectron.modeling.targets.rpn import RPNSampling, RPNTargets, rpn_targets
@@ -208,7 +208,8 @@ class RPN(nn.Module):
             return RPNOutput(rois[0], scores[0], losses)
         scale = self.collect_scale if roidb is not None else 1.0
         # Detectron.pytorch: int(RPN_POST_NMS_TOP_N * RPN_COLLECT_SCALE + 0.5) over the whole minibatch
-        rois_all, scores_all = collect_proposals(rois, scores, int(params.post_nms_top_n * scale + 0.5))
+        rois_all, scores_all = collect_proposals(rois, scores, int(params.post_nms_top_n * scale + 0.5),
+                                                 per_image=roidb is None)
         return RPNOutput(rois_all, scores_all, losses)
 
 
@@ -231,13 +232,8 @@ def build_rpn(cfg, dim_in: int, spatial_scales: Sequence[float]) -> RPN:
     body_levels = [_level_of_scale(s) for s in spatial_scales]
     if cfg.FPN.FPN_ON and cfg.FPN.MULTILEVEL_RPN:
         levels = list(range(cfg.FPN.RPN_MIN_LEVEL, cfg.FPN.RPN_MAX_LEVEL + 1))
-        missing = [lvl for lvl in levels if lvl not in body_levels]
-        if missing:
-            raise ValueError(
-                f"FPN.RPN_MIN_LEVEL..RPN_MAX_LEVEL = {levels[0]}..{levels[-1]} needs body levels {missing}, "
-                f"but the body provides levels {body_levels}"
-            )
-        feature_indices = [body_levels.index(lvl) for lvl in levels]
+        feature_indices = level_indices(body_levels, cfg.FPN.RPN_MIN_LEVEL, cfg.FPN.RPN_MAX_LEVEL,
+                                        "FPN.RPN_MIN_LEVEL..RPN_MAX_LEVEL")
         generator = fpn_anchor_generator(
             levels[0], levels[-1], cfg.FPN.RPN_ANCHOR_START_SIZE, cfg.FPN.RPN_ASPECT_RATIOS
         )
