@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -166,3 +167,19 @@ def test_clip_accepts_zero_tiled_rows():
     from pydetectron.boxes import clip_boxes
 
     assert clip_boxes(torch.zeros(0, 12), 10, 10).shape == (0, 12)
+
+
+def test_unique_boxes_matches_detectrons_hash():
+    """Detectron's unique_boxes: np.unique over round(box * scale) . [1, 1e3, 1e6, 1e9], first occurrences."""
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0, 300, size=(30, 4)).astype(np.float32)
+    boxes = np.concatenate([base, base[:12] + rng.uniform(-0.4, 0.4, size=(12, 4)).astype(np.float32)])[
+        rng.permutation(42)]
+    for scale in (1.0, 1 / 16):
+        hashes = np.round(boxes.astype(np.float64) * scale).dot(np.array([1, 1e3, 1e6, 1e9]))
+        _, first, groups = np.unique(hashes, return_index=True, return_inverse=True)
+        index, inverse = B.unique_boxes(torch.from_numpy(boxes), scale)
+        np.testing.assert_array_equal(index.numpy(), np.sort(first))
+        np.testing.assert_array_equal(boxes[index.numpy()][inverse.numpy()], boxes[first][groups])
+    empty_index, empty_inverse = B.unique_boxes(torch.zeros(0, 4))
+    assert empty_index.shape == (0,) and empty_inverse.shape == (0,)

@@ -25,6 +25,7 @@ __all__ = [
     "expand_boxes",
     "filter_small_boxes",
     "flip_boxes",
+    "unique_boxes",
     "xywh_to_xyxy",
     "xyxy_to_xywh",
 ]
@@ -215,6 +216,24 @@ def filter_small_boxes(
     ctr_x = boxes[:, 0] + widths / 2.0
     ctr_y = boxes[:, 1] + heights / 2.0
     return (w_orig >= min_size) & (h_orig >= min_size) & (ctr_x < im_w) & (ctr_y < im_h)
+
+
+def unique_boxes(boxes: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Boxes ``(N, 4)`` equal after ``round(boxes * scale)`` grouped: ``(index, inverse)`` int64 with
+    ``index`` the first box of each group in input order and ``boxes[index][inverse]`` each box's group
+    representative. Detectron's ``unique_boxes`` (``scale`` 1) and test-time ``DEDUP_BOXES`` (``scale`` 1/16)."""
+    _check_boxes(boxes, "boxes")
+    if boxes.shape[0] == 0:
+        empty = torch.zeros(0, dtype=torch.int64, device=boxes.device)
+        return empty, empty
+    rounded = torch.round(boxes.double() * scale)
+    _, group, counts = torch.unique(rounded, dim=0, return_inverse=True, return_counts=True)
+    order = torch.arange(boxes.shape[0], device=boxes.device)
+    first = torch.full((counts.shape[0],), boxes.shape[0], dtype=torch.int64, device=boxes.device)
+    first = first.scatter_reduce(0, group, order, reduce="amin")
+    index, rank = torch.sort(first)
+    inverse = torch.empty_like(rank).scatter_(0, rank, torch.arange(rank.shape[0], device=boxes.device))[group]
+    return index, inverse
 
 
 def xywh_to_xyxy(boxes: Tensor, legacy_plus_one: bool = True) -> Tensor:

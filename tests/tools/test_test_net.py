@@ -36,8 +36,11 @@ def _cfg(cfg_file: str):
 
 
 def _run(cfg_file, lines=None, **kwargs):
+    """run_test as the tool calls it: the cfg file, then the --set list, merged before the engine sees them."""
+    cfg = _cfg(cfg_file)
+    merge_cfg_from_list(cfg, list(kwargs.get("set_cfgs", ())))
     options = TestOptions(cfg_file=cfg_file, use_cuda=False, **kwargs)
-    return run_test(_cfg(cfg_file), options, (lines.append if lines is not None else lambda _: None))
+    return run_test(cfg, options, (lines.append if lines is not None else lambda _: None))
 
 
 def _assert_same_detections(a: dict, b: dict) -> None:
@@ -234,3 +237,50 @@ def test_result_masks_have_their_images_size(real_run, shapes_val):
     wrong = {image_id: d["segms"][0]["size"] for image_id, d in detections.items()
              if d["segms"] and d["segms"][0]["size"] != sizes[image_id]}
     assert wrong == {}, f"mask sizes differ from the images' for {wrong} (images: {sizes})"
+
+
+def _random_checkpoint(cfg_file: str, path: Path, set_cfgs) -> str:
+    import torch
+
+    from pydetectron.config import assert_and_infer_cfg
+    from pydetectron.engine.checkpoint import atomic_save
+    from pydetectron.modeling.detector import build_detector
+
+    cfg = _cfg(cfg_file)
+    merge_cfg_from_list(cfg, ["MODEL.NUM_CLASSES", 4, *set_cfgs])
+    assert_and_infer_cfg(cfg)
+    torch.manual_seed(0)
+    atomic_save({"model": build_detector(cfg).state_dict()}, path)
+    return str(path)
+
+
+def test_rpn_only_proposals_feed_a_fast_rcnn_model(shapes_val, tiny_cfg_file, tmp_path):
+    """Detectron's two-stage workflow: an RPN-only model writes rpn_proposals.pkl and reports its recall;
+    a Fast R-CNN model (no RPN) then detects in those proposals through TEST.PROPOSAL_FILES."""
+    from pydetectron.data.proposals import read_proposal_file
+
+    rpn_set = ["MODEL.RPN_ONLY", "True", "MODEL.FASTER_RCNN", "False", "MODEL.MASK_ON", "False"]
+    rpn_ckpt = _random_checkpoint(tiny_cfg_file, tmp_path / "rpn" / "model.pth", rpn_set)
+    lines = []
+    metrics = _run(tiny_cfg_file, lines, dataset=shapes_val, load_ckpt=rpn_ckpt, output_dir=str(tmp_path / "rpn_out"),
+                   set_cfgs=rpn_set)
+    recall = metrics[shapes_val]["box_proposal"]
+    assert list(recall)[:2] == ["AR@100", "ARs@100"] and 0.0 <= recall["AR@1000"] <= 1.0
+    assert recall["AR@1000"] >= recall["AR@100"]  # 50 proposals per image: equal here, never lower
+    assert "copypaste: Task: box_proposal" in lines
+    proposal_file = tmp_path / "rpn_out" / "rpn_proposals.pkl"
+    proposals = read_proposal_file(proposal_file)
+    assert len(proposals) == 6 and all(0 < len(p) <= 50 for p in proposals.values())
+
+    fast_set = ["MODEL.FASTER_RCNN", "False", "TEST.PROPOSAL_FILES", repr((str(proposal_file),)),
+                "TEST.PROPOSAL_LIMIT", "20"]
+    fast_ckpt = _random_checkpoint(tiny_cfg_file, tmp_path / "fast" / "model.pth", fast_set)
+    metrics = _run(tiny_cfg_file, dataset=shapes_val, load_ckpt=fast_ckpt, output_dir=str(tmp_path / "fast_out"),
+                   set_cfgs=fast_set + ["TEST.DETECTIONS_PER_IM", "5"])
+    assert set(metrics[shapes_val]) == {"bbox", "segm"}
+    _, detections = load_detections(tmp_path / "fast_out" / "detections.pkl")
+    assert sum(len(d["scores"]) for d in detections.values()) > 0
+
+    with pytest.raises(ValueError, match="TEST.PROPOSAL_FILES has 0 files"):
+        _run(tiny_cfg_file, dataset=shapes_val, load_ckpt=fast_ckpt, output_dir=str(tmp_path / "none"),
+             set_cfgs=["MODEL.FASTER_RCNN", "False"])

@@ -124,7 +124,7 @@ def collate_samples(samples: Sequence[Sample], stride: int) -> dict:
 
 
 def roidb_to_tensors(batch: dict) -> dict:
-    """The minibatch with each roidb entry's boxes / gt_classes / is_crowd / gt_keypoints as tensors."""
+    """The minibatch with each roidb entry's boxes / gt_classes / is_crowd / gt_keypoints / proposals as tensors."""
     roidb = []
     for entry in batch["roidb"]:
         out = dict(entry)
@@ -133,6 +133,8 @@ def roidb_to_tensors(batch: dict) -> dict:
         out["is_crowd"] = torch.as_tensor(entry["is_crowd"], dtype=torch.bool)
         if entry["gt_keypoints"] is not None:
             out["gt_keypoints"] = torch.as_tensor(entry["gt_keypoints"], dtype=torch.float32)
+        if entry.get("proposals") is not None:
+            out["proposals"] = torch.as_tensor(entry["proposals"], dtype=torch.float32)
         roidb.append(out)
     return dict(batch, roidb=roidb)
 

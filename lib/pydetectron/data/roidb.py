@@ -11,6 +11,7 @@ import torch
 
 from pydetectron.boxes import flip_boxes
 from pydetectron.data.coco import CocoDataset, DatasetMeta
+from pydetectron.data.proposals import attach_proposals
 from pydetectron.data.transforms import flip_keypoints, flip_segms
 
 logger = logging.getLogger(__name__)
@@ -21,6 +22,8 @@ def flip_entry(entry: dict, keypoint_flip_perm: np.ndarray | None) -> dict:
     width = entry["width"]
     out = dict(entry)
     out["boxes"] = flip_boxes(torch.from_numpy(entry["boxes"]), width).numpy()
+    if entry.get("proposals") is not None:
+        out["proposals"] = flip_boxes(torch.from_numpy(entry["proposals"]), width).numpy()
     out["segms"] = flip_segms(entry["segms"], width)
     if entry["gt_keypoints"] is not None:
         out["gt_keypoints"] = flip_keypoints(entry["gt_keypoints"], keypoint_flip_perm, width)
@@ -35,9 +38,11 @@ def extend_with_flipped_entries(roidb: List[dict], meta: DatasetMeta) -> List[di
 
 
 def is_valid_for_training(entry: dict, keypoints_on: bool) -> bool:
-    """Detectron's filter_for_training with gt only: a non-crowd box (overlap 1 >= FG_THRESH) must exist,
-    and with keypoints on, a visible keypoint."""
-    valid = bool((~entry["is_crowd"]).any())
+    """Detectron's filter_for_training: a foreground box (a non-crowd gt box) or a background one (with
+    precomputed proposals: any proposal, since TRAIN.BG_THRESH_LO is 0) must exist, and with keypoints on, a
+    visible keypoint."""
+    proposals = entry.get("proposals")
+    valid = bool((~entry["is_crowd"]).any()) or (proposals is not None and len(proposals) > 0)
     if keypoints_on:
         valid = valid and entry["has_visible_keypoints"]
     return valid
@@ -56,17 +61,24 @@ def combined_roidb_for_training(
     keypoints_on: bool = False,
     gt_min_area: float = -1.0,
     cache_dir: str | None = None,
+    proposal_files: Sequence[str] = (),
 ) -> Tuple[List[dict], DatasetMeta]:
-    """The training roidb of one or more catalog datasets (which must share categories) and their meta."""
+    """The training roidb of one or more catalog datasets (which must share categories) and their meta;
+    with `proposal_files` (one per dataset, TRAIN.PROPOSAL_FILES) each entry gets its precomputed proposals."""
     if isinstance(dataset_names, str):
         dataset_names = (dataset_names,)
     if not dataset_names:
         raise ValueError("no training dataset given (TRAIN.DATASETS is empty)")
+    if proposal_files and len(proposal_files) != len(dataset_names):
+        raise ValueError(f"TRAIN.PROPOSAL_FILES has {len(proposal_files)} files for {len(dataset_names)} datasets "
+                         f"{tuple(dataset_names)}; give one per dataset")
     roidb: List[dict] = []
     meta = None
-    for name in dataset_names:
+    for index, name in enumerate(dataset_names):
         ds = CocoDataset(name, cache_dir=cache_dir)
         part = ds.get_roidb(gt_min_area=gt_min_area)
+        if proposal_files:
+            attach_proposals(part, proposal_files[index])
         if meta is not None and ds.meta.json_category_id_to_contiguous_id != meta.json_category_id_to_contiguous_id:
             raise ValueError(f"dataset {name!r} has categories different from {dataset_names[0]!r}")
         if meta is not None and ds.meta.keypoint_names != meta.keypoint_names:
@@ -81,12 +93,13 @@ def combined_roidb_for_training(
 
 
 def combined_roidb_from_cfg(cfg, cache_dir: str | None = None) -> Tuple[List[dict], DatasetMeta]:
-    """``combined_roidb_for_training`` with TRAIN.DATASETS, TRAIN.USE_FLIPPED, MODEL.KEYPOINTS_ON and
-    TRAIN.GT_MIN_AREA."""
+    """``combined_roidb_for_training`` with TRAIN.DATASETS, TRAIN.USE_FLIPPED, MODEL.KEYPOINTS_ON,
+    TRAIN.GT_MIN_AREA and TRAIN.PROPOSAL_FILES."""
     return combined_roidb_for_training(
         tuple(cfg.TRAIN.DATASETS),
         use_flipped=bool(cfg.TRAIN.USE_FLIPPED),
         keypoints_on=bool(cfg.MODEL.KEYPOINTS_ON),
         gt_min_area=float(cfg.TRAIN.GT_MIN_AREA),
         cache_dir=cache_dir,
+        proposal_files=tuple(cfg.TRAIN.PROPOSAL_FILES),
     )

@@ -123,8 +123,8 @@ def im_list_to_blob(ims: Sequence[np.ndarray], stride: int, shared: bool = False
 def scale_targets(entry: dict, im_scale: float, scaled_hw: Tuple[int, int]) -> dict:
     """A (possibly flipped) roidb entry with its gt moved to network-input coordinates.
 
-    Boxes, polygons and keypoint x/y are multiplied by ``im_scale``; RLE masks become uint8 (h, w) arrays
-    at the scaled size ``scaled_hw`` (nearest neighbour).
+    Boxes, precomputed proposals, polygons and keypoint x/y are multiplied by ``im_scale``; RLE masks become
+    uint8 (h, w) arrays at the scaled size ``scaled_hw`` (nearest neighbour).
     """
     h, w = scaled_hw
     segms = []
@@ -139,6 +139,8 @@ def scale_targets(entry: dict, im_scale: float, scaled_hw: Tuple[int, int]) -> d
         kps[:, :, :2] *= im_scale
     out = {k: entry[k] for k in ("image", "id", "width", "height", "flipped", "gt_classes", "is_crowd")}
     out.update(boxes=entry["boxes"] * np.float32(im_scale), segms=segms, gt_keypoints=kps, image_id=entry["id"])
+    if entry.get("proposals") is not None:
+        out["proposals"] = entry["proposals"] * np.float32(im_scale)
     return out
 
 
@@ -161,9 +163,9 @@ def crop_to_aspect(im: np.ndarray, entry: dict, ratio_lo: float, ratio_hi: float
     """Crop a scaled image whose width/height ratio is outside [ratio_lo, ratio_hi] to that bound.
 
     As Detectron.pytorch's roibatchLoader (TRAIN.ASPECT_CROPPING): the cropped axis keeps as much of the gt as
-    possible; gt boxes are shifted and clamped, and boxes left degenerate (x1 == x2 or y1 == y2) are dropped
-    along with their classes, masks and keypoints. ``entry`` is in network-input coordinates (scale_targets).
-    If no non-crowd box would survive, the image is returned uncropped.
+    possible; gt boxes (and proposals) are shifted and clamped, and boxes left degenerate (x1 == x2 or
+    y1 == y2) are dropped along with their classes, masks and keypoints. ``entry`` is in network-input
+    coordinates (scale_targets). If no non-crowd box would survive, the image is returned uncropped.
     """
     h, w = im.shape[:2]
     ratio = w / float(h)
@@ -176,13 +178,14 @@ def crop_to_aspect(im: np.ndarray, entry: dict, ratio_lo: float, ratio_hi: float
     crop = int(math.ceil(w / ratio_lo)) if vertical else int(math.ceil(h * ratio_hi))
     crop = min(crop, size)
     start = _crop_start(boxes[:, axis].min(), boxes[:, axis + 2].max(), size, crop, rng)
-    new_boxes = boxes.copy()
-    new_boxes[:, [axis, axis + 2]] = np.clip(new_boxes[:, [axis, axis + 2]] - start, 0, crop - 1)
-    keep = (new_boxes[:, 0] != new_boxes[:, 2]) & (new_boxes[:, 1] != new_boxes[:, 3])
+    new_boxes, keep = _crop_boxes(boxes, axis, start, crop)
     if not (keep & ~entry["is_crowd"]).any():
         return im, entry
     out = dict(entry)
     out["boxes"] = new_boxes[keep]
+    if entry.get("proposals") is not None:
+        proposals, kept = _crop_boxes(entry["proposals"], axis, start, crop)
+        out["proposals"] = proposals[kept]
     out["gt_classes"] = entry["gt_classes"][keep]
     out["is_crowd"] = entry["is_crowd"][keep]
     out["segms"] = [_crop_segm(s, axis, start, crop) for s, k in zip(entry["segms"], keep) if k]
@@ -195,6 +198,14 @@ def crop_to_aspect(im: np.ndarray, entry: dict, ratio_lo: float, ratio_hi: float
         out["gt_keypoints"] = kps
     cropped = im[start: start + crop] if vertical else im[:, start: start + crop]
     return cropped, out
+
+
+def _crop_boxes(boxes: np.ndarray, axis: int, start: int, crop: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Boxes shifted along ``axis`` (0 = x, 1 = y) into the crop window and clamped to it, and which of them
+    are still boxes (not flattened to a line)."""
+    out = boxes.copy()
+    out[:, [axis, axis + 2]] = np.clip(out[:, [axis, axis + 2]] - start, 0, crop - 1)
+    return out, (out[:, 0] != out[:, 2]) & (out[:, 1] != out[:, 3])
 
 
 def _crop_segm(segm, axis: int, start: int, crop: int):

@@ -18,15 +18,16 @@ import torch
 from pycocotools.coco import COCO
 
 from pydetectron.config import assert_and_infer_cfg, cfg_to_yaml
-from pydetectron.data.coco import CocoDataset
 from pydetectron.data.loader import build_train_loader_from_cfg
 from pydetectron.data.minibatch import BlobSettings, split_per_device
-from pydetectron.data.roidb import combined_roidb_for_training
+from pydetectron.data.roidb import combined_roidb_from_cfg
 from pydetectron.engine.checkpoint import CheckpointManager, load_checkpoint
 from pydetectron.engine.dataset_cfg import apply_dataset_meta, select_datasets
 from pydetectron.engine.logger import TrainingLogger, read_metrics
 from pydetectron.engine.trainer import Trainer, TrainLoopSettings
 from pydetectron.evaluation.inference import evaluate_detections, inference_on_dataset
+from pydetectron.evaluation.proposal_eval import evaluate_rpn_detections
+from pydetectron.evaluation.test_engine import open_dataset, proposal_file_of
 from pydetectron.modeling.detector import build_detector
 from pydetectron.parallel import DataParallel
 from pydetectron.solver import LRSchedule, build_optimizer, scale_schedule
@@ -165,8 +166,7 @@ def make_evaluator(model, cfg, device, output_dir: Path, print_fn: Print):
     """evaluate(step) -> flat metrics on TEST.DATASETS[0], or None when no test dataset is set."""
     if not cfg.TEST.DATASETS:
         return None
-    dataset = CocoDataset(cfg.TEST.DATASETS[0])
-    entries = dataset.get_roidb()
+    dataset, entries = open_dataset(cfg.TEST.DATASETS[0], proposal_file_of(cfg, 0), int(cfg.TEST.PROPOSAL_LIMIT))
     settings = BlobSettings.from_cfg(cfg, train=False)
     coco_gt = COCO(dataset.spec.ann_file)
     category_ids = [0] + [dataset.meta.contiguous_category_id_to_json_id[c]
@@ -174,6 +174,8 @@ def make_evaluator(model, cfg, device, output_dir: Path, print_fn: Print):
 
     def evaluate(step: int) -> dict[str, float]:
         detections = inference_on_dataset(model, entries, settings, device, print_fn)
+        if cfg.MODEL.RPN_ONLY:
+            return _flatten({"box_proposal": evaluate_rpn_detections(entries, detections, dataset.name, print_fn)})
         metrics = evaluate_detections(coco_gt, detections, category_ids, dataset.name,
                                       output_dir / f"eval_step{step}", cfg.KRCNN.OKS_SIGMAS or None,
                                       cfg.KRCNN.KEYPOINT_CONFIDENCE, print_fn)
@@ -182,13 +184,22 @@ def make_evaluator(model, cfg, device, output_dir: Path, print_fn: Print):
     return evaluate
 
 
+def check_proposal_files(cfg) -> None:
+    """A model without RPN (Fast R-CNN) learns from precomputed proposals: say so before loading anything."""
+    has_rpn = cfg.MODEL.FASTER_RCNN or cfg.MODEL.RPN_ONLY or cfg.RPN.RPN_ON
+    if not has_rpn and not cfg.TRAIN.PROPOSAL_FILES:
+        raise ValueError("the model has no RPN (MODEL.FASTER_RCNN and MODEL.RPN_ONLY are off), so it trains on "
+                         "precomputed proposals: set TRAIN.PROPOSAL_FILES (one Detectron proposal pickle per "
+                         "TRAIN.DATASETS entry, e.g. the rpn_proposals.pkl test_net.py writes for an RPN-only model)")
+
+
 def run_training(cfg, options: TrainOptions, print_fn: Print = print) -> Path:
     """Adapt and freeze `cfg`, train, and return the output directory (checkpoints, metrics, curves)."""
     device, num_devices = training_device(options)
     select_datasets(cfg, options.dataset, options.register, train=True)
     adapt_cfg(cfg, options, num_devices, print_fn)
-    roidb, meta = combined_roidb_for_training(cfg.TRAIN.DATASETS, cfg.TRAIN.USE_FLIPPED, cfg.MODEL.KEYPOINTS_ON,
-                                              cfg.TRAIN.GT_MIN_AREA)
+    check_proposal_files(cfg)
+    roidb, meta = combined_roidb_from_cfg(cfg)
     apply_dataset_meta(cfg, meta, print_fn)
     assert_and_infer_cfg(cfg)
     output_dir = Path(options.output_dir) if options.output_dir else default_output_dir(options.cfg_name)

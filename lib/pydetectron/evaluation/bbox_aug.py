@@ -288,5 +288,8 @@ def _add_instance_outputs(model, results: list, identity: _Pass, size: Tuple[int
 def detection_function(cfg) -> Callable | None:
     """The per-image detection function TEST.BBOX_AUG / TEST.BBOX_VOTE ask for, or None for the plain model."""
     if cfg.TEST.BBOX_AUG.ENABLED or cfg.TEST.BBOX_VOTE.ENABLED:
+        if not cfg.MODEL.FASTER_RCNN:
+            raise ValueError("TEST.BBOX_AUG / TEST.BBOX_VOTE are implemented for models with an RPN "
+                             "(MODEL.FASTER_RCNN), not for precomputed proposals or RPN-only models")
         return AugmentedDetection.from_cfg(cfg)
     return None

@@ -24,17 +24,21 @@ from pydetectron.evaluation.coco_results import encode_mask, image_results
 RESULT_FILE_PREFIX = {"bbox": "bbox", "segm": "segmentations", "keypoints": "keypoints"}
 
 
-def detect_image(model: torch.nn.Module, image: np.ndarray, settings: BlobSettings, device: torch.device) -> dict:
+def detect_image(model: torch.nn.Module, image: np.ndarray, settings: BlobSettings, device: torch.device,
+                 proposals: np.ndarray | None = None) -> dict:
     """Detections of one BGR uint8 image (original pixel coordinates), as the detector returns them, on CPU.
+    A model without RPN detects in `proposals` ``(P, 4)`` (original pixels, TEST.PROPOSAL_FILES).
 
     The original size goes to the detector explicitly: recovering it from the scaled size can be one pixel off.
     """
     blob, im_scale = prepare_test_image(image, settings)
     height, width = scaled_size(image.shape[0], image.shape[1], im_scale)
     im_info = torch.tensor([[height, width, im_scale]], dtype=torch.float32)
-    original_size = [{"height": image.shape[0], "width": image.shape[1]}]
+    entry: dict = {"height": image.shape[0], "width": image.shape[1]}
+    if proposals is not None:
+        entry["proposals"] = torch.as_tensor(proposals, dtype=torch.float32).reshape(-1, 4) * im_scale
     with torch.no_grad():
-        result = model(blob.to(device), im_info.to(device), original_size)[0]
+        result = model(blob.to(device), im_info.to(device), [entry])[0]
     return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in result.items()}
 
 
@@ -61,7 +65,8 @@ def inference_on_dataset(
 ) -> dict[int, dict]:
     """{image id: compact detections} for each roidb entry (needs 'id' and 'image'), with a progress line.
 
-    `detect_fn` runs one image (default: the model's own inference; test-time augmentation passes its own).
+    `detect_fn` runs one image (default: the model's own inference; test-time augmentation passes its own);
+    entries with precomputed ``proposals`` hand them to it.
     """
     model.eval()
     results: dict[int, dict] = {}
@@ -70,7 +75,8 @@ def inference_on_dataset(
         image = cv2.imread(entry["image"], cv2.IMREAD_COLOR)
         if image is None:
             raise FileNotFoundError(f"image {entry['image']!r} (image id {entry['id']}) is missing or unreadable")
-        results[int(entry["id"])] = compact(detect_fn(model, image, settings, device))
+        extra = {"proposals": entry["proposals"]} if entry.get("proposals") is not None else {}
+        results[int(entry["id"])] = compact(detect_fn(model, image, settings, device, **extra))
         if done % progress_every == 0 or done == len(entries):
             elapsed = time.perf_counter() - start
             rate = done / max(elapsed, 1e-9)

@@ -29,14 +29,18 @@ from pycocotools.coco import COCO
 from pydetectron.config import assert_and_infer_cfg, cfg_to_yaml
 from pydetectron.data.coco import CocoDataset
 from pydetectron.data.minibatch import BlobSettings
+from pydetectron.data.proposals import attach_proposals, write_proposal_file
 from pydetectron.engine.dataset_cfg import apply_dataset_meta, select_datasets
 from pydetectron.engine.inference_model import build_inference_model
 from pydetectron.evaluation.bbox_aug import detection_function
+from pydetectron.evaluation.coco_eval import copypaste_lines
 from pydetectron.evaluation.inference import evaluate_detections, inference_on_dataset
+from pydetectron.evaluation.proposal_eval import evaluate_rpn_detections
 from pydetectron.vis import draw_detections, save_image
 
 Print = Callable[[str], None]
 DETECTIONS_FILE = "detections.pkl"
+RPN_PROPOSALS_FILE = "rpn_proposals.pkl"
 _PKL_VERSION = 1
 
 
@@ -84,10 +88,27 @@ def prepare_test_cfg(cfg, options: TestOptions, print_fn: Print = print) -> None
     assert_and_infer_cfg(cfg)
 
 
-def open_dataset(name: str) -> tuple[CocoDataset, list[dict]]:
-    """A catalog dataset with its roidb read (which also fills its ``meta``)."""
+def open_dataset(name: str, proposal_file: str | None = None, proposal_limit: int = -1
+                 ) -> tuple[CocoDataset, list[dict]]:
+    """A catalog dataset with its roidb read (which also fills its ``meta``), each entry with its precomputed
+    proposals when `proposal_file` is given (the first `proposal_limit`, TEST.PROPOSAL_LIMIT)."""
     dataset = CocoDataset(name)
-    return dataset, dataset.get_roidb()
+    roidb = dataset.get_roidb()
+    if proposal_file:
+        attach_proposals(roidb, proposal_file, limit=proposal_limit)
+    return dataset, roidb
+
+
+def proposal_file_of(cfg, index: int) -> str | None:
+    """TEST.PROPOSAL_FILES[index] for a model that reads precomputed proposals (Detectron's
+    ``get_inference_dataset``), else None."""
+    if not cfg.TEST.PRECOMPUTED_PROPOSALS:
+        return None
+    files, datasets = tuple(cfg.TEST.PROPOSAL_FILES), tuple(cfg.TEST.DATASETS)
+    if len(files) != len(datasets):
+        raise ValueError(f"a model without RPN tests on precomputed proposals: TEST.PROPOSAL_FILES has {len(files)} "
+                         f"files for TEST.DATASETS {datasets}; give one per dataset (--set TEST.PROPOSAL_FILES ...)")
+    return str(files[index])
 
 
 def inference_device(options: TestOptions) -> torch.device:
@@ -170,6 +191,30 @@ def evaluate_dataset(cfg, dataset_name: str, detections: Mapping[int, dict], out
                                cfg.KRCNN.KEYPOINT_CONFIDENCE, print_fn)
 
 
+def evaluate_rpn_proposals(cfg, dataset_name: str, detections: Mapping[int, dict], output_dir: Path,
+                           print_fn: Print = print) -> dict[str, dict[str, float]]:
+    """RPN-only models (Detectron's ``generate_rpn_on_dataset``): write ``rpn_proposals.pkl`` (the input of a
+    Fast R-CNN model's TEST/TRAIN.PROPOSAL_FILES) and report the proposals' recall."""
+    ids = sorted(detections)
+    path = output_dir / RPN_PROPOSALS_FILE
+    write_proposal_file(path, ids, [detections[i]["boxes"] for i in ids], [detections[i]["scores"] for i in ids],
+                        cfg_to_yaml(cfg))
+    print_fn(f"Wrote proposals to {path}")
+    _, roidb = open_dataset(dataset_name)
+    metrics = {"box_proposal": evaluate_rpn_detections(roidb, detections, dataset_name, print_fn)}
+    for line in copypaste_lines(dataset_name, metrics):
+        print_fn(line)
+    return metrics
+
+
+def evaluate_results(cfg, dataset_name: str, detections: Mapping[int, dict], output_dir: Path,
+                     print_fn: Print = print) -> dict[str, dict[str, float]]:
+    """Proposal recall for an RPN-only model, COCO metrics for every other."""
+    if cfg.MODEL.RPN_ONLY:
+        return evaluate_rpn_proposals(cfg, dataset_name, detections, output_dir, print_fn)
+    return evaluate_dataset(cfg, dataset_name, detections, output_dir, print_fn)
+
+
 # -------------------------------------------------------------------------------------------- inference
 def decoded(detections: Mapping[str, object]) -> dict:
     """Compact detections (masks as RLE 'segms') -> the detector's layout with (D, H, W) 'masks'."""
@@ -224,9 +269,9 @@ def _child_env(index: int, workers: int) -> dict[str, str]:
 
 
 def child_arguments(options: TestOptions, dataset_name: str, num_classes: int, output_dir: Path, start: int,
-                    end: int) -> list[str]:
+                    end: int, proposal_file: str | None = None) -> list[str]:
     """The tool's flags for a child that tests images start..end-1 of `dataset_name` into `output_dir` with the
-    parent's MODEL.NUM_CLASSES (which a --dataset short name may have set)."""
+    parent's MODEL.NUM_CLASSES (which a --dataset short name may have set) and the dataset's proposal file."""
     args = list(options.child_command)
     if options.cfg_file:
         args += ["--cfg", str(options.cfg_file)]
@@ -241,11 +286,12 @@ def child_arguments(options: TestOptions, dataset_name: str, num_classes: int, o
         args.append("--no_cuda")
     if options.vis:
         args.append("--vis")
-    return args + ["--set", *options.set_cfgs, "MODEL.NUM_CLASSES", str(num_classes)]
+    args += ["--set", *options.set_cfgs, "MODEL.NUM_CLASSES", str(num_classes)]
+    return args + (["TEST.PROPOSAL_FILES", repr((proposal_file,))] if proposal_file else [])
 
 
 def run_in_parallel(cfg, options: TestOptions, dataset_name: str, num_images: int, workers: int, output_dir: Path,
-                    print_fn: Print = print) -> dict[int, dict]:
+                    proposal_file: str | None = None, print_fn: Print = print) -> dict[int, dict]:
     """Launch one child per range (logs in output_dir/test_range_S_E.log), wait, merge their pickles."""
     if not options.child_command:
         raise ValueError("multi-process testing needs TestOptions.child_command (how to launch the tool)")
@@ -255,7 +301,8 @@ def run_in_parallel(cfg, options: TestOptions, dataset_name: str, num_images: in
     for index, (start, end) in enumerate(ranges):
         log_path = output_dir / f"test_range_{start}_{end}.log"
         with open(log_path, "w") as log:
-            args = child_arguments(options, dataset_name, cfg.MODEL.NUM_CLASSES, output_dir, start, end)
+            args = child_arguments(options, dataset_name, cfg.MODEL.NUM_CLASSES, output_dir, start, end,
+                                   proposal_file)
             process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=_child_env(index, len(ranges)))
         children.append((process, start, end, log_path))
         print_fn(f"Launched process {process.pid} for images {start}..{end - 1}, log: {log_path}")
@@ -285,11 +332,11 @@ def _workers(options: TestOptions) -> int:
     return max(torch.cuda.device_count(), 1) if options.multi_gpu_testing and options.use_cuda else 1
 
 
-def run_on_dataset(cfg, options: TestOptions, dataset_name: str, output_dir: Path,
-                 print_fn: Print = print) -> dict[str, dict[str, float]] | None:
+def run_on_dataset(cfg, options: TestOptions, dataset_name: str, output_dir: Path, proposal_file: str | None = None,
+                   print_fn: Print = print) -> dict[str, dict[str, float]] | None:
     """Detect (in this process, one --range, or several processes), save, and evaluate one dataset.
     Returns the metrics, or None for a --range child (which only writes its partial pickle)."""
-    dataset, entries = open_dataset(dataset_name)
+    dataset, entries = open_dataset(dataset_name, proposal_file, int(cfg.TEST.PROPOSAL_LIMIT))
     workers = _workers(options)
     if options.range is not None:
         detections = run_inference(cfg, options, dataset, entries, output_dir, print_fn)
@@ -300,7 +347,8 @@ def run_on_dataset(cfg, options: TestOptions, dataset_name: str, output_dir: Pat
     if workers > 1:
         tic = time.perf_counter()
         num_images = len(entries)
-        detections = run_in_parallel(cfg, options, dataset_name, num_images, workers, output_dir, print_fn)
+        detections = run_in_parallel(cfg, options, dataset_name, num_images, workers, output_dir, proposal_file,
+                                     print_fn)
         elapsed = time.perf_counter() - tic
         print_fn(f"Inference with {workers} processes: {num_images} images in {elapsed:.1f} s, "
                  f"{num_images / max(elapsed, 1e-9):.2f} images/s (including start-up)")
@@ -309,7 +357,7 @@ def run_on_dataset(cfg, options: TestOptions, dataset_name: str, output_dir: Pat
     path = output_dir / DETECTIONS_FILE
     save_detections(path, dataset_name, detections, cfg_to_yaml(cfg))
     print_fn(f"Wrote detections to {path}")
-    return evaluate_dataset(cfg, dataset_name, detections, output_dir, print_fn)
+    return evaluate_results(cfg, dataset_name, detections, output_dir, print_fn)
 
 
 def run_test(cfg, options: TestOptions, print_fn: Print = print) -> dict[str, dict[str, dict[str, float]]]:
@@ -326,12 +374,12 @@ def run_test(cfg, options: TestOptions, print_fn: Print = print) -> dict[str, di
     if saved is not None:  # --eval_only: no model, evaluate the saved detections again
         name, detections = saved
         print_fn(f"Evaluating the detections of {len(detections)} images from {options.eval_only} on {name}")
-        return {name: evaluate_dataset(cfg, name, detections, output_dir, print_fn)}
+        return {name: evaluate_results(cfg, name, detections, output_dir, print_fn)}
     print_fn(f"Results in {output_dir}")
     results = {}
-    for name in cfg.TEST.DATASETS:
+    for index, name in enumerate(cfg.TEST.DATASETS):
         folder = output_dir / name if len(cfg.TEST.DATASETS) > 1 else output_dir
-        metrics = run_on_dataset(cfg, options, name, folder, print_fn)
+        metrics = run_on_dataset(cfg, options, name, folder, proposal_file_of(cfg, index), print_fn)
         if metrics is not None:
             results[name] = metrics
     return results
