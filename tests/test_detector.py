@@ -1,6 +1,7 @@
 """GeneralizedRCNN wiring: losses, cascaded inference in original coordinates, batches of differently sized
 images, SHARE_RES5, RPN-only / precomputed-proposal models and Detectron model-zoo weights."""
 
+import dataclasses
 import os
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from pydetectron.config import assert_and_infer_cfg, get_cfg, merge_cfg_from_file, merge_cfg_from_list
 from pydetectron.modeling import detector as detector_module
 from pydetectron.modeling.detector import build_detector
+from pydetectron.modeling.keypoint_head import nms_oks
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
@@ -213,7 +215,6 @@ def test_c4_batch_inference_matches_single_images():
 
 def test_keypoint_rcnn_trains_and_predicts_keypoints():
     torch.manual_seed(0)
-    # (TEST.RPN_POST_NMS_TOP_N is a cut over the whole batch in pydetectron's FPN RPN: keep it roomy.)
     extra = ["MODEL.NUM_CLASSES", "2", "TEST.RPN_POST_NMS_TOP_N", "200"]
     cfg = load_cfg("baselines/e2e_keypoint_rcnn_R-50-FPN_1x.yaml", extra)
     model = build_detector(cfg)
@@ -222,6 +223,22 @@ def test_keypoint_rcnn_trains_and_predicts_keypoints():
     assert "loss_kps" in losses and np.isfinite(losses["loss_kps"]) and losses["loss_kps"] > 0
     results = model.eval()(*batch)
     check_detections(results, batch[2], 2, num_keypoints=3)
+
+
+def test_keypoint_nms_oks_drops_and_orders_detections_as_detectron():
+    torch.manual_seed(0)
+    extra = ["MODEL.NUM_CLASSES", "2", "KRCNN.NMS_OKS", "True", "KRCNN.OKS_SIGMAS", "(0.5, 0.5, 0.5)"]
+    model = build_detector(load_cfg("baselines/e2e_keypoint_rcnn_R-50-FPN_1x.yaml", extra)).eval()
+    data, im_info, roidb = synthetic_batch(sizes=((96, 128),), scales=(1.0,), num_classes=2, num_keypoints=3, seed=5)
+    suppressed = model(data, im_info, roidb)[0]
+    model.keypoint_settings = dataclasses.replace(model.keypoint_settings, nms_oks_sigmas=())
+    everything = model(data, im_info, roidb)[0]
+    keep = nms_oks(everything["keypoints"], everything["boxes"], 0.3, (0.5, 0.5, 0.5))
+    assert 0 < len(keep) < len(everything["boxes"])  # wide sigmas: overlapping random poses do get suppressed
+    for key in ("boxes", "scores", "classes", "keypoints"):
+        torch.testing.assert_close(suppressed[key], everything[key][keep])
+    with pytest.raises(ValueError, match="KRCNN.NMS_OKS needs KRCNN.OKS_SIGMAS for a 3-keypoint model"):
+        build_detector(load_cfg("baselines/e2e_keypoint_rcnn_R-50-FPN_1x.yaml", extra[:4]))
 
 
 def test_rpn_only_model():
@@ -246,6 +263,33 @@ def test_fast_rcnn_trains_on_roidb_proposals_with_class_agnostic_regression():
     data, im_info, roidb = synthetic_batch(seed=7)
     with pytest.raises(KeyError, match="proposals"):
         model.train()(data, im_info, roidb)
+
+
+def _detectron_dedup_representatives(rois: np.ndarray, scale: float) -> np.ndarray:
+    """Detectron's im_detect_bbox DEDUP_BOXES on (N, 5) [batch, x1, y1, x2, y2] rois, written out: each roi
+    replaced by the first roi with the same hash of round(roi * scale)."""
+    hashes = np.round(rois * scale).dot(np.array([1, 1e3, 1e6, 1e9, 1e12]))
+    _, index, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+    return rois[index][inverse]
+
+
+def test_fast_rcnn_inference_dedups_proposals_as_detectron():
+    torch.manual_seed(0)
+    model = build_detector(load_cfg("baselines/fast_rcnn_R-50-FPN_1x.yaml")).eval()
+    assert model.dedup_scale == pytest.approx(1 / 16)
+    data, im_info, roidb = synthetic_batch(sizes=((96, 128),), scales=(1.0,), proposals=True, seed=3)
+    props = roidb[0]["proposals"]
+    assert props.shape[0] == 40
+    deduped = model(data, im_info, roidb)[0]
+    rois = torch.cat([torch.zeros(len(props), 1), props], dim=1).numpy().astype(np.float64)
+    representatives = _detectron_dedup_representatives(rois, 1 / 16)
+    assert len(np.unique(representatives, axis=0)) < len(props)  # the jittered copies do collide
+    model.dedup_scale = 0.0
+    reference = model(data, im_info, [dict(roidb[0], proposals=torch.from_numpy(representatives[:, 1:]).float())])[0]
+    for key in ("boxes", "scores", "classes"):
+        torch.testing.assert_close(deduped[key], reference[key])
+    empty = model(data, im_info, [dict(roidb[0], proposals=torch.zeros(0, 4))])[0]
+    assert empty["boxes"].shape == (0, 4) and empty["scores"].shape == (0,)
 
 
 @pytest.mark.parametrize("config, blob_list, num_classes, output", [

@@ -9,16 +9,14 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-# COCOeval's default person sigmas (17 keypoints), which only fit COCO's person category.
-COCO_PERSON_OKS_SIGMAS = np.array(
-    [0.26, 0.25, 0.25, 0.35, 0.35, 0.79, 0.79, 0.72, 0.72, 0.62, 0.62, 1.07, 1.07, 0.87, 0.87, 0.89, 0.89]
-) / 10.0
+from pydetectron.modeling.keypoint_head import COCO_PERSON_OKS_SIGMAS
+
 STAT_NAMES = {
     "bbox": ["AP", "AP50", "AP75", "APs", "APm", "APl"],
     "segm": ["AP", "AP50", "AP75", "APs", "APm", "APl"],
     "keypoints": ["AP", "AP50", "AP75", "APm", "APl"],
 }
-DETECTRON_TASK_NAMES = {"bbox": "box", "segm": "mask", "keypoints": "keypoint"}
+DETECTRON_TASK_NAMES = {"bbox": "box", "segm": "mask", "keypoints": "keypoint", "box_proposal": "box_proposal"}
 
 
 def resolve_oks_sigmas(coco_gt: COCO, configured: Sequence[float] = ()) -> np.ndarray:

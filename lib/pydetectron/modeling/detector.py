@@ -7,21 +7,28 @@ Detectron's named losses (``loss_rpn_cls[_fpnX]``, ``loss_rpn_bbox[_fpnX]``, ``l
 image coordinates (ARCHITECTURE.md, "Detector outputs").
 
 Without an RPN (Fast R-CNN on precomputed proposals) each roidb entry must carry ``proposals``:
-float ``(P, 4)`` in network-input pixels (already scaled and flipped like ``boxes``).
+float ``(P, 4)`` in network-input pixels (already scaled and flipped like ``boxes``); in inference they are
+de-duplicated as Detectron does (``DEDUP_BOXES``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from pydetectron.boxes import unique_boxes
 from pydetectron.modeling import registry
 from pydetectron.modeling.box_head import build_box_outputs, fast_rcnn_losses
 from pydetectron.modeling.fpn_levels import level_indices
-from pydetectron.modeling.keypoint_head import heatmaps_to_keypoints, keypoint_rcnn_loss
+from pydetectron.modeling.keypoint_head import (
+    COCO_PERSON_OKS_SIGMAS,
+    heatmaps_to_keypoints,
+    keypoint_rcnn_loss,
+    nms_oks,
+)
 from pydetectron.modeling.layers import compose_weight_mapping
 from pydetectron.modeling.mask_head import mask_probs, mask_rcnn_loss
 from pydetectron.modeling.paste_masks import paste_masks_in_image
@@ -32,6 +39,7 @@ from pydetectron.modeling.targets.keypoint import keypoint_rcnn_targets
 from pydetectron.modeling.targets.mask import mask_rcnn_targets
 
 Detections = Dict[str, torch.Tensor]
+NMS_OKS_THRESH = 0.3  # Detectron's keypoint_results
 
 
 def _roi_feature_indices(cfg, body_levels: Sequence[int]) -> List[int]:
@@ -69,6 +77,7 @@ class KeypointSettings:
     min_count: int  # MIN_KEYPOINT_COUNT_FOR_VALID_MINIBATCH
     inference_min_size: int
     normalizer_denominator: float  # Detectron's finalize_keypoint_minibatch: IMS * BATCH_SIZE_PER_IM * FG_FRACTION * K
+    nms_oks_sigmas: Tuple[float, ...] = ()  # KRCNN.NMS_OKS on: the OKS sigmas it measures with; () = off
 
     @classmethod
     def from_cfg(cls, cfg) -> KeypointSettings:
@@ -78,7 +87,22 @@ class KeypointSettings:
             num, int(k.HEATMAP_SIZE), float(k.LOSS_WEIGHT), bool(k.NORMALIZE_BY_VISIBLE_KEYPOINTS),
             int(k.MIN_KEYPOINT_COUNT_FOR_VALID_MINIBATCH), int(k.INFERENCE_MIN_SIZE),
             float(t.IMS_PER_BATCH * t.BATCH_SIZE_PER_IM * t.FG_FRACTION * max(num, 1)),
+            _nms_oks_sigmas(cfg) if cfg.MODEL.KEYPOINTS_ON and k.NMS_OKS else (),
         )
+
+
+def _nms_oks_sigmas(cfg) -> Tuple[float, ...]:
+    """KRCNN.OKS_SIGMAS, or COCO's person sigmas for a 17-keypoint model (what Detectron's nms_oks uses)."""
+    k = cfg.KRCNN
+    if k.OKS_SIGMAS:
+        if len(k.OKS_SIGMAS) != int(k.NUM_KEYPOINTS):
+            raise ValueError(f"KRCNN.OKS_SIGMAS has {len(k.OKS_SIGMAS)} values for KRCNN.NUM_KEYPOINTS "
+                             f"{k.NUM_KEYPOINTS}")
+        return tuple(float(v) for v in k.OKS_SIGMAS)
+    if int(k.NUM_KEYPOINTS) == len(COCO_PERSON_OKS_SIGMAS):
+        return tuple(COCO_PERSON_OKS_SIGMAS.tolist())
+    raise ValueError(f"KRCNN.NMS_OKS needs KRCNN.OKS_SIGMAS for a {k.NUM_KEYPOINTS}-keypoint model (COCO's "
+                     "person sigmas fit 17 keypoints only)")
 
 
 def _rpn_on(cfg) -> bool:
@@ -128,7 +152,7 @@ class GeneralizedRCNN(nn.Module):
             self.keypoint_head = registry.build("keypoint_head", cfg.KRCNN.ROI_KEYPOINTS_HEAD, cfg, dim, roi_scales)
         self.sampling = FastRCNNSampling.from_cfg(cfg)
         self.box_inference = BoxInference.from_cfg(cfg)
-        self.proposal_limit = int(cfg.TEST.PROPOSAL_LIMIT)
+        self.dedup_scale = float(cfg.DEDUP_BOXES)
         self.mask_settings = MaskSettings.from_cfg(cfg)
         self.keypoint_settings = KeypointSettings.from_cfg(cfg)
         self.num_classes = int(cfg.MODEL.NUM_CLASSES)
@@ -157,8 +181,8 @@ class GeneralizedRCNN(nn.Module):
             return self._losses(features, im_info, roidb)
         return self._detect(features, im_info, roidb)
 
-    def _proposals(self, roidb: Sequence[dict], device: torch.device, limit: int = 0) -> torch.Tensor:
-        """``(P, 5)`` precomputed proposals from the roidb entries (no RPN), the first `limit` per image."""
+    def _proposals(self, roidb: Sequence[dict], device: torch.device) -> torch.Tensor:
+        """``(P, 5)`` precomputed proposals from the roidb entries (no RPN)."""
         rois = []
         for i, entry in enumerate(roidb):
             if entry.get("proposals") is None:
@@ -167,8 +191,6 @@ class GeneralizedRCNN(nn.Module):
                     "precomputed proposals (P, 4) in network-input pixels"
                 )
             boxes = torch.as_tensor(entry["proposals"], dtype=torch.float32, device=device).reshape(-1, 4)
-            if limit > 0:
-                boxes = boxes[:limit]
             rois.append(torch.cat([boxes.new_full((boxes.shape[0], 1), float(i)), boxes], dim=1))
         return torch.cat(rois)
 
@@ -248,9 +270,12 @@ class GeneralizedRCNN(nn.Module):
         else:
             if roidb is None:
                 raise ValueError("a model without RPN needs the roidb (with 'proposals') at inference")
-            proposals = self._proposals(roidb, im_info.device, self.proposal_limit)
+            proposals = self._proposals(roidb, im_info.device)
         roi_feats = [features[i] for i in self.roi_indices]
-        cls_score, bbox_pred = self.box_outputs(self.box_head(roi_feats, proposals))
+        if self.rpn is None and self.dedup_scale > 0:
+            proposals, cls_score, bbox_pred = self._deduplicated_box_outputs(roi_feats, proposals)
+        else:
+            cls_score, bbox_pred = self.box_outputs(self.box_head(roi_feats, proposals))
         results = detect_boxes(cls_score, bbox_pred, proposals, im_info, self.box_inference, sizes)
         det_rois = self._detection_rois(results, im_info)
         if self.mask_on:
@@ -258,6 +283,21 @@ class GeneralizedRCNN(nn.Module):
         if self.keypoints_on:
             self._add_keypoints(results, roi_feats, det_rois)
         return results
+
+    def _deduplicated_box_outputs(self, roi_feats, proposals: torch.Tensor):
+        """Detectron's ``DEDUP_BOXES`` for precomputed proposals: proposals equal after ``round(box *
+        DEDUP_BOXES)`` are scored once, through the first of them, and every member of the group takes that
+        proposal's box and outputs. Returns (proposals, cls_score, bbox_pred) for all proposals."""
+        index = torch.zeros(0, dtype=torch.int64, device=proposals.device)
+        inverse = torch.zeros(proposals.shape[0], dtype=torch.int64, device=proposals.device)
+        for image in torch.unique(proposals[:, 0]):
+            rows = torch.nonzero(proposals[:, 0] == image).squeeze(1)
+            first, group = unique_boxes(proposals[rows, 1:5], self.dedup_scale)
+            inverse[rows] = group + index.shape[0]
+            index = torch.cat([index, rows[first]])
+        unique = proposals[index]
+        cls_score, bbox_pred = self.box_outputs(self.box_head(roi_feats, unique))
+        return unique[inverse], cls_score[inverse], bbox_pred[inverse]
 
     @staticmethod
     def _detection_rois(results: List[Detections], im_info: torch.Tensor) -> torch.Tensor:
@@ -285,7 +325,8 @@ class GeneralizedRCNN(nn.Module):
 
     def _add_keypoints(self, results: List[Detections], roi_feats, det_rois: torch.Tensor) -> None:
         """Detectron's ``im_detect_keypoints`` + ``keypoint_results``: ``keypoints`` ``(D, K, 3)`` =
-        (x, y, heatmap logit) in original pixels."""
+        (x, y, heatmap logit) in original pixels. With KRCNN.NMS_OKS, detections whose keypoints overlap a
+        better one's (OKS > 0.3) are dropped and the rest ordered by mean keypoint logit, as Detectron does."""
         s = self.keypoint_settings
         heatmaps = self.keypoint_head(roi_feats, det_rois) if det_rois.shape[0] else None
         start = 0
@@ -296,6 +337,9 @@ class GeneralizedRCNN(nn.Module):
             else:
                 kps = heatmaps_to_keypoints(heatmaps[start : start + count], det["boxes"], s.inference_min_size)
                 det["keypoints"] = kps[..., :3].to(det["boxes"].device)
+                if s.nms_oks_sigmas:
+                    keep = nms_oks(kps, det["boxes"], NMS_OKS_THRESH, s.nms_oks_sigmas)
+                    det.update({key: value[keep.to(value.device)] for key, value in det.items()})
             start += count
 
 

@@ -29,6 +29,11 @@ from pydetectron.modeling.mask_head import BilinearUpsample2d, init_conv, roi_re
 from pydetectron.modeling.registry import register
 from pydetectron.modeling.roi_features import build_roi_feature_extractor
 
+# COCO's person sigmas (17 keypoints; COCOeval's default, Detectron's nms_oks), which only fit that category.
+COCO_PERSON_OKS_SIGMAS = np.array(
+    [0.26, 0.25, 0.25, 0.35, 0.35, 0.79, 0.79, 0.72, 0.72, 0.62, 0.62, 1.07, 1.07, 0.87, 0.87, 0.89, 0.89]
+) / 10.0
+
 
 def _deconv_out(size: int, kernel: int, pad: int) -> int:
     return (size - 1) * 2 - 2 * pad + kernel
