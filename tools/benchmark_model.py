@@ -30,6 +30,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from pydetectron.config import assert_and_infer_cfg, get_cfg, merge_cfg_from_file, merge_cfg_from_list
 from pydetectron.data.minibatch import BlobSettings, prepare_test_image, scaled_size
+from pydetectron.engine.checkpoint import atomic_save
 from pydetectron.modeling.detector import build_detector
 from pydetectron.modeling.layers import AffineChannel2d
 from pydetectron.utils.benchmark import TABLE_HEADER, compare, machine_description
@@ -87,11 +88,11 @@ class _Calibrating:
             handle.remove()
 
 
-def ours_cfg(height: int):
+def ours_cfg(height: int, num_classes: int = 81):
     """The R-50-FPN Mask R-CNN baseline at the benchmark size, thresholds 0 (see the module docstring)."""
     cfg = get_cfg()
     merge_cfg_from_file(cfg, str(CONFIG))
-    merge_cfg_from_list(cfg, ["MODEL.NUM_CLASSES", 81, "TEST.SCALE", height, "TEST.MAX_SIZE", 1333,
+    merge_cfg_from_list(cfg, ["MODEL.NUM_CLASSES", num_classes, "TEST.SCALE", height, "TEST.MAX_SIZE", 1333,
                               "TRAIN.SCALES", (height,), "TRAIN.MAX_SIZE", 1333, "TEST.SCORE_THRESH", 0.0,
                               "MODEL.LOAD_IMAGENET_PRETRAINED_WEIGHTS", False])
     return assert_and_infer_cfg(cfg)
@@ -102,25 +103,26 @@ def build_ours(cfg, device: torch.device) -> nn.Module:
     return build_detector(cfg).to(device)
 
 
-def build_peer(height: int, device: torch.device) -> nn.Module:
+def build_peer(height: int, num_classes: int, device: torch.device) -> nn.Module:
     """torchvision's maskrcnn_resnet50_fpn as it is fine-tuned: frozen BN, conv1 + layer1 frozen (as FREEZE_AT 2)."""
     torch.manual_seed(0)
     backbone = _resnet_fpn_extractor(resnet50(norm_layer=FrozenBatchNorm2d), trainable_layers=3)
-    return MaskRCNN(backbone, num_classes=81, min_size=height, max_size=1333, box_score_thresh=0.0).to(device)
+    return MaskRCNN(backbone, num_classes=num_classes, min_size=height, max_size=1333, box_score_thresh=0.0).to(device)
 
 
 class Workloads:
     """The same image and ground truth, in each model's input format."""
 
     def __init__(self, height: int, width: int, device: torch.device, ims_per_batch: int,
-                 models: tuple[str, ...] = ("ours", "peer")):
+                 models: tuple[str, ...] = ("ours", "peer"), num_classes: int = 81):
         self.image, self.boxes, self.masks = synthetic_scene(height, width)
         self.device = device
         self.ims_per_batch = ims_per_batch
-        cfg = ours_cfg(height)
+        self.num_classes = num_classes
+        cfg = ours_cfg(height, num_classes)
         self.settings = BlobSettings.from_cfg(cfg, train=False)
         self.ours_model = build_ours(cfg, device) if "ours" in models else None
-        self.peer_model = build_peer(height, device) if "peer" in models else None
+        self.peer_model = build_peer(height, num_classes, device) if "peer" in models else None
         rgb = torch.from_numpy(cv2.cvtColor(self.image, cv2.COLOR_BGR2RGB)).permute(2, 0, 1).float() / 255
         self.peer_image = rgb.to(device)
         blob, self.im_scale = prepare_test_image(self.image, self.settings)
@@ -146,13 +148,17 @@ class Workloads:
             with _Calibrating(model):
                 run()
 
+    def gt_labels(self) -> torch.Tensor:
+        """Classes 1, 2, ... of the ground-truth objects, cycling through the model's classes."""
+        return torch.arange(len(self.boxes)) % (self.num_classes - 1) + 1
+
     def _ours_roidb(self) -> dict:
         polygons = []
         for mask in self.masks:
             contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
             polygons.append([c.reshape(-1).astype(np.float64) * self.im_scale for c in contours if len(c) >= 3])
         n = len(self.boxes)
-        return {"boxes": torch.from_numpy(self.boxes * self.im_scale), "gt_classes": torch.arange(1, n + 1),
+        return {"boxes": torch.from_numpy(self.boxes * self.im_scale), "gt_classes": self.gt_labels(),
                 "is_crowd": torch.zeros(n, dtype=torch.bool), "segms": polygons, "gt_keypoints": None,
                 "image_id": 0, "flipped": False, "height": self.image.shape[0], "width": self.image.shape[1]}
 
@@ -162,7 +168,7 @@ class Workloads:
         roidb = [self._ours_roidb() for _ in range(k)]
         data, im_info = self.blob.expand(k, -1, -1, -1).contiguous(), self.im_info.expand(k, -1).contiguous()
         target = {"boxes": torch.from_numpy(self.boxes).to(self.device),
-                  "labels": torch.arange(1, len(self.boxes) + 1, device=self.device),
+                  "labels": self.gt_labels().to(self.device),
                   "masks": torch.from_numpy(self.masks).to(self.device)}
 
         def step_fn(model, loss_fn):
@@ -190,7 +196,7 @@ def measure_memory(which: str, args) -> None:
     """Child-process mode: only the model measured is built; a few training iterations, then the peak RSS
     (CPU) or max_memory_allocated (CUDA) of this process."""
     device = torch.device(args.device)
-    work = Workloads(args.height, args.width, device, args.ims_per_batch, models=(which,))
+    work = Workloads(args.height, args.width, device, args.ims_per_batch, models=(which,), num_classes=args.num_classes)
     work.calibrate()
     ours, peer = work.training_steps()
     step = ours if which == "ours" else peer
@@ -199,6 +205,15 @@ def measure_memory(which: str, args) -> None:
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(json.dumps({"which": which, "peak_mb": peak}))
+
+
+def peak_memory_of(which: str, args) -> float:
+    """Peak memory (MB) of a few training iterations of `which` ('ours' / 'peer'), in a process of its own."""
+    cmd = [sys.executable, __file__, "--_memory_of", which] + [
+        f"--{k}={v}" for k, v in vars(args).items() if k in ("threads", "height", "width", "device", "ims_per_batch",
+                                                               "num_classes")]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    return float(json.loads(out)["peak_mb"])
 
 
 def main() -> None:
@@ -210,6 +225,10 @@ def main() -> None:
     parser.add_argument("--ims_per_batch", type=int, default=1, help="images per training iteration")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip_memory", action="store_true", help="do not measure peak memory")
+    parser.add_argument("--num_classes", type=int, default=81, help="classes of both models, background included")
+    parser.add_argument("--save_calibrated", metavar="PATH",
+                        help="also write our calibrated model as a checkpoint (--load_ckpt of tools/test_net.py, to "
+                             "time it on a dataset with --num_classes classes)")
     parser.add_argument("--_memory_of", choices=["ours", "peer"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -219,8 +238,13 @@ def main() -> None:
 
     device = torch.device(args.device)
     print(machine_description(args.threads) + f"; device {device}")
-    work = Workloads(args.height, args.width, device, args.ims_per_batch)
+    # Children first: a child forked from a parent holding both models would report the parent's peak RSS.
+    peaks = {} if args.skip_memory else {which: peak_memory_of(which, args) for which in ("ours", "peer")}
+    work = Workloads(args.height, args.width, device, args.ims_per_batch, num_classes=args.num_classes)
     work.calibrate()
+    if args.save_calibrated:
+        atomic_save({"model": work.ours_model.state_dict(), "step": 0}, args.save_calibrated)
+        print(f"Wrote our calibrated random-weight model to {args.save_calibrated}")
     ours_out, peer_out = work.ours_detect(), work.peer_detect()
     size = f"{args.height}x{args.width}"
     print(f"\n{TABLE_HEADER}")
@@ -232,14 +256,7 @@ def main() -> None:
     training = compare("training iteration (lr 0)", f"{args.ims_per_batch} x {size}, {NUM_OBJECTS} gt objects",
                        ours_step, peer_step, device, repeats=args.repeats, warmup=1)
     print(training.row(), flush=True)
-    if not args.skip_memory:
-        peaks = {}
-        for which in ("ours", "peer"):
-            cmd = [sys.executable, __file__, "--_memory_of", which] + [
-                f"--{k}={v}" for k, v in vars(args).items() if k in ("threads", "height", "width", "device",
-                                                                       "ims_per_batch")]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            peaks[which] = json.loads(out)["peak_mb"]
+    if peaks:
         unit = "max_memory_allocated" if device.type == "cuda" else "peak RSS"
         print(f"| training {unit} (MB) | {args.ims_per_batch} x {size} | {peaks['ours']:.0f} | {peaks['peer']:.0f} "
               f"| {peaks['ours'] / peaks['peer']:.2f} |")

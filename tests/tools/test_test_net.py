@@ -132,6 +132,15 @@ def test_default_output_dir_is_beside_the_checkpoint(shapes_val, tiny_cfg_file, 
     assert (Path(grid_checkpoint).parents[1] / "test" / "detections.pkl").is_file()
 
 
+def test_weights_outside_a_ckpt_folder_test_into_their_own_folder(tmp_path):
+    from pydetectron.evaluation.test_engine import default_output_dir
+
+    pkl = tmp_path / "zoo" / "model_final.pkl"
+    assert default_output_dir(TestOptions(load_detectron=str(pkl))) == (tmp_path / "zoo" / "test").resolve()
+    ckpt = tmp_path / "run" / "ckpt" / "model_step9.pth"
+    assert default_output_dir(TestOptions(load_ckpt=str(ckpt))) == (tmp_path / "run" / "test").resolve()
+
+
 def test_eval_only_refuses_incomplete_detections(shapes_val, tiny_cfg_file, grid_checkpoint, tmp_path):
     _run(tiny_cfg_file, dataset=shapes_val, load_ckpt=grid_checkpoint, output_dir=str(tmp_path), range=(0, 2))
     with pytest.raises(ValueError, match="cover 2 of 6 images"):

@@ -68,8 +68,9 @@ class TestOptions:
 
 # ------------------------------------------------------------------------------------------------ setup
 def default_output_dir(options: TestOptions) -> Path:
-    """Detectron.pytorch's default: ``<weights dir>/../test`` (a checkpoint in ``<run>/ckpt`` tests into
-    ``<run>/test``); beside the detections pickle for --eval_only."""
+    """Beside the weights: a training checkpoint in ``<run>/ckpt`` tests into ``<run>/test`` (Detectron.pytorch's
+    default), any other weights file into ``test`` in its own folder (never above it: a model-zoo ``.pkl``
+    in the working directory must not write into its parent); beside the pickle for --eval_only."""
     if options.output_dir:
         return Path(options.output_dir)
     if options.eval_only:
@@ -77,7 +78,8 @@ def default_output_dir(options: TestOptions) -> Path:
     weights = options.load_ckpt or options.load_detectron
     if not weights:
         raise ValueError("no --output_dir and no weights to put the results beside")
-    return Path(weights).resolve().parent.parent / "test"
+    folder = Path(weights).resolve().parent
+    return (folder.parent if folder.name == "ckpt" else folder) / "test"
 
 
 def prepare_test_cfg(cfg, options: TestOptions, print_fn: Print = print) -> None:
