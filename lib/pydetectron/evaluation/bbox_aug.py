@@ -278,11 +278,11 @@ def _add_instance_outputs(model, results: list, identity: _Pass, size: Tuple[int
     if not (model.mask_on or model.keypoints_on):
         return
     roi_feats = [identity.features[i] for i in model.roi_indices]
-    det_rois = model._detection_rois(results, identity.im_info)
+    det_rois = model.detection_rois(results, identity.im_info)
     if model.mask_on:
-        model._add_masks(results, roi_feats, det_rois, [tuple(size)])
+        model.add_masks(results, roi_feats, det_rois, [tuple(size)])
     if model.keypoints_on:
-        model._add_keypoints(results, roi_feats, det_rois)
+        model.add_keypoints(results, roi_feats, det_rois)
 
 
 def detection_function(cfg) -> Callable | None:

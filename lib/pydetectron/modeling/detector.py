@@ -277,11 +277,11 @@ class GeneralizedRCNN(nn.Module):
         else:
             cls_score, bbox_pred = self.box_outputs(self.box_head(roi_feats, proposals))
         results = detect_boxes(cls_score, bbox_pred, proposals, im_info, self.box_inference, sizes)
-        det_rois = self._detection_rois(results, im_info)
+        det_rois = self.detection_rois(results, im_info)
         if self.mask_on:
-            self._add_masks(results, roi_feats, det_rois, sizes)
+            self.add_masks(results, roi_feats, det_rois, sizes)
         if self.keypoints_on:
-            self._add_keypoints(results, roi_feats, det_rois)
+            self.add_keypoints(results, roi_feats, det_rois)
         return results
 
     def _deduplicated_box_outputs(self, roi_feats, proposals: torch.Tensor):
@@ -299,8 +299,11 @@ class GeneralizedRCNN(nn.Module):
         cls_score, bbox_pred = self.box_outputs(self.box_head(roi_feats, unique))
         return unique[inverse], cls_score[inverse], bbox_pred[inverse]
 
+    # The cascade's instance steps, public because test-time augmentation (evaluation/bbox_aug.py) runs them on
+    # its own final boxes.
+
     @staticmethod
-    def _detection_rois(results: List[Detections], im_info: torch.Tensor) -> torch.Tensor:
+    def detection_rois(results: List[Detections], im_info: torch.Tensor) -> torch.Tensor:
         """The detections of every image as ``(D, 5)`` RoIs in network-input pixels (boxes * im_scale)."""
         rois = []
         for i, det in enumerate(results):
@@ -308,7 +311,7 @@ class GeneralizedRCNN(nn.Module):
             rois.append(torch.cat([boxes.new_full((boxes.shape[0], 1), float(i)), boxes], dim=1))
         return torch.cat(rois)
 
-    def _add_masks(self, results: List[Detections], roi_feats, det_rois: torch.Tensor, sizes) -> None:
+    def add_masks(self, results: List[Detections], roi_feats, det_rois: torch.Tensor, sizes) -> None:
         """Detectron's ``im_detect_mask`` + ``segm_results``: ``masks`` ``(D, height, width)`` uint8."""
         classes = torch.cat([det["classes"] for det in results])
         probs = mask_probs(self.mask_head(roi_feats, det_rois), classes) if det_rois.shape[0] else None
@@ -323,7 +326,7 @@ class GeneralizedRCNN(nn.Module):
                 )
             start += count
 
-    def _add_keypoints(self, results: List[Detections], roi_feats, det_rois: torch.Tensor) -> None:
+    def add_keypoints(self, results: List[Detections], roi_feats, det_rois: torch.Tensor) -> None:
         """Detectron's ``im_detect_keypoints`` + ``keypoint_results``: ``keypoints`` ``(D, K, 3)`` =
         (x, y, heatmap logit) in original pixels. With KRCNN.NMS_OKS, detections whose keypoints overlap a
         better one's (OKS > 0.3) are dropped and the rest ordered by mean keypoint logit, as Detectron does."""
