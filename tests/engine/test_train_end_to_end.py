@@ -56,3 +56,31 @@ def test_training_runs_checkpoints_evaluates_and_resumes_exactly(tmp_path, tiny_
     assert expected.keys() == got.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=f"{key} differs after resume")
+
+
+def test_fast_rcnn_trains_and_evaluates_on_a_proposal_file(tmp_path, tiny_dataset, capsys):
+    """A model without RPN (Fast R-CNN, Mask head on) through the tool: TRAIN/TEST.PROPOSAL_FILES feed it."""
+    import numpy as np
+
+    from pydetectron.data.proposals import write_proposal_file
+
+    annotations = json.loads(Path(tiny_dataset.split(":")[2]).read_text())
+    rng = np.random.default_rng(0)
+    ids, boxes = [], []
+    for image in annotations["images"]:
+        gt = np.array([[x, y, x + w - 1, y + h - 1] for a in annotations["annotations"]
+                       if a["image_id"] == image["id"] for x, y, w, h in [a["bbox"]]], np.float32).reshape(-1, 4)
+        ids.append(image["id"])
+        boxes.append(np.concatenate([gt + rng.uniform(-4, 4, size=gt.shape), rng.uniform(0, 150, (20, 4))]))
+        boxes[-1][:, 2:] = np.maximum(boxes[-1][:, 2:], boxes[-1][:, :2] + 8)
+    proposal_file = tmp_path / "proposals.pkl"
+    write_proposal_file(proposal_file, ids, boxes, [np.ones(len(b)) for b in boxes])
+    files = repr((str(proposal_file),))
+    out = _train(tmp_path, tiny_dataset, "fast", "MODEL.FASTER_RCNN", "False", "TRAIN.PROPOSAL_FILES", files,
+                 "TEST.PROPOSAL_FILES", files)
+    records = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    assert {"loss_cls", "loss_bbox", "loss_mask"} == {k for k in records[0] if k.startswith("loss_")}
+    assert any("eval/segm/AP" in r for r in records)
+    capsys.readouterr()
+    with pytest.raises(ValueError, match="set TRAIN.PROPOSAL_FILES"):
+        _train(tmp_path, tiny_dataset, "none", "MODEL.FASTER_RCNN", "False")
