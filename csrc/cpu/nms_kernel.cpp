@@ -26,12 +26,10 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/nms_threshold.h"
+
 namespace pydetectron {
 
-// The float threshold that float IoUs are compared with. torchvision compares the float IoU, widened to
-// double, with the double threshold: `iou > t` is then the same as `iou > largest float <= t`. Detectron's
-// cython_nms takes the threshold as np.float32 (rounded to nearest) and compares `iou >= that`.
-// Also used by cuda/nms_kernel.cu so that both devices keep the same boxes.
 float nms_float_threshold(double threshold, bool legacy_plus_one) {
   float t = static_cast<float>(threshold);
   if (!legacy_plus_one && static_cast<double>(t) > threshold) {

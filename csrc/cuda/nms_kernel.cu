@@ -19,9 +19,9 @@
 
 #include <cstdint>
 
-namespace pydetectron {
+#include "cpu/nms_threshold.h"
 
-float nms_float_threshold(double threshold, bool legacy_plus_one);  // defined in cpu/nms_kernel.cpp
+namespace pydetectron {
 
 namespace {
 

@@ -227,6 +227,17 @@ def test_bad_input_raises_clear_errors(features, rois, kwargs, error, match):
         roi_align(features, rois, **args)
 
 
+def test_fractional_batch_indices_are_truncated_as_the_kernels_read_them():
+    """-1 < b < N is accepted (the kernels truncate toward zero); the check's fast path must agree."""
+    features = torch.randn(2, 3, 6, 6)
+    box = [0.0, 0.0, 4.0, 4.0]
+    fractional = roi_align(features, torch.tensor([[-0.5, *box], [1.9, *box]]), 2, 1.0, 2)
+    whole = roi_align(features, torch.tensor([[0.0, *box], [1.0, *box]]), 2, 1.0, 2)
+    torch.testing.assert_close(fractional, whole, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="batch index 2"):
+        roi_align(features, torch.tensor([[0.0, *box], [2.0, *box]]), 2, 1.0, 2)
+
+
 def test_raw_ops_validate_their_arguments():
     features, rois = torch.zeros(1, 2, 5, 5), torch.tensor([[0.0, 0, 0, 3, 3]])
     with pytest.raises(RuntimeError, match="pooled_height and pooled_width must be positive"):
