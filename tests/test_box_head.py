@@ -10,7 +10,7 @@ import torchvision
 
 from pydetectron.config import get_cfg
 from pydetectron.modeling import registry
-from pydetectron.modeling.box_head import FastRCNNOutputs, fast_rcnn_losses
+from pydetectron.modeling.box_head import FastRCNNOutputs, classification_accuracy, fast_rcnn_losses
 from pydetectron.modeling.roi_features import RoIFeatureExtractor
 
 registry.import_builtin_modules()
@@ -184,3 +184,11 @@ def test_resnet_c4_head_shapes_names_and_res5_map():
 def test_resnet_c4_head_rejects_resolution_without_7x7_output():
     with pytest.raises(ValueError, match="ROI_XFORM_RESOLUTION"):
         registry.build("box_head", "ResNet_roi_conv5_head", small_cfg(ROI_XFORM_RESOLUTION=10), 1024, [1 / 16])
+
+
+def test_classification_accuracy_is_the_top1_hit_rate():
+    scores = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [0.0, 1.0, 5.0], [4.0, 0.0, 0.0]], requires_grad=True)
+    labels = torch.tensor([0, 1, 1, 2])  # rows 0 and 1 right, rows 2 and 3 wrong
+    accuracy = classification_accuracy(scores, labels)
+    assert accuracy.item() == 0.5 and not accuracy.requires_grad
+    assert classification_accuracy(torch.zeros(0, 3), torch.zeros(0, dtype=torch.int64)).item() == 0.0

@@ -10,7 +10,7 @@ import torch
 
 from pydetectron.config import assert_and_infer_cfg, get_cfg, merge_cfg_from_file, merge_cfg_from_list
 from pydetectron.modeling import detector as detector_module
-from pydetectron.modeling.detector import build_detector
+from pydetectron.modeling.detector import build_detector, total_loss
 from pydetectron.modeling.keypoint_head import nms_oks
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
@@ -92,8 +92,8 @@ def train_step(model, batch, seed=0):
     model.train()
     model.zero_grad()
     losses = model(*batch)
-    sum(losses.values()).backward()
-    return {k: v.item() for k, v in losses.items()}
+    total_loss(losses).backward()
+    return {k: v.item() for k, v in losses.items() if k.startswith("loss")}
 
 
 def check_detections(results, roidb, num_classes, masks=False, num_keypoints=0):
@@ -125,6 +125,10 @@ def test_fpn_mask_rcnn_losses_on_a_batch_of_two_sizes(fpn_mask_model):
     expected |= {f"loss_rpn_{kind}_fpn{lvl}" for kind in ("cls", "bbox") for lvl in range(2, 7)}
     assert set(losses) == expected
     assert all(np.isfinite(v) for v in losses.values())
+    model.train()
+    outputs = model(*synthetic_batch())
+    assert 0.0 <= outputs["accuracy_cls"].item() <= 1.0 and not outputs["accuracy_cls"].requires_grad
+    torch.testing.assert_close(total_loss(outputs), sum(v for k, v in outputs.items() if k != "accuracy_cls"))
     for module in (model.box_outputs, model.box_head, model.mask_head, model.rpn):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
     # The RoI heads pool from P2..P5 only (FPN.ROI_MIN/MAX_LEVEL), the RPN from P2..P6.
@@ -335,7 +339,7 @@ def test_small_mask_rcnn_overfits_one_batch():
     totals = []
     for _ in range(30):
         losses = model(*batch)
-        total = sum(losses.values())
+        total = total_loss(losses)
         optimizer.zero_grad()
         total.backward()
         optimizer.step()

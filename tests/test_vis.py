@@ -52,3 +52,11 @@ def test_training_curves_image(tmp_path):
 
     picture = cv2.imread(str(tmp_path / "curves.png"))
     assert picture.shape[0] == 1500 and (picture < 250).any()
+
+
+def test_training_accuracy_gets_its_own_panel(tmp_path):
+    import cv2
+
+    records = [{"step": s, "loss": 2.0 / s, "accuracy_cls": 1 - 1.0 / s, "lr": 0.01} for s in range(1, 30)]
+    draw_training_curves(records, tmp_path / "curves.png")
+    assert cv2.imread(str(tmp_path / "curves.png")).shape[0] == 1500  # losses, accuracy, lr

@@ -31,7 +31,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from pydetectron.config import assert_and_infer_cfg, get_cfg, merge_cfg_from_file, merge_cfg_from_list
 from pydetectron.data.minibatch import BlobSettings, prepare_test_image, scaled_size
 from pydetectron.engine.checkpoint import atomic_save
-from pydetectron.modeling.detector import build_detector
+from pydetectron.modeling.detector import build_detector, total_loss
 from pydetectron.modeling.layers import AffineChannel2d
 from pydetectron.utils.benchmark import TABLE_HEADER, compare, machine_description
 
@@ -178,7 +178,7 @@ class Workloads:
             def step():
                 optimizer.zero_grad(set_to_none=True)
                 losses = loss_fn()
-                sum(losses.values()).backward()
+                total_loss(losses).backward()
                 optimizer.step()
             return step
 

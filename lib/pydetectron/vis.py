@@ -164,14 +164,22 @@ def draw_curves(
 
 
 def draw_training_curves(records: Sequence[Mapping[str, float]], path: str | Path) -> None:
-    """Loss curves (top) and the learning rate (bottom) from metrics.json records, saved as one image."""
+    """Loss curves (top), the training accuracy (accuracy_cls), the learning rate and any evaluation figures
+    from metrics.json records, saved as one image."""
     steps = [r for r in records if "lr" in r]
-    loss_names = [k for k in (steps[0] if steps else {}) if k.startswith("loss")]
-    losses = {name: [(r["step"], r[name]) for r in steps if name in r] for name in loss_names}
+
+    def series(prefix: str) -> dict:
+        names = [k for k in (steps[0] if steps else {}) if k.startswith(prefix)]
+        return {name: [(r["step"], r[name]) for r in steps if name in r] for name in names}
+
     lr = {"lr": [(r["step"], r["lr"]) for r in steps]}
     evals = {k: [(r["step"], r[k]) for r in records if k in r]
              for k in sorted({k for r in records for k in r if k.startswith("eval/")})}
-    panels = [draw_curves(losses, "training losses"), draw_curves(lr, "learning rate")]
+    accuracy = series("accuracy")
+    panels = [draw_curves(series("loss"), "training losses")]
+    if accuracy:
+        panels.append(draw_curves(accuracy, "training accuracy"))
+    panels.append(draw_curves(lr, "learning rate"))
     if evals:
         panels.append(draw_curves(evals, "evaluation"))
     save_image(np.vstack(panels), path)

@@ -101,7 +101,7 @@ class TrainingLogger:
         time_per_iter = self.values["time"].median
         eta = datetime.timedelta(seconds=int(time_per_iter * (self.max_iter - step - 1)))
         memory = peak_memory_mb()
-        total = loss_values.get("loss", sum(loss_values.values()))
+        total = loss_values.get("loss", sum(v for k, v in loss_values.items() if k.startswith("loss")))
         parts = [f"loss {total:.4f}"] + [f"{k} {v:.4f}" for k, v in sum_fpn_levels(loss_values).items() if k != "loss"]
         self.print(
             f"[step {step + 1}/{self.max_iter}] " + ", ".join(parts)

@@ -18,6 +18,7 @@ from torch import nn
 
 from pydetectron.engine.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from pydetectron.engine.logger import TrainingLogger
+from pydetectron.modeling.detector import total_loss
 from pydetectron.solver import LRSchedule, current_learning_rate, set_learning_rate
 
 
@@ -68,9 +69,10 @@ class _StopRequest:
 
 
 class Trainer:
-    """Runs steps `start_step` .. `max_iter - 1` of `model` (returning a dict of losses) on `batches`.
+    """Runs steps `start_step` .. `max_iter - 1` of `model` (returning a dict of losses, plus figures such as
+    accuracy_cls that are logged, not optimised) on `batches`.
 
-    `forward` maps a minibatch dict to the model's loss dict (e.g. splitting it for the DataParallel).
+    `forward` maps a minibatch dict to the model's output dict (e.g. splitting it for the DataParallel).
     `evaluate(step)` (optional) returns metrics to log every `eval_period` steps and at the end.
     """
 
@@ -139,7 +141,7 @@ class Trainer:
             data_time += time.perf_counter() - tic
             losses = dict(self.forward(self.model, batch))
             check_finite(losses, step)
-            total = sum(losses.values())
+            total = total_loss(losses)
             (total / iter_size).backward()
             for name, value in {"loss": total, **losses}.items():
                 summed[name] = summed.get(name, 0.0) + float(value.detach()) / iter_size

@@ -182,6 +182,14 @@ def fast_rcnn_losses(
     }
 
 
+def classification_accuracy(cls_score: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Detectron's ``accuracy_cls`` (Caffe2's ``Accuracy``): the fraction of sampled RoIs whose top-scoring
+    class is their label; a logged figure, not a loss (no gradient)."""
+    if labels.numel() == 0:
+        return cls_score.new_zeros(())
+    return (cls_score.detach().argmax(dim=1) == labels).float().mean()
+
+
 def build_box_outputs(cfg, dim_in: int) -> FastRCNNOutputs:
     return FastRCNNOutputs(dim_in, cfg.MODEL.NUM_CLASSES, cfg.MODEL.CLS_AGNOSTIC_BBOX_REG)
 

@@ -2,7 +2,8 @@
 
 Detectron's ``model_builder.build_generic_detection_model`` as one ``nn.Module``. Training returns
 Detectron's named losses (``loss_rpn_cls[_fpnX]``, ``loss_rpn_bbox[_fpnX]``, ``loss_cls``,
-``loss_bbox``, ``loss_mask``, ``loss_kps``); inference cascades like ``core/test.py:im_detect_all``
+``loss_bbox``, ``loss_mask``, ``loss_kps``) and Detectron's logged ``accuracy_cls`` (``total_loss`` sums
+the losses only); inference cascades like ``core/test.py:im_detect_all``
 (boxes, then masks and keypoints on the final detections) and returns one dict per image in original
 image coordinates (ARCHITECTURE.md, "Detector outputs").
 
@@ -21,7 +22,7 @@ from torch import nn
 
 from pydetectron.boxes import unique_boxes
 from pydetectron.modeling import registry
-from pydetectron.modeling.box_head import build_box_outputs, fast_rcnn_losses
+from pydetectron.modeling.box_head import build_box_outputs, classification_accuracy, fast_rcnn_losses
 from pydetectron.modeling.fpn_levels import level_indices
 from pydetectron.modeling.keypoint_head import (
     COCO_PERSON_OKS_SIGMAS,
@@ -39,7 +40,13 @@ from pydetectron.modeling.targets.keypoint import keypoint_rcnn_targets
 from pydetectron.modeling.targets.mask import mask_rcnn_targets
 
 Detections = Dict[str, torch.Tensor]
+LOSS_PREFIX = "loss"  # training outputs named loss* are optimised; the others (accuracy_cls) are only logged
 NMS_OKS_THRESH = 0.3  # Detectron's keypoint_results
+
+
+def total_loss(outputs: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """The sum of a training forward's losses (its ``loss*`` entries), the quantity to backpropagate."""
+    return sum(value for name, value in outputs.items() if name.startswith(LOSS_PREFIX))
 
 
 def _roi_feature_indices(cfg, body_levels: Sequence[int]) -> List[int]:
@@ -217,6 +224,7 @@ class GeneralizedRCNN(nn.Module):
             cls_score, bbox_pred, targets.labels, targets.bbox_targets,
             targets.bbox_inside_weights, targets.bbox_outside_weights,
         ))
+        losses["accuracy_cls"] = classification_accuracy(cls_score, targets.labels)
         if self.mask_on:
             losses["loss_mask"] = self._mask_loss(roi_feats, targets, im_info, roidb, res5 if share_res5 else None)
         if self.keypoints_on:
