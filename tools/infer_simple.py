@@ -23,7 +23,7 @@ import torch
 
 from pydetectron.config import assert_and_infer_cfg
 from pydetectron.data.catalog import get_dataset, register_from_string, resolve_short_name
-from pydetectron.data.coco import CocoDataset
+from pydetectron.data.coco import CocoDataset, DatasetMeta, keypoint_flip_map
 from pydetectron.data.minibatch import BlobSettings
 from pydetectron.engine.inference_model import build_inference_model
 from pydetectron.evaluation.bbox_aug import detection_function
@@ -42,6 +42,11 @@ COCO_CLASSES = [
     "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed",
     "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven",
     "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+]
+COCO_PERSON_KEYPOINTS = [
+    "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder", "left_elbow",
+    "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle",
+    "right_ankle",
 ]
 # COCO person keypoints' skeleton (1-based keypoint pairs, as in the COCO keypoint annotations).
 COCO_PERSON_SKELETON = [
@@ -74,27 +79,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def class_names_and_skeleton(dataset: str) -> tuple[list[str], list[list[int]], int]:
-    """(class names with '__background__' first, 1-based keypoint skeleton or [], keypoint count) for --dataset.
+def dataset_meta(dataset: str) -> DatasetMeta:
+    """Class names ('__background__' first), keypoint names with their left/right pairs, and the 1-based
+    keypoint skeleton of --dataset.
 
     A catalog dataset (or short name) whose annotation file exists gives its own categories and keypoints;
     otherwise COCO names ('coco*', 'keypoints_coco*') fall back to the built-in COCO lists."""
     name = resolve_short_name(dataset).test[0] if dataset not in ("coco", "keypoints_coco") else None
     if name is not None and Path(get_dataset(name).ann_file).is_file():
-        meta = _dataset_meta(name)
-        return list(meta.classes), [list(pair) for pair in meta.skeleton or []], meta.num_keypoints
+        coco = CocoDataset(name)
+        coco.get_roidb()
+        return coco.meta
     if dataset.startswith("keypoints_coco"):
-        return ["__background__", "person"], COCO_PERSON_SKELETON, 17
+        return DatasetMeta(["__background__", "person"], {}, {}, COCO_PERSON_KEYPOINTS,
+                           keypoint_flip_map(COCO_PERSON_KEYPOINTS), skeleton=COCO_PERSON_SKELETON)
     if dataset.startswith("coco"):
-        return list(COCO_CLASSES), [], 0
+        return DatasetMeta(list(COCO_CLASSES), {}, {})
     raise FileNotFoundError(f"--dataset {dataset!r}: annotation file {get_dataset(name).ann_file} (for the class "
                             "names) does not exist")
-
-
-def _dataset_meta(name: str):
-    dataset = CocoDataset(name)
-    dataset.get_roidb()
-    return dataset.meta
 
 
 def list_images(image_dir: str | None, images: Sequence[str] | None) -> list[Path]:
@@ -119,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     for spec in args.register:
         register_from_string(spec)
-    class_names, skeleton, num_keypoints = class_names_and_skeleton(args.dataset)
+    meta = dataset_meta(args.dataset)
+    class_names, skeleton = meta.classes, [list(pair) for pair in meta.skeleton or []]
     cfg = load_cfg(args)
     if cfg.MODEL.NUM_CLASSES <= 0:
         cfg.MODEL.NUM_CLASSES = len(class_names)
@@ -127,12 +130,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: MODEL.NUM_CLASSES is {cfg.MODEL.NUM_CLASSES} but --dataset {args.dataset!r} names "
                  f"{len(class_names)} classes (with background); pass the dataset the model was trained on")
     if cfg.MODEL.KEYPOINTS_ON and cfg.KRCNN.NUM_KEYPOINTS <= 0:
-        cfg.KRCNN.NUM_KEYPOINTS = num_keypoints
+        cfg.KRCNN.NUM_KEYPOINTS = meta.num_keypoints
     assert_and_infer_cfg(cfg)
     device = torch.device("cuda", 0) if args.cuda and torch.cuda.is_available() else torch.device("cpu")
     model = build_inference_model(cfg, args.load_ckpt, args.load_detectron, device)
     settings = BlobSettings.from_cfg(cfg, train=False)
-    detect = detection_function(cfg) or detect_image
+    detect = detection_function(cfg, meta.keypoint_flip_permutation()) or detect_image
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     written = 0

@@ -19,6 +19,7 @@ from pydetectron.evaluation.bbox_aug import (
     combine_predictions,
     detections_with_voting,
 )
+from pydetectron.evaluation.tta_passes import augmented_passes
 from pydetectron.modeling.postprocess import BoxInference
 
 TOP = torch.tensor([[0.0, 0.0, 9.0, 9.0]])
@@ -152,7 +153,7 @@ def test_flip_scale_and_aspect_passes_map_boxes_back_to_the_original():
                           aspect_ratio_h_flip=True)
     detect = AugmentedDetection(aug, BoxVoting(), BoxInference(num_classes=2))
     model, image = BarDetector(), _bar_image()
-    passes = detect.transformations(image, settings)
+    passes = augmented_passes(aug, image, settings)
     assert [(p[1].scales[0], p[2], p[3]) for p in passes] == [
         (40, True, 1.0), (80, False, 1.0), (80, True, 1.0), (20, False, 1.0), (20, True, 1.0),
         (40, False, 0.5), (40, True, 0.5)]

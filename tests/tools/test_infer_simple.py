@@ -37,21 +37,26 @@ def test_help_lists_every_flag(capsys):
 
 
 def test_coco_names_by_default_and_keypoint_skeleton():
-    names, skeleton, num_keypoints = tool.class_names_and_skeleton("coco")
+    meta = tool.dataset_meta("coco")
+    names = meta.classes
     assert len(names) == 81 and names[:3] == ["__background__", "person", "bicycle"] and names[-1] == "toothbrush"
-    assert len(set(names)) == 81 and skeleton == [] and num_keypoints == 0
-    names, skeleton, num_keypoints = tool.class_names_and_skeleton("keypoints_coco")
-    assert names == ["__background__", "person"] and len(skeleton) == 19 and num_keypoints == 17
-    assert {k for pair in skeleton for k in pair} == set(range(1, 18))  # all 17 COCO keypoints, 1-based
+    assert len(set(names)) == 81 and not meta.skeleton and meta.num_keypoints == 0
+    meta = tool.dataset_meta("keypoints_coco")
+    assert meta.classes == ["__background__", "person"] and len(meta.skeleton) == 19 and meta.num_keypoints == 17
+    assert {k for pair in meta.skeleton for k in pair} == set(range(1, 18))  # all 17 COCO keypoints, 1-based
+    # left/right pairs swap under a flip (TEST.KPS_AUG): nose stays, left_eye <-> right_eye, ...
+    assert meta.keypoint_flip_permutation().tolist() == [0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13, 16, 15]
 
 
 def test_dataset_names_and_skeleton_from_the_catalog(shapes_val):
-    names, skeleton, num_keypoints = tool.class_names_and_skeleton(shapes_val)
-    assert names == ["__background__", "circle", "square", "triangle"] and skeleton == [] and num_keypoints == 0
+    meta = tool.dataset_meta(shapes_val)
+    assert meta.classes == ["__background__", "circle", "square", "triangle"] and not meta.skeleton
+    assert meta.num_keypoints == 0
     spec = get_dataset(shapes_val)
     register_dataset("tools_kp_shapes_val", spec.image_dir, str(Path(spec.ann_file).with_name("keypoints_val.json")))
-    names, skeleton, num_keypoints = tool.class_names_and_skeleton("tools_kp_shapes_val")
-    assert names == ["__background__", "triangle"] and skeleton == [[1, 2], [2, 3], [3, 1]] and num_keypoints == 3
+    meta = tool.dataset_meta("tools_kp_shapes_val")
+    assert meta.classes == ["__background__", "triangle"] and meta.skeleton == [[1, 2], [2, 3], [3, 1]]
+    assert meta.num_keypoints == 3 and meta.keypoint_flip_permutation().tolist() == [0, 2, 1]
 
 
 @pytest.fixture

@@ -8,7 +8,8 @@ probabilities ``(R, C)`` and class-tiled boxes ``(R, 4C)`` mapped back to origin
 combined by SCORE_HEUR / COORD_HEUR ('UNION' stacks the rows of every transformation, 'AVG' averages row by
 row, 'ID' keeps the identity's), then go through the usual per-class NMS (or soft-NMS), box voting, and the
 detections-per-image limit. Masks and keypoints are predicted on the final boxes from the identity
-transformation's features, as Detectron does without MASK_AUG / KPS_AUG. Boxes are inclusive-pixel xyxy.
+transformation's features, and with TEST.MASK_AUG / TEST.KPS_AUG combined with those of their own
+transformations (``instance_aug``). Boxes are inclusive-pixel xyxy.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Callable, List, Tuple
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pydetectron.boxes import box_iou, flip_boxes
 from pydetectron.data.minibatch import BlobSettings, prepare_test_image, scaled_size
+from pydetectron.evaluation.instance_aug import InstanceAugmentation, augmented_heatmaps, augmented_mask_probs
+from pydetectron.evaluation.tta_passes import augmented_passes, scale_box_widths
 from pydetectron.modeling.postprocess import BoxInference, box_results_with_nms_and_limit, predict_boxes
 
 HEURISTICS = ("ID", "AVG", "UNION")
@@ -171,21 +173,6 @@ def detections_with_voting(scores: torch.Tensor, boxes: torch.Tensor, params: Bo
     return det_boxes, det_scores, det_classes
 
 
-# ------------------------------------------------------------------------------------------ transformations
-def aspect_ratio_image(image: np.ndarray, aspect_ratio: float) -> np.ndarray:
-    """The image with its width scaled by `aspect_ratio` (Detectron's ``aspect_ratio_rel``)."""
-    height, width = image.shape[:2]
-    return cv2.resize(image, (int(round(aspect_ratio * width)), height), interpolation=cv2.INTER_LINEAR)
-
-
-def scale_box_widths(boxes: torch.Tensor, factor: float) -> torch.Tensor:
-    """x coordinates of class-tiled boxes ``(R, 4C)`` times `factor` (Detectron's ``aspect_ratio``)."""
-    out = boxes.clone()
-    out[:, 0::4] *= factor
-    out[:, 2::4] *= factor
-    return out
-
-
 @dataclass
 class _Pass:
     """One transformation's predictions, in the coordinates of the image it was run on."""
@@ -217,15 +204,21 @@ def box_predictions(model: torch.nn.Module, image: np.ndarray, settings: BlobSet
 
 class AugmentedDetection:
     """``detect(model, image, settings, device) -> dict``, the same call as ``inference.detect_image``,
-    with TEST.BBOX_AUG transformations and TEST.BBOX_VOTE (either may be off)."""
+    with TEST.BBOX_AUG transformations and TEST.BBOX_VOTE, then TEST.MASK_AUG / TEST.KPS_AUG on the final
+    boxes (``instance_aug``); any of them may be off. `keypoint_flip_perm` (the dataset's, see
+    ``DatasetMeta.keypoint_flip_permutation``) is needed when KPS_AUG flips."""
 
-    def __init__(self, augmentation: BoxAugmentation, voting: BoxVoting, params: BoxInference) -> None:
+    def __init__(self, augmentation: BoxAugmentation, voting: BoxVoting, params: BoxInference,
+                 mask_aug: InstanceAugmentation | None = None, keypoint_aug: InstanceAugmentation | None = None,
+                 keypoint_flip_perm: np.ndarray | None = None) -> None:
         self.aug, self.voting, self.params = augmentation, voting, params
+        self.mask_aug, self.keypoint_aug, self.keypoint_flip_perm = mask_aug, keypoint_aug, keypoint_flip_perm
 
     @classmethod
-    def from_cfg(cls, cfg) -> AugmentedDetection:
+    def from_cfg(cls, cfg, keypoint_flip_perm: np.ndarray | None = None) -> AugmentedDetection:
         aug = BoxAugmentation.from_cfg(cfg) if cfg.TEST.BBOX_AUG.ENABLED else BoxAugmentation()
-        return cls(aug, BoxVoting.from_cfg(cfg), BoxInference.from_cfg(cfg))
+        return cls(aug, BoxVoting.from_cfg(cfg), BoxInference.from_cfg(cfg), InstanceAugmentation.masks_from_cfg(cfg),
+                   InstanceAugmentation.keypoints_from_cfg(cfg), keypoint_flip_perm)
 
     def _run(self, model, image: np.ndarray, settings: BlobSettings, device, hflip: bool) -> _Pass:
         """A pass on `image` (flipped first when `hflip`), boxes mapped back to `image`'s frame."""
@@ -235,30 +228,11 @@ class AugmentedDetection:
         result.boxes = flip_boxes(result.boxes, image.shape[1])
         return result
 
-    def transformations(self, image: np.ndarray, settings: BlobSettings) -> List[Tuple[np.ndarray, BlobSettings,
-                                                                                        bool, float]]:
-        """(image, blob settings, hflip, width factor back to the original) of every augmented pass, in
-        Detectron's order; the identity (run last) is not included."""
-        aug, out = self.aug, []
-        if aug.h_flip:
-            out.append((image, settings, True, 1.0))
-        for scale in aug.scales:
-            scaled = dataclasses.replace(settings, scales=(scale,), max_size=aug.max_size)
-            out.append((image, scaled, False, 1.0))
-            if aug.scale_h_flip:
-                out.append((image, scaled, True, 1.0))
-        for ratio in aug.aspect_ratios:
-            stretched = aspect_ratio_image(image, ratio)
-            out.append((stretched, settings, False, 1.0 / ratio))
-            if aug.aspect_ratio_h_flip:
-                out.append((stretched, settings, True, 1.0 / ratio))
-        return out
-
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module, image: np.ndarray, settings: BlobSettings,
                  device: torch.device) -> dict:
         scores_ts, boxes_ts = [], []
-        for im, blob_settings, hflip, width_factor in self.transformations(image, settings):
+        for im, blob_settings, hflip, width_factor in augmented_passes(self.aug, image, settings):
             result = self._run(model, im, blob_settings, device, hflip)
             scores_ts.append(result.scores)
             boxes_ts.append(result.boxes if width_factor == 1.0 else scale_box_widths(result.boxes, width_factor))
@@ -268,28 +242,42 @@ class AugmentedDetection:
         scores, boxes = combine_predictions(scores_ts, boxes_ts, self.aug.score_heur, self.aug.coord_heur)
         det_boxes, det_scores, det_classes = detections_with_voting(scores, boxes, self.params, self.voting)
         results = [{"boxes": det_boxes, "scores": det_scores, "classes": det_classes}]
-        _add_instance_outputs(model, results, identity, image.shape[:2])
+        self._add_instance_outputs(model, results, identity, image, settings, device)
         return {k: v.detach().cpu() for k, v in results[0].items()}
 
+    def _add_instance_outputs(self, model, results: list, identity: _Pass, image: np.ndarray,
+                              settings: BlobSettings, device: torch.device) -> None:
+        """Masks / keypoints of the final boxes, through the detector's own steps: from the identity pass's
+        features (Detectron's ``im_detect_mask`` / ``im_detect_keypoints``), combined with the other
+        transformations' under MASK_AUG / KPS_AUG (``im_detect_mask_aug`` / ``im_detect_keypoints_aug``)."""
+        if not (model.mask_on or model.keypoints_on):
+            return
+        roi_feats = [identity.features[i] for i in model.roi_indices]
+        det_rois = model.detection_rois(results, identity.im_info)
+        boxes = results[0]["boxes"]
+        augment = boxes.shape[0] > 0
+        if model.mask_on:
+            probs = model.detection_mask_probs(results, roi_feats, det_rois)
+            if self.mask_aug is not None and augment:
+                probs = augmented_mask_probs(model, self.mask_aug, image, settings, boxes, results[0]["classes"],
+                                             probs, device)
+            model.paste_masks(results, probs, [tuple(image.shape[:2])])
+        if model.keypoints_on:
+            heatmaps = model.keypoint_head(roi_feats, det_rois) if augment else None
+            if self.keypoint_aug is not None and augment:
+                heatmaps = augmented_heatmaps(model, self.keypoint_aug, image, settings, boxes, heatmaps,
+                                              self.keypoint_flip_perm, device)
+            model.decode_keypoints(results, heatmaps)
 
-def _add_instance_outputs(model, results: list, identity: _Pass, size: Tuple[int, int]) -> None:
-    """Masks / keypoints of the final boxes from the identity pass's features (Detectron's ``im_detect_mask``
-    and ``im_detect_keypoints`` after ``im_detect_bbox_aug``), through the detector's own steps."""
-    if not (model.mask_on or model.keypoints_on):
-        return
-    roi_feats = [identity.features[i] for i in model.roi_indices]
-    det_rois = model.detection_rois(results, identity.im_info)
-    if model.mask_on:
-        model.add_masks(results, roi_feats, det_rois, [tuple(size)])
-    if model.keypoints_on:
-        model.add_keypoints(results, roi_feats, det_rois)
 
-
-def detection_function(cfg) -> Callable | None:
-    """The per-image detection function TEST.BBOX_AUG / TEST.BBOX_VOTE ask for, or None for the plain model."""
-    if cfg.TEST.BBOX_AUG.ENABLED or cfg.TEST.BBOX_VOTE.ENABLED:
+def detection_function(cfg, keypoint_flip_perm: np.ndarray | None = None) -> Callable | None:
+    """The per-image detection function TEST.BBOX_AUG / BBOX_VOTE / MASK_AUG / KPS_AUG ask for, or None for the
+    plain model. `keypoint_flip_perm`: the dataset's keypoint flip permutation (KPS_AUG flips need it)."""
+    instance_aug = (cfg.MODEL.MASK_ON and cfg.TEST.MASK_AUG.ENABLED) or (
+        cfg.MODEL.KEYPOINTS_ON and cfg.TEST.KPS_AUG.ENABLED)
+    if cfg.TEST.BBOX_AUG.ENABLED or cfg.TEST.BBOX_VOTE.ENABLED or instance_aug:
         if not cfg.MODEL.FASTER_RCNN:
-            raise ValueError("TEST.BBOX_AUG / TEST.BBOX_VOTE are implemented for models with an RPN "
-                             "(MODEL.FASTER_RCNN), not for precomputed proposals or RPN-only models")
-        return AugmentedDetection.from_cfg(cfg)
+            raise ValueError("TEST.BBOX_AUG / BBOX_VOTE / MASK_AUG / KPS_AUG are implemented for models with an "
+                             "RPN (MODEL.FASTER_RCNN), not for precomputed proposals or RPN-only models")
+        return AugmentedDetection.from_cfg(cfg, keypoint_flip_perm)
     return None

@@ -245,7 +245,8 @@ def run_inference(cfg, options: TestOptions, dataset: CocoDataset, entries: Sequ
     model = build_inference_model(cfg, options.load_ckpt, options.load_detectron, device)
     print_fn(f"Testing on {dataset.name}: images {start}..{end - 1} of {len(entries)}, on {device}")
     tic = time.perf_counter()
-    detect = detection_function(cfg)  # TEST.BBOX_AUG / TEST.BBOX_VOTE, else the model's own inference
+    # TEST.BBOX_AUG / BBOX_VOTE / MASK_AUG / KPS_AUG, else the model's own inference
+    detect = detection_function(cfg, dataset.meta.keypoint_flip_permutation())
     detections = inference_on_dataset(model, entries[start:end], BlobSettings.from_cfg(cfg, train=False), device,
                                       print_fn, **({"detect_fn": detect} if detect is not None else {}))
     elapsed = time.perf_counter() - tic

@@ -319,10 +319,20 @@ class GeneralizedRCNN(nn.Module):
             rois.append(torch.cat([boxes.new_full((boxes.shape[0], 1), float(i)), boxes], dim=1))
         return torch.cat(rois)
 
+    def detection_mask_probs(self, results: List[Detections], roi_feats, det_rois: torch.Tensor) -> torch.Tensor:
+        """Detectron's ``im_detect_mask``: each detection's soft mask ``(D, M, M)`` for its class."""
+        classes = torch.cat([det["classes"] for det in results])
+        if det_rois.shape[0] == 0:
+            return det_rois.new_zeros((0, self.mask_settings.resolution, self.mask_settings.resolution))
+        return mask_probs(self.mask_head(roi_feats, det_rois), classes)
+
     def add_masks(self, results: List[Detections], roi_feats, det_rois: torch.Tensor, sizes) -> None:
         """Detectron's ``im_detect_mask`` + ``segm_results``: ``masks`` ``(D, height, width)`` uint8."""
-        classes = torch.cat([det["classes"] for det in results])
-        probs = mask_probs(self.mask_head(roi_feats, det_rois), classes) if det_rois.shape[0] else None
+        self.paste_masks(results, self.detection_mask_probs(results, roi_feats, det_rois), sizes)
+
+    def paste_masks(self, results: List[Detections], probs: torch.Tensor, sizes) -> None:
+        """Detectron's ``segm_results``: soft masks ``(D, M, M)`` of all images' detections, in order, become
+        each image's ``masks`` ``(D_i, height, width)`` uint8."""
         start = 0
         for det, (height, width) in zip(results, sizes):
             count = det["boxes"].shape[0]
@@ -338,8 +348,13 @@ class GeneralizedRCNN(nn.Module):
         """Detectron's ``im_detect_keypoints`` + ``keypoint_results``: ``keypoints`` ``(D, K, 3)`` =
         (x, y, heatmap logit) in original pixels. With KRCNN.NMS_OKS, detections whose keypoints overlap a
         better one's (OKS > 0.3) are dropped and the rest ordered by mean keypoint logit, as Detectron does."""
-        s = self.keypoint_settings
         heatmaps = self.keypoint_head(roi_feats, det_rois) if det_rois.shape[0] else None
+        self.decode_keypoints(results, heatmaps)
+
+    def decode_keypoints(self, results: List[Detections], heatmaps: torch.Tensor | None) -> None:
+        """Detectron's ``keypoint_results``: heatmap logits ``(D, K, S, S)`` of all images' detections, in order,
+        become each image's ``keypoints`` (KRCNN.NMS_OKS applied)."""
+        s = self.keypoint_settings
         start = 0
         for det in results:
             count = det["boxes"].shape[0]
