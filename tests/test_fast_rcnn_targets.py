@@ -204,3 +204,17 @@ def test_bad_roidb_is_reported():
     with pytest.raises(ValueError, match="roidb entries"):
         fast_rcnn_targets(proposals_for(0, BG_PROPS), torch.tensor([[300.0, 300.0, 1.0]] * 2),
                           [entry(GT, [1, 2])], params)
+
+
+def test_an_image_left_with_no_roi_adds_no_rows():
+    """Precomputed proposals inside a crowd region are never sampled (CROWD_FILTER_THRESH); an image whose only
+    gt is that crowd then contributes nothing, and the batch's blobs keep their widths."""
+    params = FastRCNNSampling(num_classes=4, batch_size_per_im=8, fg_fraction=0.25, crowd_filter_thresh=0.7)
+    roidb = [entry([[0, 0, 50, 50]], [1], crowd=[True]), entry([[10, 10, 30, 30]], [2])]
+    proposals = torch.tensor([[0, 2.0, 2, 40, 40], [0, 5, 5, 45, 45], [1, 12, 12, 30, 30]])
+    targets = fast_rcnn_targets(proposals, torch.tensor([[60.0, 60, 1], [60, 60, 1]]), roidb, params)
+    assert targets.rois[:, 0].tolist() == [1.0, 1.0]  # image 1's proposal and its gt box, both class 2
+    assert targets.labels.tolist() == [2, 2]
+    assert targets.bbox_targets.shape == targets.bbox_inside_weights.shape == (2, 16)
+    empty_targets, empty_weights = expand_bbox_targets(torch.zeros(0, dtype=torch.int64), torch.zeros(0, 4), 4)
+    assert empty_targets.shape == empty_weights.shape == (0, 16)

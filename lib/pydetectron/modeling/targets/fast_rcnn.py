@@ -220,7 +220,7 @@ def expand_bbox_targets(
         raise ValueError(f"regression class {int(reg_classes.max())} >= number of classes {num_reg_classes}")
     expanded[rows, reg_classes[rows]] = targets[rows]
     inside[rows, reg_classes[rows]] = 1.0
-    return expanded.reshape(num, -1), inside.reshape(num, -1)
+    return expanded.reshape(num, 4 * num_reg_classes), inside.reshape(num, 4 * num_reg_classes)
 
 
 def fast_rcnn_targets(
