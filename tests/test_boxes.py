@@ -183,3 +183,18 @@ def test_unique_boxes_matches_detectrons_hash():
         np.testing.assert_array_equal(boxes[index.numpy()][inverse.numpy()], boxes[first][groups])
     empty_index, empty_inverse = B.unique_boxes(torch.zeros(0, 4))
     assert empty_index.shape == (0,) and empty_inverse.shape == (0,)
+
+
+def test_overlaps_with_gt_and_the_crowd_filter():
+    gt = torch.tensor([[0.0, 0, 9, 9], [20, 20, 39, 39]])
+    crowd = torch.tensor([False, True])
+    boxes = torch.tensor([[0.0, 0, 4, 9], [22, 22, 29, 29], [50, 50, 59, 59], [15, 15, 34, 34]])
+    overlaps, best = B.box_overlaps_with_gt(boxes, gt, crowd)
+    # inclusive areas: 50 / 100; 64 / 400; no overlap; 15 x 15 = 225 / (400 + 400 - 225)
+    torch.testing.assert_close(overlaps, torch.tensor([0.5, 0.16, 0.0, 225 / 575]))
+    assert best.tolist() == [0, 1, -1, 1]
+    # the crowd filter: box 1 lies wholly inside the crowd (coverage 1 > 0.7), box 3 is 225/400 covered
+    filtered, _ = B.box_overlaps_with_gt(boxes, gt, crowd, crowd_filter_thresh=0.7)
+    torch.testing.assert_close(filtered, torch.tensor([0.5, -1.0, 0.0, 225 / 575]))
+    empty, none = B.box_overlaps_with_gt(boxes, torch.zeros(0, 4), torch.zeros(0, dtype=torch.bool))
+    assert empty.tolist() == [0.0] * 4 and none.tolist() == [-1] * 4

@@ -19,6 +19,7 @@ __all__ = [
     "BBOX_XFORM_CLIP",
     "box_area",
     "box_iou",
+    "box_overlaps_with_gt",
     "clip_boxes",
     "decode_boxes",
     "encode_boxes",
@@ -80,6 +81,34 @@ def box_iou(boxes_a: Tensor, boxes_b: Tensor, legacy_plus_one: bool = True) -> T
     union = box_area(boxes_a, legacy_plus_one)[:, None] + box_area(boxes_b, legacy_plus_one)[None, :] - inter
     # Non-intersecting pairs give 0 / union = 0; the clamp only guards two zero-area boxes (0 / 0).
     return inter / union.clamp(min=torch.finfo(union.dtype).tiny)
+
+
+def box_overlaps_with_gt(
+    boxes: Tensor, gt_boxes: Tensor, gt_is_crowd: Tensor, crowd_filter_thresh: float = 0.0
+) -> tuple[Tensor, Tensor]:
+    """Each box's best IoU with the gt boxes (crowd ones included) and that gt's index, as Detectron's
+    ``_merge_proposal_boxes_into_roidb`` records them: IoU 0 and index -1 where no gt overlaps. With
+    ``crowd_filter_thresh`` > 0, a box covered by a crowd region beyond it (intersection over the box's own
+    area, COCO's IoU against crowds) gets overlap -1 (Detectron's ``_filter_crowd_proposals``).
+
+    boxes ``(P, 4)``, gt_boxes ``(G, 4)``, gt_is_crowd ``(G,)`` bool -> overlaps ``(P,)``, gt index ``(P,)``."""
+    _check_boxes(boxes, "boxes")
+    _check_boxes(gt_boxes, "gt_boxes")
+    overlaps = boxes.new_zeros(boxes.shape[0])
+    best = torch.full((boxes.shape[0],), -1, dtype=torch.int64, device=boxes.device)
+    if boxes.shape[0] == 0 or gt_boxes.shape[0] == 0:
+        return overlaps, best
+    maxes, argmaxes = box_iou(boxes, gt_boxes).max(dim=1)
+    hit = maxes > 0
+    overlaps, best = torch.where(hit, maxes, overlaps), torch.where(hit, argmaxes, best)
+    if crowd_filter_thresh > 0 and bool(gt_is_crowd.any()):
+        crowds = gt_boxes[gt_is_crowd]
+        top_left = torch.maximum(boxes[:, None, :2], crowds[None, :, :2])
+        bottom_right = torch.minimum(boxes[:, None, 2:], crowds[None, :, 2:])
+        inter = (bottom_right - top_left + 1).clamp(min=0).prod(dim=2)
+        covered = (inter / box_area(boxes).clamp(min=1e-12)[:, None]).max(dim=1).values > crowd_filter_thresh
+        overlaps = torch.where(covered, -1.0, overlaps)
+    return overlaps, best
 
 
 def encode_boxes(

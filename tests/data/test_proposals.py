@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 
 from pydetectron.data.proposals import attach_proposals, clean_proposals, read_proposal_file, write_proposal_file
-from pydetectron.data.roidb import combined_roidb_for_training, flip_entry, is_valid_for_training
+from pydetectron.data.roidb import (
+    OverlapThresholds,
+    combined_roidb_for_training,
+    flip_entry,
+    is_valid_for_training,
+)
 from pydetectron.data.transforms import crop_to_aspect, scale_targets
 
 
@@ -122,9 +127,15 @@ def test_aspect_crop_shifts_clamps_and_drops_proposals():
 
 
 def test_proposals_make_an_image_without_foreground_trainable():
-    entry = _entry_with_proposals()
+    """Detectron's filter: some box must be foreground or background; proposals count with their gt IoU,
+    or -1 (neither) inside a crowd region."""
+    entry = _entry_with_proposals()  # gt [10, 10, 29, 19]; proposals away from it: IoU 0, background
     entry["is_crowd"] = np.array([True])
     assert is_valid_for_training(entry, keypoints_on=False)
+    assert not is_valid_for_training(entry, False, OverlapThresholds(bg_lo=0.1))  # IoU 0 is below BG_THRESH_LO
+    entry["proposals"] = np.array([[12, 11, 20, 18], [10, 10, 29, 19]], np.float32)  # inside the crowd region
+    assert not is_valid_for_training(entry, keypoints_on=False)
+    assert is_valid_for_training(entry, False, OverlapThresholds(crowd_filter=0.0))  # no filter: IoU 1, foreground
     entry["proposals"] = np.zeros((0, 4), np.float32)
     assert not is_valid_for_training(entry, keypoints_on=False)
 

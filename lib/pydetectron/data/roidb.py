@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import List, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from pydetectron.boxes import flip_boxes
+from pydetectron.boxes import box_overlaps_with_gt, flip_boxes
 from pydetectron.data.coco import CocoDataset, DatasetMeta
 from pydetectron.data.proposals import attach_proposals
 from pydetectron.data.transforms import flip_keypoints, flip_segms
@@ -37,20 +38,47 @@ def extend_with_flipped_entries(roidb: List[dict], meta: DatasetMeta) -> List[di
     return roidb + [flip_entry(e, perm) for e in roidb]
 
 
-def is_valid_for_training(entry: dict, keypoints_on: bool) -> bool:
-    """Detectron's filter_for_training: a foreground box (a non-crowd gt box) or a background one (with
-    precomputed proposals: any proposal, since TRAIN.BG_THRESH_LO is 0) must exist, and with keypoints on, a
-    visible keypoint."""
+@dataclass(frozen=True)
+class OverlapThresholds:
+    """The TRAIN.* overlaps that make a box foreground or background (FG_THRESH, BG_THRESH_HI / LO) and the
+    crowd coverage that takes a precomputed proposal out of both (CROWD_FILTER_THRESH)."""
+
+    fg: float = 0.5
+    bg_hi: float = 0.5
+    bg_lo: float = 0.0
+    crowd_filter: float = 0.7
+
+    @classmethod
+    def from_cfg(cls, cfg) -> OverlapThresholds:
+        t = cfg.TRAIN
+        return cls(float(t.FG_THRESH), float(t.BG_THRESH_HI), float(t.BG_THRESH_LO), float(t.CROWD_FILTER_THRESH))
+
+
+def is_valid_for_training(entry: dict, keypoints_on: bool, thresholds: OverlapThresholds = OverlapThresholds()
+                          ) -> bool:
+    """Detectron's filter_for_training: some box must be foreground or background. Non-crowd gt boxes are
+    foreground (overlap 1), crowd ones neither (-1); precomputed proposals count with their best gt IoU, or
+    -1 inside a crowd region. With keypoints on, a visible keypoint is needed too."""
+    is_crowd = np.asarray(entry["is_crowd"], dtype=bool)
+    overlaps = torch.where(torch.from_numpy(is_crowd), -1.0, 1.0)
     proposals = entry.get("proposals")
-    valid = bool((~entry["is_crowd"]).any()) or (proposals is not None and len(proposals) > 0)
+    if proposals is not None and len(proposals) > 0:
+        proposal_overlaps, _ = box_overlaps_with_gt(
+            torch.as_tensor(proposals, dtype=torch.float32), torch.as_tensor(entry["boxes"], dtype=torch.float32),
+            torch.from_numpy(is_crowd), thresholds.crowd_filter)
+        overlaps = torch.cat([overlaps, proposal_overlaps])
+    foreground = overlaps >= thresholds.fg
+    background = (overlaps < thresholds.bg_hi) & (overlaps >= thresholds.bg_lo)
+    valid = bool((foreground | background).any())
     if keypoints_on:
         valid = valid and entry["has_visible_keypoints"]
     return valid
 
 
-def filter_for_training(roidb: List[dict], keypoints_on: bool = False) -> List[dict]:
+def filter_for_training(roidb: List[dict], keypoints_on: bool = False,
+                        thresholds: OverlapThresholds = OverlapThresholds()) -> List[dict]:
     """Drop the entries nothing can be learnt from; logs how many."""
-    kept = [e for e in roidb if is_valid_for_training(e, keypoints_on)]
+    kept = [e for e in roidb if is_valid_for_training(e, keypoints_on, thresholds)]
     logger.info("filter_for_training: kept %d of %d roidb entries", len(kept), len(roidb))
     return kept
 
@@ -62,6 +90,7 @@ def combined_roidb_for_training(
     gt_min_area: float = -1.0,
     cache_dir: str | None = None,
     proposal_files: Sequence[str] = (),
+    thresholds: OverlapThresholds = OverlapThresholds(),
 ) -> Tuple[List[dict], DatasetMeta]:
     """The training roidb of one or more catalog datasets (which must share categories) and their meta;
     with `proposal_files` (one per dataset, TRAIN.PROPOSAL_FILES) each entry gets its precomputed proposals."""
@@ -89,12 +118,12 @@ def combined_roidb_for_training(
         roidb.extend(part)
     if keypoints_on and not meta.keypoint_names:
         raise ValueError(f"MODEL.KEYPOINTS_ON but datasets {tuple(dataset_names)} define no keypoints")
-    return filter_for_training(roidb, keypoints_on), meta
+    return filter_for_training(roidb, keypoints_on, thresholds), meta
 
 
 def combined_roidb_from_cfg(cfg, cache_dir: str | None = None) -> Tuple[List[dict], DatasetMeta]:
     """``combined_roidb_for_training`` with TRAIN.DATASETS, TRAIN.USE_FLIPPED, MODEL.KEYPOINTS_ON,
-    TRAIN.GT_MIN_AREA and TRAIN.PROPOSAL_FILES."""
+    TRAIN.GT_MIN_AREA, TRAIN.PROPOSAL_FILES and the TRAIN overlap thresholds."""
     return combined_roidb_for_training(
         tuple(cfg.TRAIN.DATASETS),
         use_flipped=bool(cfg.TRAIN.USE_FLIPPED),
@@ -102,4 +131,5 @@ def combined_roidb_from_cfg(cfg, cache_dir: str | None = None) -> Tuple[List[dic
         gt_min_area=float(cfg.TRAIN.GT_MIN_AREA),
         cache_dir=cache_dir,
         proposal_files=tuple(cfg.TRAIN.PROPOSAL_FILES),
+        thresholds=OverlapThresholds.from_cfg(cfg),
     )

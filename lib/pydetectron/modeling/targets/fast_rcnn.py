@@ -25,7 +25,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from pydetectron.boxes import box_area, box_iou, encode_boxes
+from pydetectron.boxes import box_iou, box_overlaps_with_gt, encode_boxes
 
 
 @dataclass(frozen=True)
@@ -119,14 +119,6 @@ def _gt_fields(entry: dict, index: int, device: torch.device):
     return boxes, classes, crowd
 
 
-def _intersection_over_first(boxes: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
-    """``(P, G)`` intersection / area of `boxes` (inclusive pixels): COCO's IoU against iscrowd regions."""
-    top_left = torch.maximum(boxes[:, None, :2], others[None, :, :2])
-    bottom_right = torch.minimum(boxes[:, None, 2:], others[None, :, 2:])
-    inter = (bottom_right - top_left + 1).clamp(min=0).prod(dim=2)
-    return inter / box_area(boxes).clamp(min=1e-12)[:, None]
-
-
 def label_proposals(
     proposals: torch.Tensor, entry: dict, im_scale: float, index: int = 0, crowd_filter_thresh: float = 0.0
 ) -> LabelledBoxes:
@@ -136,27 +128,16 @@ def label_proposals(
     sampled), as Detectron's ``_filter_crowd_proposals``."""
     gt_boxes, gt_classes, is_crowd = _gt_fields(entry, index, proposals.device)
     proposals = proposals.to(torch.float32).reshape(-1, 4)
-    num_gt, num_props = gt_boxes.shape[0], proposals.shape[0]
+    num_gt = gt_boxes.shape[0]
 
     gt_overlaps = torch.where(is_crowd, -1.0, 1.0)
     gt_max_classes = torch.where(is_crowd, 0, gt_classes)
     gt_inds = torch.arange(num_gt, device=proposals.device)
 
-    prop_overlaps = proposals.new_zeros(num_props)
-    prop_classes = torch.zeros(num_props, dtype=torch.int64, device=proposals.device)
-    prop_gt_inds = torch.full((num_props,), -1, dtype=torch.int64, device=proposals.device)
-    if num_gt > 0 and num_props > 0:
-        iou = box_iou(proposals / im_scale, gt_boxes / im_scale)
-        maxes, argmaxes = iou.max(dim=1)
-        hit = maxes > 0
-        prop_overlaps = torch.where(hit, maxes, prop_overlaps)
-        prop_classes = torch.where(hit, gt_classes[argmaxes], prop_classes)
-        prop_gt_inds = torch.where(hit, argmaxes, prop_gt_inds)
-    if crowd_filter_thresh > 0 and num_props > 0 and bool(is_crowd.any()):
-        coverage = _intersection_over_first(proposals / im_scale, gt_boxes[is_crowd] / im_scale)
-        covered = coverage.max(dim=1).values > crowd_filter_thresh
-        prop_overlaps = torch.where(covered, -1.0, prop_overlaps)
-        prop_classes = torch.where(covered, 0, prop_classes)
+    prop_overlaps, prop_gt_inds = box_overlaps_with_gt(proposals / im_scale, gt_boxes / im_scale, is_crowd,
+                                                       crowd_filter_thresh)
+    labelled = prop_overlaps > 0
+    prop_classes = torch.where(labelled, gt_classes[prop_gt_inds.clamp(min=0)] if num_gt else 0, 0)
 
     return LabelledBoxes(
         boxes=torch.cat([gt_boxes, proposals]),
