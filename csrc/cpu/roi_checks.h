@@ -13,9 +13,14 @@ inline void check_pooled_size(const char* op, int64_t pooled_h, int64_t pooled_w
       " and ", pooled_w);
 }
 
-// rois: (K, 5) = [batch_index, x1, y1, x2, y2], finite, batch indices (truncated to integers, as the kernels
-// read them) inside [0, batch_size). Valid rois cost one reduction and one host read (one device
-// synchronisation when they live on a GPU); the error details are worked out only when something is wrong.
+// Largest |coordinate| accepted: sample counts and bin edges derived from it still fit an int (the kernels
+// cast them), whatever the spatial scale (<= 1) and output size.
+constexpr double kMaxRoiCoordinate = 1073741824.0;  // 2^30
+
+// rois: (K, 5) = [batch_index, x1, y1, x2, y2], finite and within +-2^30, batch indices (truncated to
+// integers, as the kernels read them) inside [0, batch_size). Valid rois cost one reduction and one host read
+// (one device synchronisation when they live on a GPU); the error details are worked out only when
+// something is wrong.
 inline void check_rois(const char* op, const at::Tensor& rois, int64_t batch_size) {
   TORCH_CHECK(
       rois.dim() == 2 && rois.size(1) == 5, op, ": rois must have shape (K, 5) = [batch_index, x1, y1, x2, y2], got ",
@@ -25,10 +30,13 @@ inline void check_rois(const char* op, const at::Tensor& rois, int64_t batch_siz
     return;
   }
   const at::Tensor batch = rois.select(1, 0);  // truncation keeps b in [0, N) exactly when -1 < b < N
-  if ((at::isfinite(rois).all(1) & batch.gt(-1) & batch.lt(batch_size)).all().item<bool>()) {
+  if ((rois.abs().lt(kMaxRoiCoordinate).all(1) & batch.gt(-1) & batch.lt(batch_size)).all().item<bool>()) {
     return;
   }
   TORCH_CHECK(at::isfinite(rois).all().item<bool>(), op, ": rois contain NaN or infinite values");
+  TORCH_CHECK(
+      rois.abs().lt(kMaxRoiCoordinate).all().item<bool>(), op, ": rois have a value beyond +-2^30 (",
+      rois.abs().max().item<double>(), ")");
   const auto [low, high] = at::aminmax(rois.select(1, 0).to(at::kLong));
   const int64_t lowest = low.item<int64_t>(), highest = high.item<int64_t>();
   TORCH_CHECK(

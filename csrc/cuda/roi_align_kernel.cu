@@ -122,6 +122,8 @@ at::Tensor roi_align_backward_cuda(
       "roi_align_backward", grad, rois, pooled_height, pooled_width, batch_size, channels, height, width);
   TORCH_CHECK(sampling_ratio >= 0, "roi_align_backward: sampling_ratio must be >= 0 (0 = adaptive), got ",
               sampling_ratio);
+  // Atomic adds make the summation order, and so the last bits, vary from run to run.
+  at::globalContext().alertNotDeterministic("roi_align_backward_cuda");
   const c10::cuda::CUDAGuard guard(grad.device());
   const at::Tensor grad_c = grad.contiguous(), rois_c = rois.contiguous();
   const AlignShape s = shape_of(channels, height, width, pooled_height, pooled_width, sampling_ratio, aligned);

@@ -109,6 +109,8 @@ at::Tensor roi_pool_backward_cuda(
   roi::check_backward_args(
       "roi_pool_backward", grad, rois, pooled_height, pooled_width, batch_size, channels, height, width);
   roi::check_pool_argmax("roi_pool_backward", argmax, grad, height, width);
+  // Atomic adds make the summation order, and so the last bits, vary from run to run.
+  at::globalContext().alertNotDeterministic("roi_pool_backward_cuda");
   const c10::cuda::CUDAGuard guard(grad.device());
   const at::Tensor grad_c = grad.contiguous(), rois_c = rois.contiguous(), argmax_c = argmax.contiguous();
   const PoolShape s{channels, static_cast<int>(height), static_cast<int>(width), static_cast<int>(pooled_height),

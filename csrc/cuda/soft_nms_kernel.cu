@@ -25,7 +25,9 @@ namespace {
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
-constexpr int64_t kMaxSharedBytes = 48 * 1024;
+// The 48 KiB a block may use without opting in, less a margin for the kernel's static shared variables
+// (warp_score, warp_slot, best_slot, shared_n: at most 200 bytes).
+constexpr int64_t kMaxSharedBytes = 48 * 1024 - 256;
 
 enum Method : int64_t { kHard = 0, kLinear = 1, kGaussian = 2 };  // Detectron's codes
 
@@ -228,7 +230,9 @@ std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes, const 
   AT_DISPATCH_FLOATING_TYPES_AND_HALF(boxes.scalar_type(), "soft_nms_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
     const auto opts = boxes.options().dtype(c10::CppTypeToScalarType<T>::value);
-    const at::Tensor coords = boxes.to(opts).t().contiguous();  // (4, n): x1, y1, x2, y2 rows
+    // (4, n): x1, y1, x2, y2 rows. A private copy: the kernel reorders it, and .to() / .contiguous() can hand
+    // back the caller's own memory (a float (4, n)^T input).
+    const at::Tensor coords = boxes.to(opts).t().clone(at::MemoryFormat::Contiguous);
     const at::Tensor work_scores = scores.to(opts).clone();
     const at::Tensor index = at::arange(n, boxes.options().dtype(at::kLong));
     const at::Tensor count = at::empty({1}, boxes.options().dtype(at::kInt));

@@ -374,3 +374,14 @@ def test_cuda_soft_nms_equals_cpu(method, dtype):
         keep_cuda, new_cuda = soft_nms(boxes.cuda(), scores.cuda(), 0.5, 0.3, score_thresh, method)
         assert torch.equal(keep_cuda.cpu(), keep)
         torch.testing.assert_close(new_cuda.cpu(), new, rtol=1e-6, atol=0)
+
+
+@needs_cuda
+def test_cuda_soft_nms_leaves_column_major_boxes_untouched():
+    """A (4, N)^T float tensor is already what the kernel works on: it must still work on a copy."""
+    boxes, scores = clustered_boxes(300, seed=4, centers=10)
+    column_major = boxes.t().contiguous().t().cuda()
+    before = column_major.clone()
+    keep, _ = soft_nms(column_major, scores.cuda(), 0.5, 0.3, 0.001, "linear")
+    assert torch.equal(column_major, before)
+    assert torch.equal(keep.cpu(), soft_nms(boxes, scores, 0.5, 0.3, 0.001, "linear")[0])
