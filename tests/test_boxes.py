@@ -181,6 +181,9 @@ def test_unique_boxes_matches_detectrons_hash():
         index, inverse = B.unique_boxes(torch.from_numpy(boxes), scale)
         np.testing.assert_array_equal(index.numpy(), np.sort(first))
         np.testing.assert_array_equal(boxes[index.numpy()][inverse.numpy()], boxes[first][groups])
+    # Detectron's hash joins (1000, 0, ...) and (0, 1, ...): so must we, to keep the boxes it keeps
+    index, _ = B.unique_boxes(torch.tensor([[1000.0, 0, 1200, 50], [0, 1, 1200, 50]]))
+    assert index.tolist() == [0]
     empty_index, empty_inverse = B.unique_boxes(torch.zeros(0, 4))
     assert empty_index.shape == (0,) and empty_inverse.shape == (0,)
 

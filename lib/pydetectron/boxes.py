@@ -248,15 +248,18 @@ def filter_small_boxes(
 
 
 def unique_boxes(boxes: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor]:
-    """Boxes ``(N, 4)`` equal after ``round(boxes * scale)`` grouped: ``(index, inverse)`` int64 with
-    ``index`` the first box of each group in input order and ``boxes[index][inverse]`` each box's group
-    representative. Detectron's ``unique_boxes`` (``scale`` 1) and test-time ``DEDUP_BOXES`` (``scale`` 1/16)."""
+    """Boxes ``(N, 4)`` grouped as Detectron's ``unique_boxes`` (``scale`` 1) and test-time ``DEDUP_BOXES``
+    (``scale`` 1/16) group them: by the hash ``round(boxes * scale) . (1, 1e3, 1e6, 1e9)`` (which, as in
+    Detectron, can join different boxes once rounded coordinates reach 1000). Returns ``(index, inverse)``
+    int64: ``index`` the first box of each group in input order, ``boxes[index][inverse]`` each box's group
+    representative."""
     _check_boxes(boxes, "boxes")
     if boxes.shape[0] == 0:
         empty = torch.zeros(0, dtype=torch.int64, device=boxes.device)
         return empty, empty
-    rounded = torch.round(boxes.double() * scale)
-    _, group, counts = torch.unique(rounded, dim=0, return_inverse=True, return_counts=True)
+    weights = torch.tensor([1.0, 1e3, 1e6, 1e9], dtype=torch.float64, device=boxes.device)
+    hashes = torch.round(boxes.double() * scale) @ weights
+    _, group, counts = torch.unique(hashes, return_inverse=True, return_counts=True)
     order = torch.arange(boxes.shape[0], device=boxes.device)
     first = torch.full((counts.shape[0],), boxes.shape[0], dtype=torch.int64, device=boxes.device)
     first = first.scatter_reduce(0, group, order, reduce="amin")

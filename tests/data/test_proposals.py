@@ -44,6 +44,8 @@ def test_write_then_read_round_trip(tmp_path):
     np.testing.assert_array_equal(read[7], boxes[0])
     assert read[3].shape == (0, 4)
     with open(path, "rb") as f:
+        assert f.read(2) == b"\x80\x02"  # pickle protocol 2, as Detectron's save_object writes
+        f.seek(0)
         raw = pickle.load(f)
     assert set(raw) == {"boxes", "scores", "ids", "cfg"} and raw["ids"] == [7, 3]
 
@@ -59,6 +61,7 @@ def test_reads_the_old_indexes_field_and_python2_pickles(tmp_path):
     ({"boxes": []}, "no 'ids'"),
     ({"boxes": [np.zeros((1, 4))], "ids": [1, 2]}, "1 box arrays for 2 ids"),
     ({"boxes": [np.zeros((2, 5))], "ids": [1]}, r"image 1 has boxes of shape \(2, 5\)"),
+    ({"boxes": [np.zeros((1, 4))] * 2, "ids": [4, 4]}, "lists image 4 twice"),
 ])
 def test_bad_files_name_the_file_and_the_fault(tmp_path, data, message):
     path = tmp_path / "bad.pkl"

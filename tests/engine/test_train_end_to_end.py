@@ -82,5 +82,7 @@ def test_fast_rcnn_trains_and_evaluates_on_a_proposal_file(tmp_path, tiny_datase
     assert {"loss_cls", "loss_bbox", "loss_mask"} == {k for k in records[0] if k.startswith("loss_")}
     assert any("eval/segm/AP" in r for r in records)
     capsys.readouterr()
-    with pytest.raises(ValueError, match="set TRAIN.PROPOSAL_FILES"):
+    with pytest.raises(ValueError, match="TRAIN.PROPOSAL_FILES has 0 files"):
         _train(tmp_path, tiny_dataset, "none", "MODEL.FASTER_RCNN", "False")
+    with pytest.raises(ValueError, match="TEST.PROPOSAL_FILES has 0 files"):  # caught before anything loads
+        _train(tmp_path, tiny_dataset, "no_test", "MODEL.FASTER_RCNN", "False", "TRAIN.PROPOSAL_FILES", files)

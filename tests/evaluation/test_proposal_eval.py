@@ -39,6 +39,7 @@ def test_average_recall_by_area_and_limit():
     assert box_proposal_recall(roidb, area="small")["ar"] == pytest.approx(1.0)
     assert box_proposal_recall(roidb, area="medium")["ar"] == pytest.approx(0.0)  # image 2's gt, no proposals
     assert box_proposal_recall(roidb, area="large")["ar"] == pytest.approx(0.9)
+    assert np.isnan(box_proposal_recall(roidb[1:], area="large")["ar"])  # no gt in the range, as Detectron
 
 
 def test_detectron_figure_names_and_bad_area():

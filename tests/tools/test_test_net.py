@@ -272,7 +272,8 @@ def test_rpn_only_proposals_feed_a_fast_rcnn_model(shapes_val, tiny_cfg_file, tm
     rpn_ckpt = _random_checkpoint(tiny_cfg_file, tmp_path / "rpn" / "model.pth", rpn_set)
     lines = []
     metrics = _run(tiny_cfg_file, lines, dataset=shapes_val, load_ckpt=rpn_ckpt, output_dir=str(tmp_path / "rpn_out"),
-                   set_cfgs=rpn_set)
+                   set_cfgs=rpn_set, vis=True)
+    assert any("RPN-only model has no classes to draw" in line for line in lines)
     recall = metrics[shapes_val]["box_proposal"]
     assert list(recall)[:2] == ["AR@100", "ARs@100"] and 0.0 <= recall["AR@1000"] <= 1.0
     assert recall["AR@1000"] >= recall["AR@100"]  # 50 proposals per image: equal here, never lower

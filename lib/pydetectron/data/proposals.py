@@ -42,6 +42,8 @@ def read_proposal_file(path: str | os.PathLike) -> Dict[int, np.ndarray]:
         raise ValueError(f"proposal file {os.fspath(path)!r} has {len(boxes)} box arrays for {len(ids)} ids")
     out = {}
     for image_id, image_boxes in zip(ids, boxes):
+        if int(image_id) in out:
+            raise ValueError(f"proposal file {os.fspath(path)!r} lists image {image_id} twice")
         array = np.asarray(image_boxes, dtype=np.float32)
         array = array.reshape(0, 4) if array.size == 0 else array
         if array.ndim != 2 or array.shape[1] != 4:
@@ -59,7 +61,7 @@ def write_proposal_file(path: str | os.PathLike, ids: Sequence[int], boxes: Sequ
             "ids": [int(i) for i in ids], "cfg": cfg_yaml}
     tmp = f"{os.fspath(path)}.tmp"
     with open(tmp, "wb") as f:
-        pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.dump(data, f, protocol=2)  # Detectron's save_object: readable by Python 2 tools too
     os.replace(tmp, path)
 
 

@@ -185,12 +185,18 @@ def make_evaluator(model, cfg, device, output_dir: Path, print_fn: Print):
 
 
 def check_proposal_files(cfg) -> None:
-    """A model without RPN (Fast R-CNN) learns from precomputed proposals: say so before loading anything."""
-    has_rpn = cfg.MODEL.FASTER_RCNN or cfg.MODEL.RPN_ONLY or cfg.RPN.RPN_ON
-    if not has_rpn and not cfg.TRAIN.PROPOSAL_FILES:
-        raise ValueError("the model has no RPN (MODEL.FASTER_RCNN and MODEL.RPN_ONLY are off), so it trains on "
-                         "precomputed proposals: set TRAIN.PROPOSAL_FILES (one Detectron proposal pickle per "
-                         "TRAIN.DATASETS entry, e.g. the rpn_proposals.pkl test_net.py writes for an RPN-only model)")
+    """A model without RPN (Fast R-CNN) learns and is evaluated on precomputed proposals: say so before
+    loading anything."""
+    if cfg.MODEL.FASTER_RCNN or cfg.MODEL.RPN_ONLY or cfg.RPN.RPN_ON:
+        return
+    for split in ("TRAIN", "TEST"):
+        files, datasets = tuple(cfg[split].PROPOSAL_FILES), tuple(cfg[split].DATASETS)
+        if datasets and len(files) != len(datasets):
+            raise ValueError(
+                f"the model has no RPN (MODEL.FASTER_RCNN and MODEL.RPN_ONLY are off), so it trains and is evaluated "
+                f"on precomputed proposals: {split}.PROPOSAL_FILES has {len(files)} files for {split}.DATASETS "
+                f"{datasets}; give one Detectron proposal pickle per dataset (e.g. the rpn_proposals.pkl "
+                "test_net.py writes for an RPN-only model)")
 
 
 def run_training(cfg, options: TrainOptions, print_fn: Print = print) -> Path:

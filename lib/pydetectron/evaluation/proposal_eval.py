@@ -63,7 +63,8 @@ def box_proposal_recall(roidb: Sequence[Mapping], area: str = "all", limit: int 
         overlaps = box_iou(torch.from_numpy(proposals), torch.from_numpy(gt_boxes)).numpy()
         coverage.append(greedy_coverage(overlaps))
     covered = np.concatenate(coverage) if coverage else np.zeros(0)
-    recalls = np.array([(covered >= t).sum() / float(max(num_pos, 1)) for t in IOU_THRESHOLDS])
+    # no gt in the range: NaN, as Detectron's division by zero gives (not a recall of 0)
+    recalls = np.array([(covered >= t).sum() / num_pos if num_pos else np.nan for t in IOU_THRESHOLDS])
     return {"ar": float(recalls.mean()), "recalls": recalls, "thresholds": IOU_THRESHOLDS, "num_pos": num_pos}
 
 

@@ -251,7 +251,9 @@ def run_inference(cfg, options: TestOptions, dataset: CocoDataset, entries: Sequ
                                       print_fn, **({"detect_fn": detect} if detect is not None else {}))
     elapsed = time.perf_counter() - tic
     print_fn(f"Inference: {end - start} images in {elapsed:.1f} s, {(end - start) / max(elapsed, 1e-9):.2f} images/s")
-    if options.vis:
+    if options.vis and cfg.MODEL.RPN_ONLY:
+        print_fn("--vis: an RPN-only model has no classes to draw; no pictures")
+    elif options.vis:
         visualise(entries[start:end], detections, dataset.meta.classes, dataset.meta.skeleton or (),
                   float(cfg.VIS_TH), output_dir / "vis")
         print_fn(f"Pictures in {output_dir / 'vis'}")
