@@ -267,3 +267,47 @@ def test_rgb_model_reverses_conv1_channels_both_ways(tmp_path):
     torch.testing.assert_close(other.stem.conv1.conv.weight, conv1, rtol=0, atol=0)
     with pytest.raises(ValueError, match="INPUT_COLOR_ORDER"):
         load_detectron_weights(other, path, input_order="BRG")
+
+
+def _wrapped_checkpoints(state):
+    """The same ResNet as saved by a plain DataParallel run, MoCo (query + key encoders, a projection head, the
+    queue), DINO (teacher and student) and a detectron2-style {'model': ...} file."""
+    moco = {f"module.encoder_q.{k}": v for k, v in state.items()}
+    moco.update({f"module.encoder_k.{k}": v + 1 for k, v in state.items()})
+    moco.update({"module.encoder_q.fc.0.weight": torch.zeros(4, 4), "module.queue": torch.zeros(4, 8)})
+    return {
+        "data_parallel": {f"module.{k}": v for k, v in state.items()},
+        "moco": {"epoch": 200, "arch": "resnet18", "state_dict": moco, "optimizer": {"state": {}}},
+        "dino": {"teacher": {f"backbone.{k}": v for k, v in state.items()},
+                 "student": {f"module.backbone.{k}": v + 1 for k, v in state.items()}, "epoch": 100},
+        "detectron2_style": {"model": dict(state), "iteration": 5},
+    }
+
+
+@pytest.mark.parametrize("kind", ["data_parallel", "moco", "dino", "detectron2_style"])
+def test_pretrained_checkpoints_of_every_kind_give_the_plain_weights(kind, tmp_path):
+    from pydetectron.weights.torchvision import resnet_state_dict
+
+    torch.manual_seed(0)
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    path = tmp_path / f"{kind}.pth"
+    torch.save(_wrapped_checkpoints(state)[kind], path)
+    plain, wrapped = ResNet(18, stride_1x1=False).eval(), ResNet(18, stride_1x1=False).eval()
+    load_torchvision_resnet(plain, state)
+    load_torchvision_resnet(wrapped, str(path))
+    for (name, a), (_, b) in zip(plain.state_dict().items(), wrapped.state_dict().items()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+    found = resnet_state_dict(torch.load(path, weights_only=True))
+    assert {k for k in found if not k.startswith("fc.")} == {k for k in state if not k.startswith("fc.")}
+
+
+def test_checkpoints_without_one_clear_resnet_are_refused():
+    from pydetectron.weights.torchvision import resnet_state_dict
+
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    byol = {"online.encoder." + k: v for k, v in state.items()}
+    byol.update({"target.encoder." + k: v for k, v in state.items()})
+    with pytest.raises(KeyError, match="several ResNets"):
+        resnet_state_dict(byol, "byol.pth")
+    with pytest.raises(KeyError, match="byol.pth holds no ResNet weights"):
+        resnet_state_dict({"epoch": 3, "optimizer": {}}, "byol.pth")

@@ -112,6 +112,43 @@ def torchvision_resnet_to_blobs(
     return blobs
 
 
+# Where training checkpoints keep their weights: MoCo / timm 'state_dict', detectron2 / DeiT-style 'model',
+# DINO 'teacher' (the network its authors evaluate), timm's EMA copy 'state_dict_ema'.
+CHECKPOINT_WEIGHT_KEYS = ("state_dict", "model", "teacher", "state_dict_ema")
+# A ResNet's weights are found by this key, whatever prefix a training wrapper put before it.
+_ANCHOR_KEY = "layer1.0.conv1.weight"
+# With several ResNets in one file, the one a self-supervised method's authors transfer: MoCo's query encoder.
+_PREFERRED_PREFIX_PARTS = ("encoder_q",)
+_RESNET_KEY = re.compile(r"^(conv1|bn1|layer\d|fc)\.")
+
+
+def resnet_state_dict(checkpoint: Mapping[str, Any], source: str = "the checkpoint") -> Dict[str, Any]:
+    """The torchvision-layout ResNet weights inside a checkpoint: a plain torchvision / timm state_dict, or a
+    self-supervised or training checkpoint (MoCo ``{'state_dict': {'module.encoder_q.conv1.weight': ...}}``,
+    DINO ``{'teacher': {'backbone.conv1.weight': ...}}``, ...): unwrapped from ``CHECKPOINT_WEIGHT_KEYS``,
+    with the wrapper's key prefix removed and every other network in the file left out. Errors name
+    `source` and what was found."""
+    weights: Mapping[str, Any] = checkpoint
+    while _ANCHOR_KEY not in weights and not any(k.endswith("." + _ANCHOR_KEY) for k in weights):
+        inner = next((k for k in CHECKPOINT_WEIGHT_KEYS if isinstance(weights.get(k), Mapping)), None)
+        if inner is None:
+            raise KeyError(f"{source} holds no ResNet weights (no '{_ANCHOR_KEY}' under any prefix; top-level keys: "
+                           f"{sorted(weights)[:12]})")
+        weights = weights[inner]
+    prefixes = sorted(k[: -len(_ANCHOR_KEY)] for k in weights if k.endswith(_ANCHOR_KEY))
+    if len(prefixes) > 1:
+        preferred = [p for p in prefixes if any(part in p for part in _PREFERRED_PREFIX_PARTS)]
+        if len(preferred) != 1:
+            raise KeyError(f"{source} holds several ResNets (key prefixes {prefixes}); save the one to fine-tune "
+                           "as a plain torchvision state_dict")
+        prefixes = preferred
+    prefix = prefixes[0]
+    if prefix and not prefix.endswith("."):
+        raise KeyError(f"{source}: '{prefix}{_ANCHOR_KEY}' is not a ResNet key under a module prefix")
+    return {k[len(prefix):]: v for k, v in weights.items()
+            if k.startswith(prefix) and _RESNET_KEY.match(k[len(prefix):])}
+
+
 def load_torchvision_resnet(
     body: nn.Module,
     source: str | os.PathLike | Mapping[str, Any],
@@ -121,7 +158,8 @@ def load_torchvision_resnet(
     pixel_stds: Sequence[float] | None = None,
     strict: bool = True,
 ) -> LoadReport:
-    """Initialise `body` (a ResNet, or a model containing one) from a torchvision ResNet ``.pth``/state_dict.
+    """Initialise `body` (a ResNet, or a model containing one) from a torchvision ResNet ``.pth``/state_dict,
+    or any checkpoint :func:`resnet_state_dict` finds one in (timm, MoCo, DINO, detectron2-style files).
 
     The body must use a batch-norm family normalisation (AffineChannel, BN, SyncBN): a GroupNorm body
     has no torchvision counterpart. Trainable BN layers receive the folded scale/shift with zero mean and
@@ -130,9 +168,9 @@ def load_torchvision_resnet(
     if any(isinstance(m, nn.GroupNorm) for m in body.modules()):
         raise ValueError("torchvision ResNets use batch norm; they cannot initialise a GroupNorm body")
     if isinstance(source, (str, os.PathLike)):
-        state_dict = torch.load(source, map_location="cpu", weights_only=True)
+        state_dict = resnet_state_dict(torch.load(source, map_location="cpu", weights_only=True), os.fspath(source))
     else:
-        state_dict = source
+        state_dict = resnet_state_dict(source)
     blobs = torchvision_resnet_to_blobs(
         state_dict, input_order=input_order, pixel_means=pixel_means, pixel_stds=pixel_stds
     )
