@@ -97,11 +97,13 @@ def imagenet_x101_32x8d_blobs() -> Dict[str, Shape]:
     return _imagenet_classifier(resnet_body_blobs(R101_BLOCKS, groups=32, width_per_group=8))
 
 
-def fpn_blobs(stage_dims=(256, 512, 1024, 2048), stage_blocks=R50_BLOCKS, dim: int = 256) -> Dict[str, Shape]:
-    """FPN on C2..C5 with P6 by subsampling (no parameters): laterals + 3x3 outputs, all with biases."""
+def fpn_blobs(stage_dims=(256, 512, 1024, 2048), stage_blocks=R50_BLOCKS, dim: int = 256,
+              min_level: int = 2) -> Dict[str, Shape]:
+    """FPN on C`min_level`..C5 with P6 by subsampling (no parameters): laterals + 3x3 outputs, all with biases."""
     blobs: Dict[str, Shape] = {}
     stage_names = [f"res{s}_{n - 1}_sum" for s, n in zip(range(2, 6), stage_blocks)]
-    for i, (name, d) in enumerate(reversed(list(zip(stage_names, stage_dims)))):
+    stages = list(zip(stage_names, stage_dims))[min_level - 2:]
+    for i, (name, d) in enumerate(reversed(stages)):
         inner = f"fpn_inner_{name}" + ("_lateral" if i > 0 else "")
         _conv(blobs, inner, d, dim, 1, bias=True, norm=None)
         _conv(blobs, f"fpn_{name}", dim, dim, 3, bias=True, norm=None)
@@ -189,3 +191,27 @@ def keypoint_rcnn_r50_fpn_1x_blobs(num_keypoints: int = 17) -> Dict[str, Shape]:
     params.update(box_head_blobs(2))
     params.update(keypoint_head_blobs(num_keypoints))
     return _model_zoo(params)
+
+
+def retinanet_head_blobs(num_classes: int = 81, dim: int = 256, num_anchors: int = 9, num_convs: int = 4
+                         ) -> Dict[str, Shape]:
+    """add_fpn_retinanet_outputs: cls and bbox towers + predictors, stored once at the finest level (fpn3)."""
+    blobs: Dict[str, Shape] = {}
+    for tower in ("cls", "bbox"):
+        for n in range(num_convs):
+            _conv(blobs, f"retnet_{tower}_conv_n{n}_fpn3", dim, dim, 3, bias=True, norm=None)
+    _conv(blobs, "retnet_cls_pred_fpn3", dim, num_anchors * (num_classes - 1), 3, bias=True, norm=None)
+    _conv(blobs, "retnet_bbox_pred_fpn3", dim, num_anchors * 4, 3, bias=True, norm=None)
+    return blobs
+
+
+def retinanet_r50_fpn_1x_blobs(num_classes: int = 81) -> Dict[str, Shape]:
+    """Model zoo retinanet_R-50-FPN_1x model_final.pkl ``blobs``: FPN on C3..C5, P6 and P7 by 3x3/2 convs
+    (``fpn_6`` on res5, ``fpn_7`` on ReLU(P6)), the RetinaNet head."""
+    params = resnet_body_blobs(R50_BLOCKS)
+    params.update(fpn_blobs(min_level=3))
+    _conv(params, "fpn_6", 2048, 256, 3, bias=True, norm=None)
+    _conv(params, "fpn_7", 256, 256, 3, bias=True, norm=None)
+    params.update(retinanet_head_blobs(num_classes))
+    return _model_zoo(params)
+

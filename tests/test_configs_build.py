@@ -27,7 +27,8 @@ COVERED_BY_TEST_DETECTOR = {
     "baselines/rpn_R-50-FPN_1x.yaml",
     "baselines/fast_rcnn_R-50-FPN_1x.yaml",
 }
-DETECTRON_LOSS = ("loss_cls", "loss_bbox", "loss_mask", "loss_kps", "loss_rpn_cls", "loss_rpn_bbox")
+DETECTRON_LOSS = ("loss_cls", "loss_bbox", "loss_mask", "loss_kps", "loss_rpn_cls", "loss_rpn_bbox", "loss_retnet_cls",
+                  "loss_retnet_bbox")
 
 
 def all_configs():
@@ -79,7 +80,7 @@ def test_config_builds_trains_and_infers(relpath):
     losses = train_step(model, batch)
     assert losses and all(math.isfinite(v) for v in losses.values()), losses
     assert all(name.startswith(DETECTRON_LOSS) for name in losses), sorted(losses)
-    assert ("loss_cls" in losses) == (not cfg.MODEL.RPN_ONLY)
+    assert ("loss_cls" in losses) == (not cfg.MODEL.RPN_ONLY and not cfg.RETINANET.RETINANET_ON)
     assert ("loss_mask" in losses) == bool(cfg.MODEL.MASK_ON)
     assert ("loss_kps" in losses) == bool(cfg.MODEL.KEYPOINTS_ON)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())

@@ -187,7 +187,7 @@ def make_evaluator(model, cfg, device, output_dir: Path, print_fn: Print):
 def check_proposal_files(cfg) -> None:
     """A model without RPN (Fast R-CNN) learns and is evaluated on precomputed proposals: say so before
     loading anything."""
-    if cfg.MODEL.FASTER_RCNN or cfg.MODEL.RPN_ONLY or cfg.RPN.RPN_ON:
+    if cfg.MODEL.FASTER_RCNN or cfg.MODEL.RPN_ONLY or cfg.RPN.RPN_ON or cfg.RETINANET.RETINANET_ON:
         return
     for split in ("TRAIN", "TEST"):
         files, datasets = tuple(cfg[split].PROPOSAL_FILES), tuple(cfg[split].DATASETS)

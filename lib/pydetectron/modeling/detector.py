@@ -34,6 +34,7 @@ from pydetectron.modeling.layers import compose_weight_mapping
 from pydetectron.modeling.mask_head import mask_probs, mask_rcnn_loss
 from pydetectron.modeling.paste_masks import paste_masks_in_image
 from pydetectron.modeling.postprocess import BoxInference, detect_boxes, original_image_size
+from pydetectron.modeling.retinanet import RetinaNet
 from pydetectron.modeling.rpn import build_rpn
 from pydetectron.modeling.targets.fast_rcnn import FastRCNNSampling, FastRCNNTargets, fast_rcnn_targets
 from pydetectron.modeling.targets.keypoint import keypoint_rcnn_targets
@@ -376,15 +377,18 @@ def _proposal_results(rois: torch.Tensor, scores: torch.Tensor, im_info: torch.T
     return {"boxes": rois[mine, 1:5] / im_info[i, 2], "scores": scores[mine]}
 
 
-MODEL_TYPES = ("generalized_rcnn", "")
+MODEL_TYPES = ("generalized_rcnn", "retinanet", "")
 
 
-def build_detector(cfg) -> GeneralizedRCNN:
-    """The model of ``cfg``: ``MODEL.TYPE`` must be Detectron's ``generalized_rcnn`` (or left empty)."""
+def build_detector(cfg) -> nn.Module:
+    """The model of ``cfg``: Detectron's ``generalized_rcnn`` (Fast/Faster/Mask/Keypoint R-CNN, RPN; also an
+    empty ``MODEL.TYPE``) or ``retinanet`` (``MODEL.TYPE: retinanet`` or ``RETINANET.RETINANET_ON``)."""
     if cfg.MODEL.TYPE not in MODEL_TYPES:
         raise ValueError(
-            f"MODEL.TYPE {cfg.MODEL.TYPE!r} is not supported; pydetectron builds {MODEL_TYPES[0]!r} models "
-            "(Fast/Faster/Mask/Keypoint R-CNN and RPN, chosen by MODEL.* and the head names)"
+            f"MODEL.TYPE {cfg.MODEL.TYPE!r} is not supported; pydetectron builds 'generalized_rcnn' and "
+            "'retinanet' models (the heads are chosen by MODEL.* and the head names)"
         )
     registry.import_builtin_modules()
+    if cfg.MODEL.TYPE == "retinanet" or cfg.RETINANET.RETINANET_ON:
+        return RetinaNet(cfg)
     return GeneralizedRCNN(cfg)
