@@ -185,3 +185,14 @@ def test_overfits_one_batch():
         optimizer.step()
         totals.append(total.item())
     assert np.mean(totals[-3:]) < 0.5 * totals[0], totals
+
+
+def test_groupnorm_towers_keep_detectrons_names_and_add_gn_blobs():
+    model = build_detector(_cfg(["RETINANET.USE_GN", "True"]))
+    towers = [m for m in model.head.cls_tower if isinstance(m, torch.nn.GroupNorm)]
+    assert len(towers) == 4
+    mapping = model.head.detectron_weight_mapping()
+    assert mapping["cls_tower.0.weight"] == "retnet_cls_conv_n0_fpn3_w"
+    assert mapping["cls_tower.1.weight"] == "retnet_cls_conv_n0_fpn3_gn_s"
+    assert mapping["bbox_tower.10.bias"] == "retnet_bbox_conv_n3_fpn3_gn_b"
+    assert set(mapping) == set(model.head.state_dict())  # every parameter has a blob name

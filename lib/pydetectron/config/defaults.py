@@ -181,6 +181,8 @@ def _retinanet(C: CfgNode) -> None:
     R.CLASS_SPECIFIC_BBOX = False
     R.SOFTMAX = False
     R.INFERENCE_TH = 0.05
+    # pydetectron (detectron2's RETINANET.NORM 'GN'): GroupNorm after each tower conv, MSRA-initialised convs
+    R.USE_GN = False
 
 
 def _solver(C: CfgNode) -> None:
