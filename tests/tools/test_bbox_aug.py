@@ -19,7 +19,7 @@ from pydetectron.evaluation.bbox_aug import (
     combine_predictions,
     detections_with_voting,
 )
-from pydetectron.evaluation.tta_passes import augmented_passes
+from pydetectron.evaluation.tta_passes import Transformations, augmented_passes
 from pydetectron.modeling.postprocess import BoxInference
 
 TOP = torch.tensor([[0.0, 0.0, 9.0, 9.0]])
@@ -149,11 +149,11 @@ def _bar_image():
 
 def test_flip_scale_and_aspect_passes_map_boxes_back_to_the_original():
     settings = BlobSettings(scales=(40,), max_size=1000, pixel_means=(0.0, 0.0, 0.0))
-    aug = BoxAugmentation(h_flip=True, scales=(80, 20), scale_h_flip=True, aspect_ratios=(2.0,),
-                          aspect_ratio_h_flip=True)
+    aug = BoxAugmentation(Transformations(h_flip=True, scales=(80, 20), scale_h_flip=True, aspect_ratios=(2.0,),
+                                          aspect_ratio_h_flip=True))
     detect = AugmentedDetection(aug, BoxVoting(), BoxInference(num_classes=2))
     model, image = BarDetector(), _bar_image()
-    passes = augmented_passes(aug, image, settings)
+    passes = augmented_passes(aug.transforms, image, settings)
     assert [(p[1].scales[0], p[2], p[3]) for p in passes] == [
         (40, True, 1.0), (80, False, 1.0), (80, True, 1.0), (20, False, 1.0), (20, True, 1.0),
         (40, False, 0.5), (40, True, 0.5)]

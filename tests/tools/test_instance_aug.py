@@ -22,6 +22,7 @@ from pydetectron.evaluation.instance_aug import (
     combine_heatmaps,
     combine_masks,
 )
+from pydetectron.evaluation.tta_passes import Transformations
 
 SETTINGS = BlobSettings(scales=(40,), max_size=1000, pixel_means=(0.0, 0.0, 0.0))
 BOXES = torch.tensor([[4.0, 2.0, 31.0, 37.0]])  # covers the bar (x 10..19) and plain background to its right
@@ -79,9 +80,9 @@ def test_size_dependent_heatmaps_skip_downscaled_passes_for_small_boxes_and_upsc
 
 
 @pytest.mark.parametrize("aug", [
-    InstanceAugmentation("SOFT_AVG", h_flip=True),
-    InstanceAugmentation("SOFT_AVG", scales=(80,), scale_h_flip=True),
-    InstanceAugmentation("SOFT_AVG", aspect_ratios=(2.0,), aspect_ratio_h_flip=True),
+    InstanceAugmentation("SOFT_AVG", Transformations(h_flip=True)),
+    InstanceAugmentation("SOFT_AVG", Transformations(scales=(80,), scale_h_flip=True)),
+    InstanceAugmentation("SOFT_AVG", Transformations(aspect_ratios=(2.0,), aspect_ratio_h_flip=True)),
 ])
 def test_every_mask_pass_lands_back_on_the_identity(aug):
     model = PoolingHeads()
@@ -96,7 +97,7 @@ def test_every_mask_pass_lands_back_on_the_identity(aug):
 def test_flipped_heatmaps_swap_left_and_right_channels():
     model = PoolingHeads()
     identity = _identity(model, "keypoint_head")
-    aug = InstanceAugmentation("HM_AVG", h_flip=True)
+    aug = InstanceAugmentation("HM_AVG", Transformations(h_flip=True))
     combined = augmented_heatmaps(model, aug, _bar_image(), SETTINGS, BOXES, identity, np.array([1, 0]), CPU)
     # channel 0 averages its own map (1x) with the flipped pass's channel 1 (2x), and vice versa
     torch.testing.assert_close(combined[:, 0], 1.5 * identity[:, 0], atol=0.02, rtol=0)
@@ -114,7 +115,8 @@ def _cfg(*pairs):
 def test_sections_are_read_only_for_the_heads_a_model_has():
     detect = detection_function(_cfg("MODEL.MASK_ON", True, "TEST.MASK_AUG.ENABLED", True, "TEST.MASK_AUG.H_FLIP",
                                      True, "TEST.MASK_AUG.HEUR", "LOGIT_AVG"))
-    assert isinstance(detect, AugmentedDetection) and detect.mask_aug == InstanceAugmentation("LOGIT_AVG", h_flip=True)
+    assert isinstance(detect, AugmentedDetection)
+    assert detect.mask_aug == InstanceAugmentation("LOGIT_AVG", Transformations(h_flip=True))
     assert detect.keypoint_aug is None
     assert detection_function(_cfg("TEST.MASK_AUG.ENABLED", True)) is None  # no mask head: nothing to augment
     with pytest.raises(ValueError, match="TEST.KPS_AUG.HEUR 'SOFT_AVG'"):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from pydetectron.boxes import box_iou, flip_boxes
 from pydetectron.data.minibatch import BlobSettings, prepare_test_image, scaled_size
 from pydetectron.evaluation.instance_aug import InstanceAugmentation, augmented_heatmaps, augmented_mask_probs
-from pydetectron.evaluation.tta_passes import augmented_passes, scale_box_widths
+from pydetectron.evaluation.tta_passes import Transformations, augmented_passes, scale_box_widths
 from pydetectron.modeling.postprocess import BoxInference, box_results_with_nms_and_limit, predict_boxes
 
 HEURISTICS = ("ID", "AVG", "UNION")
@@ -36,12 +36,7 @@ VOTE_SCORING_METHODS = ("ID", "TEMP_AVG", "AVG", "IOU_AVG", "GENERALIZED_AVG", "
 class BoxAugmentation:
     """The TEST.BBOX_AUG transformations and how their predictions are combined."""
 
-    h_flip: bool = False
-    scales: Tuple[int, ...] = ()
-    max_size: int = 4000
-    scale_h_flip: bool = False
-    aspect_ratios: Tuple[float, ...] = ()
-    aspect_ratio_h_flip: bool = False
+    transforms: Transformations = Transformations()
     score_heur: str = "UNION"
     coord_heur: str = "UNION"
 
@@ -58,16 +53,11 @@ class BoxAugmentation:
         a = cfg.TEST.BBOX_AUG
         if a.SCALE_SIZE_DEP:
             raise ValueError("TEST.BBOX_AUG.SCALE_SIZE_DEP is not implemented (nor is it in Detectron)")
-        aug = cls(h_flip=bool(a.H_FLIP), scales=tuple(int(s) for s in a.SCALES), max_size=int(a.MAX_SIZE),
-                  scale_h_flip=bool(a.SCALE_H_FLIP), aspect_ratios=tuple(float(r) for r in a.ASPECT_RATIOS),
-                  aspect_ratio_h_flip=bool(a.ASPECT_RATIO_H_FLIP), score_heur=str(a.SCORE_HEUR),
-                  coord_heur=str(a.COORD_HEUR))
+        aug = cls(Transformations.from_section(a, "TEST.BBOX_AUG"), str(a.SCORE_HEUR), str(a.COORD_HEUR))
         # With an RPN every transformation has its own proposals: rows cannot be averaged, only stacked.
         if cfg.MODEL.FASTER_RCNN and aug.score_heur != "UNION":
             raise ValueError("a Faster R-CNN model (own RPN proposals per transformation) needs "
                              f"TEST.BBOX_AUG.SCORE_HEUR/COORD_HEUR 'UNION', got {aug.score_heur!r}")
-        if any(r <= 0 for r in aug.aspect_ratios):
-            raise ValueError(f"TEST.BBOX_AUG.ASPECT_RATIOS must be positive, got {aug.aspect_ratios}")
         return aug
 
 
@@ -232,7 +222,7 @@ class AugmentedDetection:
     def __call__(self, model: torch.nn.Module, image: np.ndarray, settings: BlobSettings,
                  device: torch.device) -> dict:
         scores_ts, boxes_ts = [], []
-        for im, blob_settings, hflip, width_factor in augmented_passes(self.aug, image, settings):
+        for im, blob_settings, hflip, width_factor in augmented_passes(self.aug.transforms, image, settings):
             result = self._run(model, im, blob_settings, device, hflip)
             scores_ts.append(result.scores)
             boxes_ts.append(result.boxes if width_factor == 1.0 else scale_box_widths(result.boxes, width_factor))

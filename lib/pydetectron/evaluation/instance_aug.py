@@ -14,14 +14,14 @@ are then combined element-wise:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Sequence
 
 import numpy as np
 import torch
 
 from pydetectron.boxes import box_area, flip_boxes
 from pydetectron.data.minibatch import BlobSettings, prepare_test_image
-from pydetectron.evaluation.tta_passes import augmented_passes, scale_box_widths
+from pydetectron.evaluation.tta_passes import Transformations, augmented_passes, scale_box_widths
 from pydetectron.modeling.mask_head import mask_probs
 
 MASK_HEURISTICS = ("SOFT_AVG", "SOFT_MAX", "LOGIT_AVG")
@@ -33,12 +33,7 @@ class InstanceAugmentation:
     """One TEST.MASK_AUG / TEST.KPS_AUG section: its transformations and how predictions are combined."""
 
     heur: str
-    h_flip: bool = False
-    scales: Tuple[int, ...] = ()
-    max_size: int = 4000
-    scale_h_flip: bool = False
-    aspect_ratios: Tuple[float, ...] = ()
-    aspect_ratio_h_flip: bool = False
+    transforms: Transformations = Transformations()
     scale_size_dep: bool = False
     area_th: float = 180.0**2
 
@@ -62,11 +57,8 @@ class InstanceAugmentation:
     def _from_section(cls, section, key: str, heuristics: Sequence[str]) -> InstanceAugmentation:
         if section.HEUR not in heuristics:
             raise ValueError(f"{key}.HEUR {section.HEUR!r} is not one of {tuple(heuristics)}")
-        if any(float(r) <= 0 for r in section.ASPECT_RATIOS):
-            raise ValueError(f"{key}.ASPECT_RATIOS must be positive, got {tuple(section.ASPECT_RATIOS)}")
-        return cls(str(section.HEUR), bool(section.H_FLIP), tuple(int(s) for s in section.SCALES),
-                   int(section.MAX_SIZE), bool(section.SCALE_H_FLIP), tuple(float(r) for r in section.ASPECT_RATIOS),
-                   bool(section.ASPECT_RATIO_H_FLIP), bool(section.SCALE_SIZE_DEP), float(section.AREA_TH))
+        return cls(str(section.HEUR), Transformations.from_section(section, key), bool(section.SCALE_SIZE_DEP),
+                   float(section.AREA_TH))
 
 
 @dataclass
@@ -83,7 +75,7 @@ class _InstancePass:
 def _instance_passes(model, aug: InstanceAugmentation, image: np.ndarray, settings: BlobSettings,
                      boxes: torch.Tensor, device: torch.device) -> List[_InstancePass]:
     out = []
-    for im, blob_settings, hflip, width_factor in augmented_passes(aug, image, settings):
+    for im, blob_settings, hflip, width_factor in augmented_passes(aug.transforms, image, settings):
         boxes_t = scale_box_widths(boxes, 1.0 / width_factor) if width_factor != 1.0 else boxes
         if hflip:
             im = np.ascontiguousarray(im[:, ::-1])

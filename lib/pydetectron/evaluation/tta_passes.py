@@ -9,7 +9,8 @@ ASPECT_RATIO_H_FLIP). The identity is not among them: each caller runs it where 
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Protocol, Tuple
+from dataclasses import dataclass
+from typing import List, Tuple
 
 import cv2
 import numpy as np
@@ -18,15 +19,26 @@ import torch
 from pydetectron.data.minibatch import BlobSettings
 
 
-class AugmentationSection(Protocol):
-    """The transformation fields every TEST.*_AUG section has."""
+@dataclass(frozen=True)
+class Transformations:
+    """The transformation fields every TEST.*_AUG section has (H_FLIP, SCALES, MAX_SIZE, SCALE_H_FLIP,
+    ASPECT_RATIOS, ASPECT_RATIO_H_FLIP)."""
 
-    h_flip: bool
-    scales: Tuple[int, ...]
-    max_size: int
-    scale_h_flip: bool
-    aspect_ratios: Tuple[float, ...]
-    aspect_ratio_h_flip: bool
+    h_flip: bool = False
+    scales: Tuple[int, ...] = ()
+    max_size: int = 4000
+    scale_h_flip: bool = False
+    aspect_ratios: Tuple[float, ...] = ()
+    aspect_ratio_h_flip: bool = False
+
+    @classmethod
+    def from_section(cls, section, key: str) -> Transformations:
+        """The transformations of cfg section `key` (e.g. 'TEST.BBOX_AUG'); bad values name the key."""
+        ratios = tuple(float(r) for r in section.ASPECT_RATIOS)
+        if any(r <= 0 for r in ratios):
+            raise ValueError(f"{key}.ASPECT_RATIOS must be positive, got {ratios}")
+        return cls(bool(section.H_FLIP), tuple(int(s) for s in section.SCALES), int(section.MAX_SIZE),
+                   bool(section.SCALE_H_FLIP), ratios, bool(section.ASPECT_RATIO_H_FLIP))
 
 
 def aspect_ratio_image(image: np.ndarray, aspect_ratio: float) -> np.ndarray:
@@ -43,7 +55,7 @@ def scale_box_widths(boxes: torch.Tensor, factor: float) -> torch.Tensor:
     return out
 
 
-def augmented_passes(aug: AugmentationSection, image: np.ndarray, settings: BlobSettings
+def augmented_passes(aug: Transformations, image: np.ndarray, settings: BlobSettings
                      ) -> List[Tuple[np.ndarray, BlobSettings, bool, float]]:
     """(image, blob settings, hflip, width factor back to the original) of every transformation of `aug`, in
     Detectron's order; `settings` are TEST.SCALE / TEST.MAX_SIZE's."""
