@@ -147,3 +147,10 @@ def test_mask_aug_on_a_real_mask_rcnn_keeps_the_boxes_and_changes_only_masks(tin
     for key in ("boxes", "scores", "classes"):
         torch.testing.assert_close(augmented[key], plain[key], rtol=0, atol=0)
     assert augmented["masks"].shape == plain["masks"].shape and augmented["masks"].dtype == torch.uint8
+
+
+@pytest.mark.parametrize("section", ["TEST.BBOX_AUG", "TEST.MASK_AUG"])
+def test_bad_aspect_ratios_name_their_section(section):
+    with pytest.raises(ValueError, match=rf"{section}.ASPECT_RATIOS must be positive"):
+        detection_function(_cfg("MODEL.MASK_ON", True, f"{section}.ENABLED", True, f"{section}.ASPECT_RATIOS",
+                                (1.0, -2.0)))
