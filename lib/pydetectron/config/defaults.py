@@ -21,6 +21,8 @@ pydetectron's own additions (not in either project)
 - ``RESNETS.NORM``                'AffineChannel' (frozen BN, Detectron) | 'GN' | 'BN' | 'SyncBN' (trainable).
                                   ``RESNETS.USE_GN`` and '*_gn_*' ``TRANS_FUNC``/``STEM_FUNC``/``SHORTCUT_FUNC``
                                   names imply 'GN' (reconciled by ``assert_and_infer_cfg``).
+- ``DOWNLOAD_CACHE``              Detectron's key with Detectron's directory name, moved from /tmp to the user's
+                                  cache folder ($XDG_CACHE_HOME or ~/.cache) so downloads survive a reboot.
 ResNet-18/34 (basic blocks) need no key: the block kind follows the depth in the body name.
 """
 
@@ -350,7 +352,9 @@ def _misc(C: CfgNode) -> None:
     C.EXPECTED_RESULTS_ATOL = 0.005
     C.EXPECTED_RESULTS_SIGMA_TOL = 4
     C.EXPECTED_RESULTS_EMAIL = ""
-    C.DOWNLOAD_CACHE = "/tmp/detectron-download-cache"
+    # Weights named by URL are downloaded here (Detectron's directory name, under the user's cache folder)
+    C.DOWNLOAD_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser(os.path.join("~", ".cache")),
+                                    "detectron-download-cache")
     C.CLUSTER = CfgNode()
     C.CLUSTER.ON_CLUSTER = False
     # Detectron.pytorch additions

@@ -18,6 +18,7 @@ from torch import nn
 from pydetectron.engine.checkpoint import load_checkpoint
 from pydetectron.modeling.detector import build_detector
 from pydetectron.weights.detectron_pkl import load_detectron_weights, read_detectron_pickle
+from pydetectron.weights.download import cached_weights_path
 
 
 class WeightMismatchError(ValueError):
@@ -83,14 +84,17 @@ def load_detectron_strict(model: nn.Module, path: str, num_classes: int) -> None
 def build_inference_model(cfg, load_ckpt: str | None = None, load_detectron: str | None = None,
                           device: torch.device | str = "cpu") -> nn.Module:
     """The detector of frozen `cfg`, in eval mode on `device`, with weights loaded strictly from exactly one of
-    a pydetectron checkpoint (`load_ckpt`, a ``.pth`` with a 'model' state dict) or a Detectron ``.pkl``."""
+    a pydetectron checkpoint (`load_ckpt`, a ``.pth`` with a 'model' state dict) or a Detectron ``.pkl``; either
+    may be an http(s) URL, downloaded once into cfg.DOWNLOAD_CACHE."""
     if bool(load_ckpt) == bool(load_detectron):
         raise ValueError("give exactly one of --load_ckpt (pydetectron .pth) or --load_detectron (Detectron .pkl); "
                          f"got load_ckpt={load_ckpt!r}, load_detectron={load_detectron!r}")
     model = build_detector(cfg)
     num_classes = int(cfg.MODEL.NUM_CLASSES)
     if load_ckpt:
-        load_state_dict_strict(model, load_checkpoint(load_ckpt)["model"], load_ckpt, num_classes)
+        path = cached_weights_path(load_ckpt, cfg.DOWNLOAD_CACHE, "--load_ckpt")
+        load_state_dict_strict(model, load_checkpoint(path)["model"], load_ckpt, num_classes)
     else:
-        load_detectron_strict(model, load_detectron, num_classes)
+        load_detectron_strict(model, cached_weights_path(load_detectron, cfg.DOWNLOAD_CACHE, "--load_detectron"),
+                              num_classes)
     return model.to(device).eval()

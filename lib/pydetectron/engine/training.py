@@ -8,7 +8,6 @@ MAX_ITER inversely with the effective batch size (x iter_size), then apply the c
 from __future__ import annotations
 
 import datetime
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -33,6 +32,7 @@ from pydetectron.parallel import DataParallel
 from pydetectron.solver import LRSchedule, build_optimizer, scale_schedule
 from pydetectron.vis import draw_training_curves
 from pydetectron.weights.detectron_pkl import load_detectron_weights
+from pydetectron.weights.download import cached_weights_path
 from pydetectron.weights.torchvision import load_torchvision_resnet
 
 Print = Callable[[str], None]
@@ -112,13 +112,14 @@ def load_weights(model: torch.nn.Module, cfg, options: TrainOptions, print_fn: P
     message (fine-tuning on another dataset).
     """
     if options.load_detectron:
-        report = load_detectron_weights(model, options.load_detectron, num_classes=cfg.MODEL.NUM_CLASSES,
+        path = cached_weights_path(options.load_detectron, cfg.DOWNLOAD_CACHE, "--load_detectron")
+        report = load_detectron_weights(model, path, num_classes=cfg.MODEL.NUM_CLASSES,
                                         input_order=cfg.MODEL.INPUT_COLOR_ORDER)
         print_fn(f"Loaded Detectron weights {options.load_detectron}: {report.summary()}")
         for line in report.skipped:
             print_fn(f"  skipped: {line}")
     if options.load_ckpt:
-        checkpoint = load_checkpoint(options.load_ckpt)
+        checkpoint = load_checkpoint(cached_weights_path(options.load_ckpt, cfg.DOWNLOAD_CACHE, "--load_ckpt"))
         if options.resume:
             return checkpoint
         own = model.state_dict()
@@ -133,7 +134,8 @@ def load_weights(model: torch.nn.Module, cfg, options: TrainOptions, print_fn: P
     if options.load_detectron:
         return None
     if cfg.TRAIN.WEIGHTS:  # Detectron's way of naming the initial weights
-        report = load_detectron_weights(model, _existing(cfg.TRAIN.WEIGHTS, "TRAIN.WEIGHTS"),
+        path = cached_weights_path(cfg.TRAIN.WEIGHTS, cfg.DOWNLOAD_CACHE, "TRAIN.WEIGHTS")
+        report = load_detectron_weights(model, path,
                                         num_classes=cfg.MODEL.NUM_CLASSES, input_order=cfg.MODEL.INPUT_COLOR_ORDER)
         print_fn(f"Loaded TRAIN.WEIGHTS {cfg.TRAIN.WEIGHTS}: {report.summary()}")
     elif cfg.MODEL.LOAD_IMAGENET_PRETRAINED_WEIGHTS:
@@ -141,7 +143,7 @@ def load_weights(model: torch.nn.Module, cfg, options: TrainOptions, print_fn: P
         if not pretrained:
             raise ValueError("MODEL.LOAD_IMAGENET_PRETRAINED_WEIGHTS is True but RESNETS.IMAGENET_PRETRAINED_WEIGHTS "
                              "is empty: name the weights file, or set the first key False to train from scratch")
-        path = _existing(pretrained, "RESNETS.IMAGENET_PRETRAINED_WEIGHTS")
+        path = cached_weights_path(pretrained, cfg.DOWNLOAD_CACHE, "RESNETS.IMAGENET_PRETRAINED_WEIGHTS")
         if path.endswith((".pth", ".pt")):  # a torchvision-layout ResNet: BN and input normalisation folded in
             report = load_torchvision_resnet(model, path, input_order=cfg.MODEL.INPUT_COLOR_ORDER,
                                              pixel_means=list(np.asarray(cfg.PIXEL_MEANS).ravel()),
@@ -150,12 +152,6 @@ def load_weights(model: torch.nn.Module, cfg, options: TrainOptions, print_fn: P
             report = load_detectron_weights(model, path, input_order=cfg.MODEL.INPUT_COLOR_ORDER)
         print_fn(f"Loaded ImageNet weights {pretrained}: {report.summary()}")
     return None
-
-
-def _existing(path: str, key: str) -> str:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{key} {path!r} does not exist")
-    return path
 
 
 def _flatten(metrics: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -37,6 +37,7 @@ from pydetectron.evaluation.coco_eval import copypaste_lines
 from pydetectron.evaluation.inference import evaluate_detections, inference_on_dataset
 from pydetectron.evaluation.proposal_eval import evaluate_rpn_detections
 from pydetectron.vis import draw_detections, save_image
+from pydetectron.weights.download import is_url
 
 Print = Callable[[str], None]
 DETECTIONS_FILE = "detections.pkl"
@@ -70,7 +71,8 @@ class TestOptions:
 def default_output_dir(options: TestOptions) -> Path:
     """Beside the weights: a training checkpoint in ``<run>/ckpt`` tests into ``<run>/test`` (Detectron.pytorch's
     default), any other weights file into ``test`` in its own folder (never above it: a model-zoo ``.pkl``
-    in the working directory must not write into its parent); beside the pickle for --eval_only."""
+    in the working directory must not write into its parent), ``./test`` for weights named by URL; beside the
+    pickle for --eval_only."""
     if options.output_dir:
         return Path(options.output_dir)
     if options.eval_only:
@@ -78,6 +80,8 @@ def default_output_dir(options: TestOptions) -> Path:
     weights = options.load_ckpt or options.load_detectron
     if not weights:
         raise ValueError("no --output_dir and no weights to put the results beside")
+    if is_url(weights):  # a model-zoo URL: nothing local to put the results beside
+        return Path("test")
     folder = Path(weights).resolve().parent
     return (folder.parent if folder.name == "ckpt" else folder) / "test"
 
