@@ -216,8 +216,8 @@ def test_module_repr_and_forward():
         (torch.zeros(1, 2, 5, 5), torch.zeros(1, 5), {"output_size": 0}, ValueError, "output_size"),
         (torch.zeros(1, 2, 5, 5), torch.zeros(1, 5), {"output_size": (2, 2, 2)}, ValueError, "output_size"),
         (torch.zeros(1, 2, 5, 5), torch.zeros(1, 5), {"spatial_scale": 0.0}, ValueError, "spatial_scale"),
-        (torch.zeros(1, 2, 5, 5), torch.zeros(1, 5), {"sampling_ratio": -1}, ValueError, "sampling_ratio"),
         (torch.zeros(1, 2, 5, 5), torch.zeros(1, 5), {"sampling_ratio": 1.5}, ValueError, "sampling_ratio"),
+        (torch.zeros(1, 2, 5, 5), torch.zeros(1, 5), {"sampling_ratio": True}, ValueError, "sampling_ratio"),
         (torch.zeros(1, 2, 5, 5), [[0.0, 0, 0, 1, 1]], {}, TypeError, "tensors"),
     ],
 )
@@ -225,6 +225,29 @@ def test_bad_input_raises_clear_errors(features, rois, kwargs, error, match):
     args = {"output_size": 2, "spatial_scale": 1.0, "sampling_ratio": 2, **kwargs}
     with pytest.raises(error, match=match):
         roi_align(features, rois, **args)
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_negative_sampling_ratio_is_adaptive_like_zero_and_torchvision(aligned):
+    """Caffe2: '<= 0 is adaptive'; torchvision's default is -1. Forward and backward equal sampling_ratio=0's,
+    and torchvision's own -1."""
+    g = torch.Generator().manual_seed(11)
+    features = torch.randn(2, 3, 10, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    rois = random_rois(9, 2, 24.0, g).double()
+    grads = []
+    outputs = []
+    for ratio in (-1, -3, 0):
+        features.grad = None
+        out = roi_align(features, rois, (3, 2), 0.5, ratio, aligned)
+        out.sum().backward()
+        outputs.append(out.detach())
+        grads.append(features.grad.clone())
+    for out, grad in zip(outputs[:2], grads[:2]):
+        torch.testing.assert_close(out, outputs[2], rtol=0, atol=0)
+        torch.testing.assert_close(grad, grads[2], rtol=0, atol=0)
+    expected = torchvision.ops.roi_align(features.detach(), rois, (3, 2), 0.5, -1, aligned)
+    torch.testing.assert_close(outputs[0], expected)
+    assert RoIAlign(2, 0.5, sampling_ratio=-1).sampling_ratio == 0
 
 
 def test_huge_coordinates_are_refused_before_an_int_cast_overflows():

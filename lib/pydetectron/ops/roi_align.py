@@ -36,10 +36,11 @@ def check_spatial_scale(spatial_scale: float) -> float:
 
 
 def check_sampling_ratio(sampling_ratio: int) -> int:
-    """Bilinear samples per bin along each axis: an int >= 0, 0 meaning adaptive."""
-    if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, int) or sampling_ratio < 0:
-        raise ValueError(f"sampling_ratio must be an int >= 0 (0 = adaptive), got {sampling_ratio!r}")
-    return sampling_ratio
+    """Bilinear samples per bin along each axis: an int, <= 0 meaning adaptive (Caffe2's rule; torchvision's
+    default is -1), passed to the kernels as 0."""
+    if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, int):
+        raise ValueError(f"sampling_ratio must be an int (<= 0 = adaptive), got {sampling_ratio!r}")
+    return max(sampling_ratio, 0)
 
 
 def check_tensors(input: Tensor, rois: Tensor) -> None:
@@ -96,7 +97,8 @@ def roi_align(
             as ``input``; boxes may lie partly or wholly off the map.
         output_size: ``out`` or ``(out_h, out_w)``.
         spatial_scale: feature-map pixels per input pixel (1/stride).
-        sampling_ratio: bilinear samples per bin along each axis; 0 = adaptive, ``ceil(roi_size / out)``.
+        sampling_ratio: bilinear samples per bin along each axis; 0 or negative (torchvision's -1) = adaptive,
+            ``ceil(roi_size / out)``.
         aligned: False is Caffe2/Detectron's RoIAlign (corners used as given, box at least 1x1 on the map);
             True shifts the box by -0.5 pixel first (detectron2 / torchvision ``aligned=True``).
     """
