@@ -60,3 +60,34 @@ def test_training_accuracy_gets_its_own_panel(tmp_path):
     records = [{"step": s, "loss": 2.0 / s, "accuracy_cls": 1 - 1.0 / s, "lr": 0.01} for s in range(1, 30)]
     draw_training_curves(records, tmp_path / "curves.png")
     assert cv2.imread(str(tmp_path / "curves.png")).shape[0] == 1500  # losses, accuracy, lr
+
+
+def test_single_evaluation_point_is_drawn_where_it_belongs(tmp_path):
+    """One evaluation (the usual end-of-training one) draws its dots inside the evaluation panel: before, a
+    single step gave an empty frame with an axis '800 800 800'."""
+    import cv2
+
+    records = [{"step": s, "loss": 1.0 / s, "lr": 0.01} for s in range(20, 801, 20)]
+    records.append({"step": 800, "eval/bbox/AP": 0.4, "eval/bbox/AR": 0.8})
+    draw_training_curves(records, tmp_path / "curves.png")
+    panel = cv2.imread(str(tmp_path / "curves.png"))[-500:]  # the evaluation panel, 900 x 500
+    left, right, top, bottom = 70, 900 - 170, 40, 500 - 40  # the plot frame draw_curves uses
+    expected_x = (left + right) / 2  # a lone step is centred
+    for colour, value in zip(palette(2), (0.4, 0.8)):  # series sorted by name: AP, AR; y from 0 to 0.8
+        inside = np.abs(panel[top:bottom + 1, left + 1:right].astype(int) - colour).sum(axis=2) < 30
+        ys, xs = np.nonzero(inside)
+        assert len(xs) >= 20, "the point is not drawn"
+        assert abs(xs.mean() + left + 1 - expected_x) < 2
+        assert abs(ys.mean() + top - (bottom - value / 0.8 * (bottom - top))) < 3
+
+
+def test_fpn_level_losses_are_drawn_as_their_sums():
+    from pydetectron.vis import training_curve_panels
+
+    records = [{"step": s, "loss": 1.0, "loss_rpn_cls_fpn2": 0.1 * s, "loss_rpn_cls_fpn3": 0.2,
+                "loss_rpn_bbox_fpn2": 0.3, "loss_rpn_bbox_fpn3": 0.4, "loss_cls": 0.5, "lr": 0.01}
+               for s in (20, 40)]
+    losses = dict(training_curve_panels(records))["training losses"]
+    assert list(losses) == ["loss", "loss_rpn_cls", "loss_rpn_bbox", "loss_cls"]
+    assert np.allclose(losses["loss_rpn_cls"], [(20, 2.2), (40, 4.2)])
+    assert np.allclose(losses["loss_rpn_bbox"], [(20, 0.7), (40, 0.7)])

@@ -15,6 +15,10 @@ import cv2
 import numpy as np
 import torch
 
+from pydetectron.engine.logger import sum_fpn_levels
+
+Series = Mapping[str, Sequence[tuple[float, float]]]  # name -> (x, y) points
+
 _GREEN = (18, 127, 15)  # BGR, Detectron's box / label colour
 _WHITE = (255, 255, 255)
 _TEXT = (218, 227, 218)
@@ -121,11 +125,13 @@ def save_image(image: np.ndarray, path: str | Path) -> None:
 
 
 def draw_curves(
-    series: Mapping[str, Sequence[tuple[float, float]]],
+    series: Series,
     title: str,
     size: tuple[int, int] = (900, 500),
+    max_marked: int = 30,
 ) -> np.ndarray:
-    """A line chart (BGR image) of named (x, y) series, e.g. each loss against the step."""
+    """A line chart (BGR image) of named (x, y) series, e.g. each loss against the step; a series of at most
+    `max_marked` points also gets a dot at each point and its last value in the legend."""
     width, height = size
     left, right, top, bottom = 70, 170, 40, 40
     canvas = np.full((height, width, 3), 255, np.uint8)
@@ -134,7 +140,10 @@ def draw_curves(
         draw_label(canvas, left, top, f"{title}: nothing to plot")
         return canvas
     xs, ys = np.array([p[0] for p in points], float), np.array([p[1] for p in points], float)
-    x_lo, x_hi = xs.min(), max(xs.max(), xs.min() + 1e-9)
+    x_lo, x_hi = xs.min(), xs.max()
+    if x_hi == x_lo:  # one step (e.g. a single evaluation): centre it in a range with distinct ticks
+        pad = max(abs(x_lo) * 0.05, 1.0)
+        x_lo, x_hi = x_lo - pad, x_hi + pad
     y_lo, y_hi = min(ys.min(), 0.0), max(ys.max(), 1e-9)
 
     def to_pixel(x: float, y: float) -> tuple[int, int]:
@@ -151,35 +160,40 @@ def draw_curves(
         cv2.putText(canvas, f"{y_value:.3g}", (5, py + 4), font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
         x_value = x_lo + frac * (x_hi - x_lo)
         px, _ = to_pixel(x_value, y_lo)
-        cv2.putText(canvas, f"{x_value:.0f}", (px - 10, height - bottom + 18), font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(canvas, f"{x_value:.6g}", (px - 10, height - bottom + 18), font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
     cv2.putText(canvas, title, (left, top - 12), font, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
     for k, (colour, (name, values)) in enumerate(zip(palette(len(series)), series.items())):
-        if values:
-            line = np.array([to_pixel(x, y) for x, y in values], np.int32)
-            cv2.polylines(canvas, [line], False, colour, 2, cv2.LINE_AA)
+        line = np.array([to_pixel(x, y) for x, y in values], np.int32).reshape(-1, 2)
+        cv2.polylines(canvas, [line], False, colour, 2, cv2.LINE_AA)
+        label = name
+        if 0 < len(values) <= max_marked:  # sparse series (evaluations) show each point, even a lone one
+            for point in line:
+                cv2.circle(canvas, tuple(int(v) for v in point), 4, colour, -1, cv2.LINE_AA)
+            label = f"{name} {values[-1][1]:.3g}"
         legend_y = top + 18 * (k + 1)
         cv2.line(canvas, (width - right + 10, legend_y - 4), (width - right + 30, legend_y - 4), colour, 2)
-        cv2.putText(canvas, name, (width - right + 35, legend_y), font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(canvas, label, (width - right + 35, legend_y), font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
     return canvas
 
 
-def draw_training_curves(records: Sequence[Mapping[str, float]], path: str | Path) -> None:
-    """Loss curves (top), the training accuracy (accuracy_cls), the learning rate and any evaluation figures
-    from metrics.json records, saved as one image."""
+def training_curve_panels(records: Sequence[Mapping[str, float]]) -> list[tuple[str, Series]]:
+    """(title, series) of each panel for metrics.json records: losses, training accuracy (when logged), the
+    learning rate and evaluation figures (when any). Per-FPN-level losses (loss_rpn_cls_fpn2..6) are summed, as
+    the console line shows them; metrics.json keeps the levels."""
     steps = [r for r in records if "lr" in r]
 
     def series(prefix: str) -> dict:
-        names = [k for k in (steps[0] if steps else {}) if k.startswith(prefix)]
-        return {name: [(r["step"], r[name]) for r in steps if name in r] for name in names}
+        summed = [(r["step"], sum_fpn_levels({k: v for k, v in r.items() if k.startswith(prefix)})) for r in steps]
+        names = list(summed[0][1]) if summed else []
+        return {name: [(step, values[name]) for step, values in summed if name in values] for name in names}
 
-    lr = {"lr": [(r["step"], r["lr"]) for r in steps]}
     evals = {k: [(r["step"], r[k]) for r in records if k in r]
              for k in sorted({k for r in records for k in r if k.startswith("eval/")})}
-    accuracy = series("accuracy")
-    panels = [draw_curves(series("loss"), "training losses")]
-    if accuracy:
-        panels.append(draw_curves(accuracy, "training accuracy"))
-    panels.append(draw_curves(lr, "learning rate"))
-    if evals:
-        panels.append(draw_curves(evals, "evaluation"))
-    save_image(np.vstack(panels), path)
+    panels = [("training losses", series("loss")), ("training accuracy", series("accuracy")),
+              ("learning rate", {"lr": [(r["step"], r["lr"]) for r in steps]}), ("evaluation", evals)]
+    return [(title, values) for title, values in panels if values or title in ("training losses", "learning rate")]
+
+
+def draw_training_curves(records: Sequence[Mapping[str, float]], path: str | Path) -> None:
+    """The panels of `training_curve_panels`, stacked into one image at `path`."""
+    save_image(np.vstack([draw_curves(series, title) for title, series in training_curve_panels(records)]), path)
