@@ -134,6 +134,53 @@ def test_annotation_for_unknown_image_and_bad_segmentation(tmp_path, hand_coco):
     _expect_error(tmp_path, data, "image id 1", "'segmentation'", "RLE size")
 
 
+@pytest.mark.parametrize("segmentation, message", [
+    ([[1, 2, 3, 4]], "no polygon has at least 3 points (coordinates per polygon: [4])"),
+    ([[1, 2, 3, 4], []], "no polygon has at least 3 points (coordinates per polygon: [4, 0])"),
+    ([[10, 20, 39, 20, 39, 59, 10]], "polygon #0 has an odd number of coordinates (7)"),
+    ([[10, 20, 39, 20, 39, 59], [[1, 2], [3, 4], [5, 6]]], "polygon #1 must be a flat list of numbers"),
+    ([10, 20, 39, 20, 39, 59], "polygon #0 must be a flat list of numbers"),
+    ("polygon", "must be a list of polygons or an RLE {size, counts}, got str"),
+])
+def test_malformed_polygons_name_file_image_and_annotation(tmp_path, hand_coco, segmentation, message):
+    data = hand_coco()
+    data["annotations"][1]["segmentation"] = segmentation  # annotation id 11 of image 1
+    _expect_error(tmp_path, data, "image id 1", "'segmentation'", "annotation id 11", message)
+
+
+def test_short_polygons_beside_valid_ones_are_dropped_as_detectron_does(tmp_path, hand_coco):
+    segms = _dataset(tmp_path, hand_coco()).get_roidb()[0]["segms"]
+    assert [len(p) for p in segms[0]] == [8]  # annotation 10's [1, 2, 3, 4] is gone, its square kept
+
+
+def test_mask_training_needs_every_object_segmented(tmp_path, monkeypatch, hand_coco):
+    data = hand_coco()
+    data["annotations"][1]["segmentation"] = []  # a box-only annotation: fine for boxes, not for masks
+    ann = tmp_path / "boxes_only.json"
+    ann.write_text(json.dumps(data))
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(f"boxes_only:\n  image_dir: img\n  ann_file: {ann}\n")
+    monkeypatch.setenv("PYDETECTRON_DATASETS", str(catalog))
+    roidb, _ = combined_roidb_for_training(("boxes_only",), use_flipped=False)
+    assert any(isinstance(s, list) and not s for e in roidb for s in e["segms"])
+    with pytest.raises(AnnotationError) as info:
+        combined_roidb_for_training(("boxes_only",), use_flipped=False, masks_on=True)
+    for fragment in (str(ann), "image id 1", "'segmentation'", "object #1", "MODEL.MASK_ON"):
+        assert fragment in str(info.value)
+
+
+def test_bad_keypoint_values_and_skeleton(tmp_path, hand_keypoint_coco):
+    data = hand_keypoint_coco()
+    data["annotations"][0]["keypoints"] = [20, 12, 2, 15, "x", 1, 25, 11, 0]
+    _expect_error(tmp_path, data, "image id 5", "'keypoints'", "annotation id 1", "must be numbers")
+    data = hand_keypoint_coco()
+    data["categories"][0]["skeleton"] = [[1, 2], [1, 4]]
+    _expect_error(tmp_path, data, "'skeleton'", "[1, 4] is not a pair of 1-based keypoint indices in 1..3")
+    data = hand_keypoint_coco()
+    data["categories"][0]["oks_sigmas"] = [0.1, "a", 0.1]
+    _expect_error(tmp_path, data, "'oks_sigmas'", "positive numbers")
+
+
 def test_malformed_json_and_missing_file(tmp_path):
     path = tmp_path / "hand.json"
     path.write_text('{"images": [')

@@ -34,7 +34,7 @@ from pydetectron.data.catalog import DatasetSpec, data_dir, get_dataset
 logger = logging.getLogger(__name__)
 
 ENV_CACHE_DIR = "PYDETECTRON_CACHE"
-_CACHE_VERSION = 2
+_CACHE_VERSION = 3
 
 
 class AnnotationError(ValueError):
@@ -126,6 +126,19 @@ def _load_json(ann_file: str) -> dict:
     return data
 
 
+def _parse_skeleton(cat: dict, num_keypoints: int, r: _Reader, context: str) -> List[List[int]] | None:
+    """COCO's skeleton: pairs of 1-based keypoint indices (optional)."""
+    if cat.get("skeleton") is None:
+        return None
+    skeleton = r.get(cat, "skeleton", list, context=context)
+    for pair in skeleton:
+        if not (isinstance(pair, list) and len(pair) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= num_keypoints for v in pair)):
+            raise r.fail(f"{context}{pair!r} is not a pair of 1-based keypoint indices in 1..{num_keypoints}",
+                         field_name="skeleton")
+    return skeleton
+
+
 def _parse_categories(data: dict, r: _Reader) -> DatasetMeta:
     cats = r.get(data, "categories", list)
     names, ids = [], []
@@ -139,9 +152,12 @@ def _parse_categories(data: dict, r: _Reader) -> DatasetMeta:
             if kp_names is not None and this != kp_names:
                 raise r.fail(f"{ctx}keypoint names differ between categories", field_name="keypoints")
             kp_names = this
-            skeleton = cat.get("skeleton")
+            skeleton = _parse_skeleton(cat, len(kp_names), r, ctx)
             if "oks_sigmas" in cat:
-                oks_sigmas = [float(s) for s in r.get(cat, "oks_sigmas", list, context=ctx)]
+                oks_sigmas = r.get(cat, "oks_sigmas", list, context=ctx)
+                if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in oks_sigmas):
+                    raise r.fail(f"{ctx}sigmas must be positive numbers, got {oks_sigmas!r}", field_name="oks_sigmas")
+                oks_sigmas = [float(v) for v in oks_sigmas]
                 if len(oks_sigmas) != len(kp_names):
                     raise r.fail(f"{ctx}{len(oks_sigmas)} sigmas for {len(kp_names)} keypoints",
                                  field_name="oks_sigmas")
@@ -160,32 +176,43 @@ def _parse_categories(data: dict, r: _Reader) -> DatasetMeta:
     )
 
 
-def _parse_segmentation(seg: Any, height: int, width: int, r: _Reader, image_id: Any) -> Any:
-    """Polygons -> list of float32 arrays (those with < 3 points dropped, as Detectron); RLE -> compressed RLE."""
+def _parse_segmentation(seg: Any, height: int, width: int, r: _Reader, image_id: Any, context: str = "") -> Any:
+    """Polygons -> list of float32 arrays; RLE -> compressed RLE.
+
+    As Detectron, a polygon with fewer than 3 points is dropped when the object has other polygons; an object
+    whose polygons all have fewer than 3 points, or a polygon that is not flat (x, y) pairs, is an error."""
     if isinstance(seg, list):
         polys = []
-        for poly in seg:
+        for k, poly in enumerate(seg):
             try:
                 array = np.asarray(poly, dtype=np.float32) if isinstance(poly, list) else None
             except (TypeError, ValueError):
                 array = None
             if array is None or array.ndim != 1:
-                raise r.fail("polygon must be a flat list of numbers", image_id, "segmentation")
+                raise r.fail(f"{context}polygon #{k} must be a flat list of numbers [x1, y1, x2, y2, ...], got "
+                             f"{poly!r:.80}", image_id, "segmentation")
+            if len(array) % 2:
+                raise r.fail(f"{context}polygon #{k} has an odd number of coordinates ({len(array)}), not (x, y) "
+                             "pairs", image_id, "segmentation")
             if len(array) >= 6:
                 polys.append(array)
+        if seg and not polys:
+            raise r.fail(f"{context}no polygon has at least 3 points (coordinates per polygon: "
+                         f"{[len(p) for p in seg]}), so the object has no mask", image_id, "segmentation")
         return polys
     if isinstance(seg, dict) and "counts" in seg and "size" in seg:
-        if list(seg["size"]) != [height, width]:
-            raise r.fail(f"RLE size {seg['size']} differs from image size [{height}, {width}]",
+        if not isinstance(seg["size"], list) or list(seg["size"]) != [height, width]:
+            raise r.fail(f"{context}RLE size {seg['size']!r} differs from image size [{height}, {width}]",
                          image_id, "segmentation")
         try:
             rle = mask_util.frPyObjects(seg, height, width) if isinstance(seg["counts"], list) else dict(seg)
         except Exception as e:  # pycocotools raises bare Exceptions on malformed RLE
-            raise r.fail(f"malformed RLE ({e})", image_id, "segmentation") from e
+            raise r.fail(f"{context}malformed RLE ({e})", image_id, "segmentation") from e
         if isinstance(rle["counts"], str):
             rle["counts"] = rle["counts"].encode("ascii")
         return {"size": [height, width], "counts": rle["counts"]}
-    raise r.fail("must be a list of polygons or an RLE {size, counts}", image_id, "segmentation")
+    raise r.fail(f"{context}must be a list of polygons or an RLE {{size, counts}}, got {type(seg).__name__}",
+                 image_id, "segmentation")
 
 
 def _parse_image(img: dict, image_dir: str, r: _Reader, index: int) -> dict:
@@ -245,7 +272,8 @@ def _fill_entry(entry: dict, anns: List[dict], boxes: np.ndarray, meta: DatasetM
     )
     entry["is_crowd"] = np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool)
     entry["seg_areas"] = np.array([a["area"] for a in anns], dtype=np.float32)
-    entry["segms"] = [_parse_segmentation(a.get("segmentation", []), height, width, r, image_id) for a in anns]
+    entry["segms"] = [_parse_segmentation(a.get("segmentation", []), height, width, r, image_id,
+                                          f"annotation id {a.get('id')!r}: ") for a in anns]
     entry["gt_keypoints"] = None
     entry["has_visible_keypoints"] = False
     num_kps = meta.num_keypoints
@@ -254,9 +282,14 @@ def _fill_entry(entry: dict, anns: List[dict], boxes: np.ndarray, meta: DatasetM
         for i, ann in enumerate(anns):
             if "keypoints" not in ann:
                 continue  # a category without keypoints, or a crowd region: no visible keypoint
-            values = r.get(ann, "keypoints", list, image_id)
+            context = f"annotation id {ann.get('id')!r}: "
+            values = r.get(ann, "keypoints", list, image_id, context)
             if len(values) != 3 * num_kps:
-                raise r.fail(f"{len(values)} values, expected 3 x {num_kps} keypoints", image_id, "keypoints")
+                raise r.fail(f"{context}{len(values)} values, expected 3 x {num_kps} keypoints", image_id,
+                             "keypoints")
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                raise r.fail(f"{context}values must be numbers (x, y, visibility per keypoint)", image_id,
+                             "keypoints")
             kps[i] = np.asarray(values, dtype=np.float32).reshape(num_kps, 3)
         entry["gt_keypoints"] = kps
         entry["has_visible_keypoints"] = bool((kps[:, :, 2] > 0).any())

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from pydetectron.boxes import box_overlaps_with_gt, flip_boxes
-from pydetectron.data.coco import CocoDataset, DatasetMeta
+from pydetectron.data.coco import AnnotationError, CocoDataset, DatasetMeta
 from pydetectron.data.proposals import attach_proposals
 from pydetectron.data.transforms import flip_keypoints, flip_segms
 
@@ -30,6 +30,17 @@ def flip_entry(entry: dict, keypoint_flip_perm: np.ndarray | None) -> dict:
         out["gt_keypoints"] = flip_keypoints(entry["gt_keypoints"], keypoint_flip_perm, width)
     out["flipped"] = not entry["flipped"]
     return out
+
+
+def check_masks_present(roidb: List[dict], ann_file: str) -> None:
+    """Mask training needs a segmentation for every non-crowd object (a box-only annotation has none)."""
+    for entry in roidb:
+        for g, (segm, crowd) in enumerate(zip(entry["segms"], entry["is_crowd"])):
+            if not crowd and isinstance(segm, list) and not segm:
+                raise AnnotationError(
+                    f"{ann_file}, image id {entry['id']!r}, field 'segmentation': object #{g} (box "
+                    f"{np.round(entry['boxes'][g], 1).tolist()}) has no segmentation, but MODEL.MASK_ON trains "
+                    "masks: add its polygons or RLE, or train without masks")
 
 
 def extend_with_flipped_entries(roidb: List[dict], meta: DatasetMeta) -> List[dict]:
@@ -91,9 +102,11 @@ def combined_roidb_for_training(
     cache_dir: str | None = None,
     proposal_files: Sequence[str] = (),
     thresholds: OverlapThresholds = OverlapThresholds(),
+    masks_on: bool = False,
 ) -> Tuple[List[dict], DatasetMeta]:
     """The training roidb of one or more catalog datasets (which must share categories) and their meta;
-    with `proposal_files` (one per dataset, TRAIN.PROPOSAL_FILES) each entry gets its precomputed proposals."""
+    with `proposal_files` (one per dataset, TRAIN.PROPOSAL_FILES) each entry gets its precomputed proposals;
+    with `masks_on` every non-crowd object must have a segmentation."""
     if isinstance(dataset_names, str):
         dataset_names = (dataset_names,)
     if not dataset_names:
@@ -106,6 +119,8 @@ def combined_roidb_for_training(
     for index, name in enumerate(dataset_names):
         ds = CocoDataset(name, cache_dir=cache_dir)
         part = ds.get_roidb(gt_min_area=gt_min_area)
+        if masks_on:
+            check_masks_present(part, ds.spec.ann_file)
         if proposal_files:
             attach_proposals(part, proposal_files[index])
         if meta is not None and ds.meta.json_category_id_to_contiguous_id != meta.json_category_id_to_contiguous_id:
@@ -123,7 +138,7 @@ def combined_roidb_for_training(
 
 def combined_roidb_from_cfg(cfg, cache_dir: str | None = None) -> Tuple[List[dict], DatasetMeta]:
     """``combined_roidb_for_training`` with TRAIN.DATASETS, TRAIN.USE_FLIPPED, MODEL.KEYPOINTS_ON,
-    TRAIN.GT_MIN_AREA, TRAIN.PROPOSAL_FILES and the TRAIN overlap thresholds."""
+    TRAIN.GT_MIN_AREA, TRAIN.PROPOSAL_FILES, the TRAIN overlap thresholds and MODEL.MASK_ON."""
     return combined_roidb_for_training(
         tuple(cfg.TRAIN.DATASETS),
         use_flipped=bool(cfg.TRAIN.USE_FLIPPED),
@@ -132,4 +147,5 @@ def combined_roidb_from_cfg(cfg, cache_dir: str | None = None) -> Tuple[List[dic
         cache_dir=cache_dir,
         proposal_files=tuple(cfg.TRAIN.PROPOSAL_FILES),
         thresholds=OverlapThresholds.from_cfg(cfg),
+        masks_on=bool(cfg.MODEL.MASK_ON),
     )
