@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 
+from pydetectron.engine.dataset_cfg import DatasetMismatchError
 from pydetectron.evaluation.test_engine import TestOptions, run_test
 from pydetectron.utils.cli import add_config_args, add_register_arg, check_config_args, load_cfg
 
@@ -68,7 +69,10 @@ def main(argv: list[str] | None = None) -> None:
         num_workers=args.num_workers, vis=args.vis, eval_only=args.eval_only, use_cuda=args.cuda,
         child_command=[sys.executable, os.path.abspath(__file__)],
     )
-    run_test(cfg, options, lambda line: print(line, flush=True))
+    try:
+        run_test(cfg, options, lambda line: print(line, flush=True))
+    except DatasetMismatchError as err:
+        sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":

@@ -8,13 +8,18 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from tools_stubs import FixedDetector
+from torch import nn
 
 import pydetectron.engine.inference_model as inference_model
+from pydetectron.data.builtin_meta import COCO_PERSON_SKELETON
 from pydetectron.data.catalog import get_dataset, register_dataset
 from pydetectron.engine.checkpoint import atomic_save
+from pydetectron.engine.dataset_cfg import dataset_meta
 
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "infer_simple.py"
+ROOT = Path(__file__).resolve().parents[2]
+TOOL = ROOT / "tools" / "infer_simple.py"
 FLAGS = ["--cfg", "--load_ckpt", "--load_detectron", "--dataset", "--image_dir", "--images", "--output_dir",
          "--thresh", "--kp_thresh", "--output_ext", "--set"]
 
@@ -37,11 +42,11 @@ def test_help_lists_every_flag(capsys):
 
 
 def test_coco_names_by_default_and_keypoint_skeleton():
-    meta = tool.dataset_meta("coco")
+    meta = dataset_meta("coco")
     names = meta.classes
     assert len(names) == 81 and names[:3] == ["__background__", "person", "bicycle"] and names[-1] == "toothbrush"
     assert len(set(names)) == 81 and not meta.skeleton and meta.num_keypoints == 0
-    meta = tool.dataset_meta("keypoints_coco")
+    meta = dataset_meta("keypoints_coco")
     assert meta.classes == ["__background__", "person"] and len(meta.skeleton) == 19 and meta.num_keypoints == 17
     assert {k for pair in meta.skeleton for k in pair} == set(range(1, 18))  # all 17 COCO keypoints, 1-based
     # left/right pairs swap under a flip (TEST.KPS_AUG): nose stays, left_eye <-> right_eye, ...
@@ -49,12 +54,12 @@ def test_coco_names_by_default_and_keypoint_skeleton():
 
 
 def test_dataset_names_and_skeleton_from_the_catalog(shapes_val):
-    meta = tool.dataset_meta(shapes_val)
+    meta = dataset_meta(shapes_val)
     assert meta.classes == ["__background__", "circle", "square", "triangle"] and not meta.skeleton
     assert meta.num_keypoints == 0
     spec = get_dataset(shapes_val)
     register_dataset("tools_kp_shapes_val", spec.image_dir, str(Path(spec.ann_file).with_name("keypoints_val.json")))
-    meta = tool.dataset_meta("tools_kp_shapes_val")
+    meta = dataset_meta("tools_kp_shapes_val")
     assert meta.classes == ["__background__", "triangle"] and meta.skeleton == [[1, 2], [2, 3], [3, 1]]
     assert meta.num_keypoints == 3 and meta.keypoint_flip_permutation().tolist() == [0, 2, 1]
 
@@ -106,5 +111,67 @@ def test_high_threshold_draws_nothing_and_pdf_output(tmp_path, tiny_cfg_file, fi
 
 def test_class_count_mismatch_is_refused(tmp_path, tiny_cfg_file, fixed_checkpoint):
     with pytest.raises(SystemExit, match="MODEL.NUM_CLASSES is 4 but --dataset 'coco' names 81"):
-        tool.main(["--cfg", tiny_cfg_file, "--load_ckpt", fixed_checkpoint, "--images", "x.png",
-                   "--set", "MODEL.NUM_CLASSES", "4"])
+        tool.main(["--cfg", tiny_cfg_file, "--load_ckpt", fixed_checkpoint, "--images", "x.png", "--dataset",
+                   "coco", "--set", "MODEL.NUM_CLASSES", "4"])
+
+
+class KeypointStub(nn.Module):
+    """A Detectron-style keypoint model's output: one class-1 detection with 17 confident keypoints; its
+    box classifier (cls_score) says how many classes the weights hold."""
+
+    def __init__(self, num_classes: int = 2) -> None:
+        super().__init__()
+        self.cls_score = nn.Linear(8, num_classes)
+
+    def forward(self, data, im_info, roidb=None):
+        keypoints = torch.zeros((1, 17, 3))
+        keypoints[0, :, 0] = torch.linspace(22, 58, 17)
+        keypoints[0, :, 1] = 35.0
+        keypoints[0, :, 2] = 10.0
+        return [{"boxes": torch.tensor([[20.0, 20.0, 60.0, 50.0]]), "scores": torch.tensor([0.95]),
+                 "classes": torch.tensor([1]), "keypoints": keypoints}]
+
+
+@pytest.fixture
+def drawn(monkeypatch) -> list:
+    """What infer_simple hands to draw_detections: (class name of each detection, skeleton) per picture."""
+    calls = []
+    real = tool.draw_detections
+
+    def recording(image, detections, class_names, thresh, kp_thresh, skeleton):
+        calls.append(([class_names[int(c)] for c in detections["classes"]], skeleton))
+        return real(image, detections, class_names, thresh, kp_thresh, skeleton)
+
+    monkeypatch.setattr(tool, "draw_detections", recording)
+    return calls
+
+
+@pytest.mark.parametrize("set_cfgs", [[], ["MODEL.NUM_CLASSES", "-1"]])
+def test_detectron_keypoint_model_without_dataset_draws_person(tmp_path, monkeypatch, drawn, capsys, set_cfgs):
+    """Detectron's keypoint config (2 classes, TEST.DATASETS not on disk) without --dataset: 'person' with COCO's
+    skeleton, whether the class count comes from the cfg or from the weights' cls_score."""
+    monkeypatch.setattr(inference_model, "build_detector", lambda cfg: KeypointStub(cfg.MODEL.NUM_CLASSES))
+    checkpoint = tmp_path / "kp.pth"
+    atomic_save({"model": KeypointStub(2).state_dict()}, checkpoint)
+    image = tmp_path / "p.png"
+    cv2.imwrite(str(image), np.full((80, 100, 3), 100, np.uint8))
+    cfg_file = str(ROOT / "configs" / "baselines" / "e2e_keypoint_rcnn_R-50-FPN_1x.yaml")
+    tool.main(["--cfg", cfg_file, "--load_ckpt", str(checkpoint), "--images", str(image), "--output_dir",
+               str(tmp_path / "out"), "--no_cuda", "--set", "TEST.SCALE", "64", "TEST.MAX_SIZE", "100", *set_cfgs])
+    assert drawn == [(["person"], COCO_PERSON_SKELETON)]
+    if set_cfgs:
+        assert "MODEL.NUM_CLASSES = 2 from the weights' box classifier" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="MODEL.NUM_CLASSES is 2 but --dataset 'coco' names 81"):
+        tool.main(["--cfg", cfg_file, "--load_ckpt", str(checkpoint), "--images", str(image), "--dataset", "coco"])
+
+
+def test_class_names_follow_the_cfg_dataset(tmp_path, tiny_cfg_file, shapes_val, monkeypatch, drawn):
+    monkeypatch.setattr(inference_model, "build_detector", lambda cfg: FixedDetector(num_classes=cfg.MODEL.NUM_CLASSES))
+    checkpoint = tmp_path / "model.pth"
+    atomic_save({"model": FixedDetector(num_classes=4).state_dict()}, checkpoint)
+    image = tmp_path / "s.png"
+    cv2.imwrite(str(image), np.full((80, 100, 3), 100, np.uint8))
+    tool.main(["--cfg", tiny_cfg_file, "--load_ckpt", str(checkpoint), "--images", str(image), "--output_dir",
+               str(tmp_path / "out"), "--no_cuda", "--set", "TEST.DATASETS", f"('{shapes_val}',)",
+               "MODEL.NUM_CLASSES", "4"])
+    assert drawn == [(["circle"], [])]  # class 1 of the shapes json, not COCO's 'person'

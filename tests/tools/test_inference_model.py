@@ -95,6 +95,8 @@ def test_build_inference_model_needs_exactly_one_source(tmp_path, monkeypatch):
     monkeypatch.setattr(inference_model, "build_detector", lambda cfg: TinyHead(cfg.MODEL.NUM_CLASSES))
 
     class Cfg:  # only what the builder reads
+        DOWNLOAD_CACHE = str(tmp_path / "cache")
+
         class MODEL:
             NUM_CLASSES = 5
 

@@ -294,3 +294,12 @@ def test_rpn_only_proposals_feed_a_fast_rcnn_model(shapes_val, tiny_cfg_file, tm
     with pytest.raises(ValueError, match="TEST.PROPOSAL_FILES has 0 files"):
         _run(tiny_cfg_file, dataset=shapes_val, load_ckpt=fast_ckpt, output_dir=str(tmp_path / "none"),
              set_cfgs=["MODEL.FASTER_RCNN", "False"])
+
+
+def test_class_count_the_dataset_does_not_have_is_refused(shapes_val, tiny_cfg_file, grid_checkpoint, tmp_path):
+    from pydetectron.engine.dataset_cfg import DatasetMismatchError
+
+    with pytest.raises(DatasetMismatchError, match=f"MODEL.NUM_CLASSES is 81 but the test dataset '{shapes_val}' "
+                                                   "names 4 classes"):
+        _run(tiny_cfg_file, dataset=shapes_val, load_ckpt=grid_checkpoint, output_dir=str(tmp_path),
+             set_cfgs=["MODEL.NUM_CLASSES", "81"])

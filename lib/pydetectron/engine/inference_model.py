@@ -47,6 +47,25 @@ def _class_hint(file_classes: int | None, num_classes: int) -> str:
             f"{num_classes}: pass the matching --dataset or --set MODEL.NUM_CLASSES {file_classes}")
 
 
+def _state_num_classes(state: Mapping[str, torch.Tensor]) -> int | None:
+    """Rows of the box classifier (cls_score) of a pydetectron state dict, background included."""
+    return next((int(v.shape[0]) for k, v in state.items() if k.endswith("cls_score.weight") and v.dim() >= 1), None)
+
+
+def _blobs_num_classes(blobs: Mapping[str, np.ndarray]) -> int | None:
+    """Rows of the box classifier (cls_score_w) of Detectron blobs, background included."""
+    return int(np.asarray(blobs["cls_score_w"]).shape[0]) if "cls_score_w" in blobs else None
+
+
+def weights_num_classes(load_ckpt: str | None, load_detectron: str | None, cache_dir: str) -> int | None:
+    """The class count (with background) the weights were trained for, read from their box classifier; None
+    when they have none (RetinaNet, RPN-only). Paths or URLs as for :func:`build_inference_model`."""
+    if load_ckpt:
+        return _state_num_classes(load_checkpoint(cached_weights_path(load_ckpt, cache_dir, "--load_ckpt"))["model"])
+    data = read_detectron_pickle(cached_weights_path(load_detectron, cache_dir, "--load_detectron"))
+    return _blobs_num_classes(data.get("blobs", data))
+
+
 def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str,
                            num_classes: int) -> None:
     """Copy a pydetectron state dict into `model`; every key and shape must match exactly."""
@@ -56,10 +75,8 @@ def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], 
     shapes = sorted(f"{k} {tuple(state[k].shape)} in the weights vs {tuple(own[k].shape)} in the model"
                     for k in set(own) & set(state) if tuple(state[k].shape) != tuple(own[k].shape))
     if missing or unexpected or shapes:
-        file_classes = next((int(v.shape[0]) for k, v in state.items()
-                             if k.endswith("cls_score.weight") and v.dim() >= 1), None)
         raise WeightMismatchError(_mismatch_message(source, missing, unexpected, shapes,
-                                                    _class_hint(file_classes, num_classes)))
+                                                    _class_hint(_state_num_classes(state), num_classes)))
     model.load_state_dict(state, strict=True)
 
 
@@ -68,8 +85,7 @@ def load_detectron_strict(model: nn.Module, path: str, num_classes: int) -> None
     blob used, and every shape equal (class-count layers are NOT skipped)."""
     data = read_detectron_pickle(path)
     blobs = data.get("blobs", data)
-    file_classes = int(np.asarray(blobs["cls_score_w"]).shape[0]) if "cls_score_w" in blobs else None
-    hint = _class_hint(file_classes, num_classes)
+    hint = _class_hint(_blobs_num_classes(blobs), num_classes)
     try:
         report = load_detectron_weights(model, data, strict=False, allow_skip_class_layers=False,
                                         num_classes=num_classes)

@@ -30,7 +30,7 @@ from pydetectron.config import assert_and_infer_cfg, cfg_to_yaml
 from pydetectron.data.coco import CocoDataset
 from pydetectron.data.minibatch import BlobSettings
 from pydetectron.data.proposals import attach_proposals, write_proposal_file
-from pydetectron.engine.dataset_cfg import apply_dataset_meta, select_datasets
+from pydetectron.engine.dataset_cfg import apply_dataset_meta, check_num_classes, select_datasets
 from pydetectron.engine.inference_model import build_inference_model
 from pydetectron.evaluation.bbox_aug import detection_function
 from pydetectron.evaluation.coco_eval import copypaste_lines
@@ -88,9 +88,12 @@ def default_output_dir(options: TestOptions) -> Path:
 
 def prepare_test_cfg(cfg, options: TestOptions, print_fn: Print = print) -> None:
     """--register, then --dataset (TEST.DATASETS, MODEL.NUM_CLASSES), class/keypoint counts from the dataset
-    when the cfg leaves them open; then check, infer and freeze the cfg."""
+    when the cfg leaves them open (a class count the dataset does not have is refused); then check, infer and
+    freeze the cfg."""
     select_datasets(cfg, options.dataset, options.register, train=False)
-    apply_dataset_meta(cfg, open_dataset(cfg.TEST.DATASETS[0])[0].meta, print_fn)
+    meta = open_dataset(cfg.TEST.DATASETS[0])[0].meta
+    apply_dataset_meta(cfg, meta, print_fn)
+    check_num_classes(cfg, meta, f"the test dataset {cfg.TEST.DATASETS[0]!r}")
     assert_and_infer_cfg(cfg)
 
 
