@@ -25,7 +25,14 @@ import torch
 from pydetectron.data.catalog import register_from_string
 from pydetectron.engine.dataset_cfg import DatasetMismatchError
 from pydetectron.engine.predictor import Predictor
-from pydetectron.utils.cli import add_config_args, add_register_arg, check_config_args, load_cfg
+from pydetectron.utils.cli import (
+    add_config_args,
+    add_register_arg,
+    add_weights_args,
+    check_config_args,
+    load_cfg,
+    weights_of,
+)
 from pydetectron.vis import draw_detections, save_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jp2"}
@@ -34,8 +41,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".p
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser, "config YAML the model was trained with", "TEST.SCALE 600")
-    parser.add_argument("--load_ckpt", help="pydetectron checkpoint (.pth)")
-    parser.add_argument("--load_detectron", help="Detectron weights (.pkl)")
+    add_weights_args(parser)
     parser.add_argument("--dataset",
                         help="where class names (and the keypoint skeleton) come from: 'coco' (COCO's 80 classes), "
                              "'keypoints_coco', a --dataset short name or a catalog dataset (default: the cfg's "
@@ -50,8 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output_ext", default="jpg", choices=["jpg", "png", "pdf"], help="picture format")
     parser.add_argument("--no_cuda", dest="cuda", action="store_false", help="run on the CPU")
     args = parser.parse_args(argv)
-    if bool(args.load_ckpt) == bool(args.load_detectron):
-        parser.error("give exactly one of --load_ckpt or --load_detectron")
+    if args.load_ckpt and args.load_detectron:
+        parser.error("give one of --load_ckpt or --load_detectron, not both")
     check_config_args(parser, args)
     return args
 
@@ -81,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_cfg(args)
     device = torch.device("cuda", 0) if args.cuda and torch.cuda.is_available() else torch.device("cpu")
     try:
-        predictor = Predictor.from_flags(cfg, args.load_ckpt, args.load_detectron, device, args.dataset)
+        predictor = Predictor.from_flags(cfg, *weights_of(args, cfg), device, args.dataset)
     except DatasetMismatchError as err:
         sys.exit(f"error: {err}")
     skeleton = [list(pair) for pair in predictor.meta.skeleton or []]

@@ -20,7 +20,14 @@ import sys
 
 from pydetectron.engine.dataset_cfg import DatasetMismatchError
 from pydetectron.evaluation.test_engine import TestOptions, run_test
-from pydetectron.utils.cli import add_config_args, add_register_arg, check_config_args, load_cfg
+from pydetectron.utils.cli import (
+    add_config_args,
+    add_register_arg,
+    add_weights_args,
+    check_config_args,
+    load_cfg,
+    weights_of,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,8 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "catalog name, e.g. one added with --register (default: the cfg's TEST.DATASETS)")
     add_register_arg(parser)
     add_config_args(parser, "config YAML the model was trained with", "TEST.SCALE 800 TEST.BBOX_AUG.ENABLED True")
-    parser.add_argument("--load_ckpt", help="pydetectron checkpoint (.pth) to test")
-    parser.add_argument("--load_detectron", help="Detectron weights (.pkl) to test")
+    add_weights_args(parser)
     parser.add_argument("--output_dir", help="where detections.pkl, result jsons and pictures go "
                         "(default: <weights dir>/../test; with --eval_only: beside the pickle)")
     parser.add_argument("--multi-gpu-testing", dest="multi_gpu_testing", action="store_true",
@@ -51,8 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.eval_only:
         if args.load_ckpt or args.load_detectron or args.range:
             parser.error("--eval_only evaluates a saved pickle: it takes no weights and no --range")
-    elif bool(args.load_ckpt) == bool(args.load_detectron):
-        parser.error("give exactly one of --load_ckpt or --load_detectron (or --eval_only DETECTIONS_PKL)")
+    elif args.load_ckpt and args.load_detectron:
+        parser.error("give one of --load_ckpt or --load_detectron, not both")
     if args.range and (args.multi_gpu_testing or (args.num_workers or 1) > 1):
         parser.error("--range is one process's share; it cannot be combined with --multi-gpu-testing/--num_workers")
     return args
@@ -62,9 +68,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout)
     cfg = load_cfg(args)
+    load_ckpt, load_detectron = (None, None) if args.eval_only else weights_of(args, cfg)
     options = TestOptions(
         cfg_file=args.cfg_file, set_cfgs=args.set_cfgs, dataset=args.dataset, register=args.register,
-        load_ckpt=args.load_ckpt, load_detectron=args.load_detectron, output_dir=args.output_dir,
+        load_ckpt=load_ckpt, load_detectron=load_detectron, output_dir=args.output_dir,
         range=tuple(args.range) if args.range else None, multi_gpu_testing=args.multi_gpu_testing,
         num_workers=args.num_workers, vis=args.vis, eval_only=args.eval_only, use_cuda=args.cuda,
         child_command=[sys.executable, os.path.abspath(__file__)],

@@ -175,3 +175,27 @@ def test_class_names_follow_the_cfg_dataset(tmp_path, tiny_cfg_file, shapes_val,
                str(tmp_path / "out"), "--no_cuda", "--set", "TEST.DATASETS", f"('{shapes_val}',)",
                "MODEL.NUM_CLASSES", "4"])
     assert drawn == [(["circle"], [])]  # class 1 of the shapes json, not COCO's 'person'
+
+
+def test_test_weights_url_is_downloaded_once_into_the_cache(tmp_path, monkeypatch, drawn):
+    """Detectron's way: the weights named by URL in TEST.WEIGHTS, no weights flag; the second run reuses the
+    cache without a request."""
+    from weights_server import WeightsServer
+
+    monkeypatch.setattr(inference_model, "build_detector", lambda cfg: KeypointStub(cfg.MODEL.NUM_CLASSES))
+    checkpoint = tmp_path / "kp.pth"
+    atomic_save({"model": KeypointStub(2).state_dict()}, checkpoint)
+    server = WeightsServer()
+    server.files["/zoo/keypoints/model_final.pth"] = checkpoint.read_bytes()
+    image = tmp_path / "p.png"
+    cv2.imwrite(str(image), np.full((80, 100, 3), 100, np.uint8))
+    try:
+        for _ in range(2):
+            tool.main(["--cfg", str(ROOT / "configs" / "baselines" / "e2e_keypoint_rcnn_R-50-FPN_1x.yaml"), "--images",
+                       str(image), "--output_dir", str(tmp_path / "out"), "--no_cuda", "--set", "TEST.SCALE", "64",
+                       "TEST.WEIGHTS", server.url("/zoo/keypoints/model_final.pth"),
+                       "DOWNLOAD_CACHE", str(tmp_path / "cache")])
+    finally:
+        server.close()
+    assert server.requests == ["/zoo/keypoints/model_final.pth"]
+    assert drawn == [(["person"], COCO_PERSON_SKELETON)] * 2

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from pydetectron.config import CfgNode, get_cfg, merge_cfg_from_file, merge_cfg_from_list
+from pydetectron.engine.predictor import weights_flags
 
 REGISTER_METAVAR = "NAME:IMAGE_DIR:ANN_JSON"
 
@@ -32,3 +34,23 @@ def load_cfg(args: argparse.Namespace) -> CfgNode:
     merge_cfg_from_file(cfg, args.cfg_file)
     merge_cfg_from_list(cfg, args.set_cfgs)
     return cfg
+
+
+def add_weights_args(parser: argparse.ArgumentParser) -> None:
+    """--load_ckpt / --load_detectron of the inference tools (else the cfg's TEST.WEIGHTS, see `weights_of`)."""
+    parser.add_argument("--load_ckpt", help="pydetectron checkpoint (.pth), path or http(s) URL")
+    parser.add_argument("--load_detectron", help="Detectron weights (.pkl), path or http(s) URL "
+                        "(without either flag: the cfg's TEST.WEIGHTS, as Detectron's test_net.py reads it)")
+
+
+def weights_of(args: argparse.Namespace, cfg: CfgNode) -> tuple[str | None, str | None]:
+    """(load_ckpt, load_detectron): the flag given (parse_args refuses both), else Detectron's TEST.WEIGHTS (a
+    .pkl is Detectron's, a .pth / .pt a pydetectron checkpoint); exits with a message when there are none."""
+    if args.load_ckpt or args.load_detectron:
+        return args.load_ckpt, args.load_detectron
+    if not cfg.TEST.WEIGHTS:
+        sys.exit("error: no weights: give --load_ckpt, --load_detectron or --set TEST.WEIGHTS <file or URL>")
+    try:
+        return weights_flags(cfg.TEST.WEIGHTS)
+    except ValueError as err:
+        sys.exit(f"error: TEST.WEIGHTS {err}")
