@@ -138,6 +138,8 @@ def test_weights_outside_a_ckpt_folder_test_into_their_own_folder(tmp_path):
     assert default_output_dir(TestOptions(load_detectron=str(pkl))) == (tmp_path / "zoo" / "test").resolve()
     ckpt = tmp_path / "run" / "ckpt" / "model_step9.pth"
     assert default_output_dir(TestOptions(load_ckpt=str(ckpt))) == (tmp_path / "run" / "test").resolve()
+    url = "https://dl.fbaipublicfiles.com/detectron/35861858/model_final.pkl"
+    assert default_output_dir(TestOptions(load_detectron=url)) == Path("test")  # nothing local beside a URL
 
 
 def test_eval_only_refuses_incomplete_detections(shapes_val, tiny_cfg_file, grid_checkpoint, tmp_path):
