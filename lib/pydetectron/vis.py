@@ -141,10 +141,12 @@ def draw_curves(
         return canvas
     xs, ys = np.array([p[0] for p in points], float), np.array([p[1] for p in points], float)
     x_lo, x_hi = xs.min(), xs.max()
-    if x_hi == x_lo:  # one step (e.g. a single evaluation): centre it in a range with distinct ticks
-        pad = max(abs(x_lo) * 0.05, 1.0)
+    if x_hi == x_lo:  # one step (e.g. a single evaluation): centre it in a range with distinct whole ticks
+        pad = 2 * max(round(abs(x_lo) * 0.025), 1)
         x_lo, x_hi = x_lo - pad, x_hi + pad
-    y_lo, y_hi = min(ys.min(), 0.0), max(ys.max(), 1e-9)
+    y_lo, y_hi = min(ys.min(), 0.0), max(ys.max(), 0.0)
+    if y_hi == y_lo:  # all zero (an untrained model's AP): a unit range rather than a sliver
+        y_hi = y_lo + 1.0
 
     def to_pixel(x: float, y: float) -> tuple[int, int]:
         px = left + (x - x_lo) / (x_hi - x_lo) * (width - left - right)
