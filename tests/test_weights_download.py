@@ -174,3 +174,21 @@ def test_local_path_passes_through_or_is_named(tmp_path):
     assert cached_weights_path(str(path), str(tmp_path / "cache"), "TRAIN.WEIGHTS") == str(path)
     with pytest.raises(FileNotFoundError, match="TRAIN.WEIGHTS 'nowhere.pkl' does not exist"):
         cached_weights_path("nowhere.pkl", str(tmp_path / "cache"), "TRAIN.WEIGHTS")
+
+
+def test_progress_bar_on_a_terminal_only(server, tmp_path, monkeypatch):
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    server.files["/a.pkl"] = server.files["/b.pkl"] = b"x" * 3_000_000
+    terminal, pipe = Terminal(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    cached_weights_path(server.url("/a.pkl"), str(tmp_path), "TRAIN.WEIGHTS")
+    monkeypatch.setattr(sys, "stderr", pipe)
+    cached_weights_path(server.url("/b.pkl"), str(tmp_path), "TRAIN.WEIGHTS")
+    assert "a.pkl [" in terminal.getvalue() and "100.0% of 2.9 MB" in terminal.getvalue()
+    assert "%" not in pipe.getvalue() and "Downloading TRAIN.WEIGHTS" in pipe.getvalue()  # a log keeps one line
