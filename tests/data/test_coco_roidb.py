@@ -169,6 +169,12 @@ def test_mask_training_needs_every_object_segmented(tmp_path, monkeypatch, hand_
         assert fragment in str(info.value)
 
 
+def test_crowd_flag_must_be_0_or_1(tmp_path, hand_coco):
+    data = hand_coco()
+    data["annotations"][1]["iscrowd"] = "0"  # bool("0") is True: it would silently become a crowd region
+    _expect_error(tmp_path, data, "image id 1", "'iscrowd'", "must be 0 or 1, got '0'")
+
+
 def test_bad_keypoint_values_and_skeleton(tmp_path, hand_keypoint_coco):
     data = hand_keypoint_coco()
     data["annotations"][0]["keypoints"] = [20, 12, 2, 15, "x", 1, 25, 11, 0]

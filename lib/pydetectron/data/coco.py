@@ -259,6 +259,9 @@ def _read_annotations(data: dict, index_of: Dict[int, int], meta: DatasetMeta, r
         areas[i] = r.get(ann, "area", (int, float), image_id)
         if r.get(ann, "category_id", int, image_id) not in meta.json_category_id_to_contiguous_id:
             raise r.fail(f"category_id {ann['category_id']} is not in 'categories'", image_id, "category_id")
+        for flag in ("iscrowd", "ignore"):
+            if ann.get(flag, 0) not in (0, 1):  # also refuses "0", which bool() would read as True
+                raise r.fail(f"annotation #{i}: must be 0 or 1, got {ann[flag]!r}", image_id, flag)
         ignore[i] = ann.get("ignore", 0) == 1
     return {"records": anns, "image_index": image_index, "bboxes": bboxes, "areas": areas, "ignore": ignore}
 
