@@ -345,3 +345,22 @@ def test_small_mask_rcnn_overfits_one_batch():
         optimizer.step()
         totals.append(total.item())
     assert np.mean(totals[-3:]) < 0.5 * totals[0], totals
+
+
+def test_soft_nms_setting_reaches_the_detections():
+    """TEST.SOFT_NMS.ENABLED: the boxes a hard NMS drops come back with decayed scores; each class's best
+    detection is the same either way."""
+    batch = synthetic_batch(sizes=((96, 128),), seed=5)
+    results = {}
+    for enabled in (False, True):
+        torch.manual_seed(0)
+        cfg = load_cfg("getting_started/e2e_faster_rcnn_R-18-FPN_shapes.yaml",
+                       ["TEST.SOFT_NMS.ENABLED", str(enabled), "TEST.DETECTIONS_PER_IM", "0"])
+        with torch.no_grad():
+            results[enabled] = build_detector(cfg).eval()(*batch)[0]
+    hard, soft = results[False], results[True]
+    assert soft["scores"].numel() > hard["scores"].numel() > 0
+    for cls in hard["classes"].unique():
+        best = [int(torch.argmax(torch.where(r["classes"] == cls, r["scores"], -1.0))) for r in (hard, soft)]
+        torch.testing.assert_close(soft["boxes"][best[1]], hard["boxes"][best[0]])
+        torch.testing.assert_close(soft["scores"][best[1]], hard["scores"][best[0]])
