@@ -388,12 +388,14 @@ def test_gn_conv_box_head_computes_detectrons_roi_xconv1fc_gn_head():
 
 @pytest.mark.parametrize("use_gn", [False, True], ids=["v1up4convs", "v1up4convs_gn"])
 def test_mask_head_computes_detectrons_mask_branch(use_gn):
-    """4 x (3x3 conv, dilation MRCNN.DILATION = 2, [GN], ReLU), ``conv5_mask`` 2x2/2 ConvTranspose + ReLU, 1x1
-    ``mask_fcn_logits``; all widths 8 so the four convs (and the deconv's in/out) are interchangeable in shape."""
+    """4 x (3x3 conv, [GN], ReLU), ``conv5_mask`` 2x2/2 ConvTranspose + ReLU, 1x1 ``mask_fcn_logits``; all widths 8
+    so the four convs (and the deconv's in/out) are interchangeable in shape. MRCNN.DILATION is Detectron's
+    default 2 for the plain head and 1 for the GN head, as the gn_baselines set it."""
     cfg = get_cfg()
     cfg.MODEL.NUM_CLASSES = 3
     cfg.MRCNN.DIM_REDUCED, cfg.MRCNN.ROI_XFORM_RESOLUTION, cfg.MRCNN.RESOLUTION = 8, 4, 8
-    cfg.MRCNN.ROI_XFORM_METHOD, cfg.MRCNN.ROI_XFORM_SAMPLING_RATIO, cfg.MRCNN.DILATION = "RoIAlign", 2, 2
+    dilation = 1 if use_gn else 2
+    cfg.MRCNN.ROI_XFORM_METHOD, cfg.MRCNN.ROI_XFORM_SAMPLING_RATIO, cfg.MRCNN.DILATION = "RoIAlign", 2, dilation
     cfg.GROUP_NORM.NUM_GROUPS = GN_GROUPS
     name = "mask_rcnn_fcn_head_v1up4convs" + ("_gn" if use_gn else "")
     head = registry.build("mask_head", name, cfg, 8, [SCALE]).eval()
@@ -411,8 +413,8 @@ def test_mask_head_computes_detectrons_mask_branch(use_gn):
     def reference(b):
         x = _roi_align(feature.double(), ROIS.double(), 4, SCALE)
         for i in range(1, 5):
-            x = F.relu(_conv_gn(x, b, f"{conv}{i}", GN_GROUPS, dilation=2) if use_gn
-                       else _conv(x, b, f"{conv}{i}", dilation=2))
+            x = F.relu(_conv_gn(x, b, f"{conv}{i}", GN_GROUPS, dilation=dilation) if use_gn
+                       else _conv(x, b, f"{conv}{i}", dilation=dilation))
         x = F.relu(_deconv(x, b, "conv5_mask", stride=2, pad=0))
         return _conv(x, b, "mask_fcn_logits")
 
