@@ -352,18 +352,21 @@ def test_short_mask_rcnn_run_lowers_its_loss():
 
 def test_soft_nms_setting_reaches_the_detections():
     """TEST.SOFT_NMS.ENABLED: the boxes a hard NMS drops come back with decayed scores; each class's best
-    detection is the same either way."""
+    detection is the same either way; TEST.SOFT_NMS.METHOD changes the decay."""
     batch = synthetic_batch(sizes=((96, 128),), seed=5)
     results = {}
-    for enabled in (False, True):
+    for enabled, method in ((False, "linear"), (True, "linear"), (True, "gaussian")):
         torch.manual_seed(0)
         cfg = load_cfg("getting_started/e2e_faster_rcnn_R-18-FPN_shapes.yaml",
-                       ["TEST.SOFT_NMS.ENABLED", str(enabled), "TEST.DETECTIONS_PER_IM", "0"])
+                       ["TEST.SOFT_NMS.ENABLED", str(enabled), "TEST.SOFT_NMS.METHOD", method,
+                        "TEST.DETECTIONS_PER_IM", "0"])
         with torch.no_grad():
-            results[enabled] = build_detector(cfg).eval()(*batch)[0]
-    hard, soft = results[False], results[True]
+            results[enabled, method] = build_detector(cfg).eval()(*batch)[0]
+    hard, soft = results[False, "linear"], results[True, "linear"]
     assert soft["scores"].numel() > hard["scores"].numel() > 0
     for cls in hard["classes"].unique():
         best = [int(torch.argmax(torch.where(r["classes"] == cls, r["scores"], -1.0))) for r in (hard, soft)]
         torch.testing.assert_close(soft["boxes"][best[1]], hard["boxes"][best[0]])
         torch.testing.assert_close(soft["scores"][best[1]], hard["scores"][best[0]])
+    gaussian = results[True, "gaussian"]["scores"]
+    assert gaussian.shape != soft["scores"].shape or not torch.allclose(gaussian, soft["scores"])
