@@ -4,6 +4,7 @@ FREEZE_AT, GroupNorm, ResNeXt, dilation, and FPN's arithmetic against a referenc
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -339,3 +340,43 @@ def test_body_stages_are_channels_last_and_match_float64(norm):
     for level, g in got.items():
         assert g.is_contiguous(memory_format=torch.channels_last), level
         torch.testing.assert_close(g.double(), want[level], rtol=1e-4, atol=1e-4)
+
+
+# Detectron's ResNet.py: add_ResNet101_conv5_body / add_ResNet152_conv5_body block counts, written here.
+DETECTRON_BLOCK_COUNTS = {101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+
+
+@pytest.mark.parametrize("config, depth, groups, width, stride_1x1", [
+    ("baselines/e2e_faster_rcnn_R-101-FPN_1x.yaml", 101, 1, 64, True),
+    ("baselines/e2e_mask_rcnn_X-101-32x8d-FPN_1x.yaml", 101, 32, 8, False),
+    ("baselines/e2e_mask_rcnn_X-101-64x4d-FPN_1x.yaml", 101, 64, 4, False),
+    ("baselines/e2e_mask_rcnn_X-152-32x8d-FPN-IN5k_1.44x.yaml", 152, 32, 8, False),
+    (None, 152, 1, 64, True),  # ResNet152_conv5_body with Detectron's defaults
+], ids=["R-101", "X-101-32x8d", "X-101-64x4d", "X-152-32x8d", "R-152"])
+def test_deep_bodies_have_detectrons_blocks_and_widths(config, depth, groups, width, stride_1x1):
+    """Built on the meta device (no memory, no init, no forward): per stage, Detectron's block count; per block
+    the bottleneck width groups * width_per_group * 2^(stage - 2), output 256 * 2^(stage - 2), the groups on
+    the 3x3, the stride on the 1x1 (MSRA) or the 3x3 (ResNeXt) of res3-res5's first block, a projection
+    shortcut on the first block only."""
+    from pydetectron.config import merge_cfg_from_file
+
+    cfg = get_cfg()
+    if config is not None:
+        merge_cfg_from_file(cfg, str(Path(__file__).resolve().parents[1] / "configs" / config))
+    name = cfg.MODEL.CONV_BODY if config is not None else f"ResNet{depth}_conv5_body"
+    with torch.device("meta"):
+        body = registry.build("body", name, cfg)
+    resnet = body.body if isinstance(body, FPN) else body
+    for stage, count in zip(range(2, 6), DETECTRON_BLOCK_COUNTS[depth]):
+        blocks = list(getattr(resnet, f"res{stage}"))
+        assert len(blocks) == count, (stage, len(blocks))
+        inner, dim_out = groups * width * 2 ** (stage - 2), 256 * 2 ** (stage - 2)
+        for i, block in enumerate(blocks):
+            dim_in = dim_out if i > 0 else (64 if stage == 2 else dim_out // 2)
+            stride = 2 if i == 0 and stage > 2 else 1
+            a, b, c = block.branch2a.conv, block.branch2b.conv, block.branch2c.conv
+            assert tuple(a.weight.shape) == (inner, dim_in, 1, 1)
+            assert tuple(b.weight.shape) == (inner, inner // groups, 3, 3) and b.groups == groups
+            assert tuple(c.weight.shape) == (dim_out, inner, 1, 1)
+            assert (a.stride[0], b.stride[0]) == ((stride, 1) if stride_1x1 else (1, stride)), (stage, i)
+            assert (block.branch1 is not None) == (i == 0)

@@ -3,21 +3,12 @@
 import numpy as np
 import pytest
 import torch
-import torchvision
 
-from pydetectron import ops
 from pydetectron.config import get_cfg
 from pydetectron.modeling import registry
 from pydetectron.modeling.keypoint_head import heatmaps_to_keypoints, keypoint_rcnn_loss, nms_oks
 
 registry.import_builtin_modules()
-
-
-@pytest.fixture
-def roi_align_available(monkeypatch):
-    """Shape tests need some RoIAlign; use torchvision's (aligned=False is Caffe2's) if ours is not built."""
-    if not hasattr(ops, "roi_align"):
-        monkeypatch.setattr(ops, "roi_align", torchvision.ops.roi_align, raising=False)
 
 
 def _cfg(**krcnn):
@@ -40,7 +31,7 @@ def _cfg(**krcnn):
         (dict(ROI_XFORM_RESOLUTION=7, UP_SCALE=-1, HEATMAP_SIZE=7), 7, "kps_score"),
     ],
 )
-def test_keypoint_head_shapes_and_names(options, size, score_blob, roi_align_available):
+def test_keypoint_head_shapes_and_names(options, size, score_blob):
     head = registry.build("keypoint_head", "keypoint_rcnn_heads.add_roi_pose_head_v1convX", _cfg(**options), 6, [1 / 8])
     rois = torch.tensor([[0.0, 4, 4, 60, 40], [1.0, 0, 0, 20, 30]])
     assert head([torch.randn(2, 6, 10, 10)], rois).shape == (2, 3, size, size)
@@ -53,7 +44,7 @@ def test_keypoint_head_shapes_and_names(options, size, score_blob, roi_align_ava
 
 
 @pytest.mark.parametrize("dilation,size", [(1, 28), (2, 56)])
-def test_c4_res5_keypoint_head(dilation, size, roi_align_available):
+def test_c4_res5_keypoint_head(dilation, size):
     cfg = _cfg(ROI_XFORM_RESOLUTION=14, USE_DECONV_OUTPUT=True, UP_SCALE=2, HEATMAP_SIZE=size, DILATION=dilation)
     cfg.RESNETS.WIDTH_PER_GROUP = 2
     head = registry.build("keypoint_head", "keypoint_rcnn_heads.add_ResNet_roi_conv5_head_for_keypoints", cfg, 6,
@@ -150,7 +141,7 @@ def test_nms_oks_suppresses_overlapping_poses_by_mean_logit():
         nms_oks(kps, boxes, 0.3, [0.05])
 
 
-def test_channels_last_head_matches_float64_and_returns_contiguous_heatmaps(roi_align_available):
+def test_channels_last_head_matches_float64_and_returns_contiguous_heatmaps():
     import copy
 
     cfg = _cfg(ROI_XFORM_RESOLUTION=7, USE_DECONV=True, USE_DECONV_OUTPUT=True, HEATMAP_SIZE=28)

@@ -4,9 +4,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-import torchvision
 
-from pydetectron import ops
 from pydetectron.config import get_cfg
 from pydetectron.modeling import registry
 from pydetectron.modeling.mask_head import BilinearUpsample2d, mask_probs, mask_rcnn_loss
@@ -21,14 +19,6 @@ MASK_HEADS = [
     "mask_rcnn_fcn_head_v1up4convs",
     "mask_rcnn_fcn_head_v1up4convs_gn",
 ]
-
-
-@pytest.fixture
-def roi_align_available(monkeypatch):
-    """Shape tests need some RoIAlign; use torchvision's (same op, aligned=False is Caffe2's) if ours is
-    not built."""
-    if not hasattr(ops, "roi_align"):
-        monkeypatch.setattr(ops, "roi_align", torchvision.ops.roi_align, raising=False)
 
 
 def _cfg(name, **overrides):
@@ -48,7 +38,7 @@ def _cfg(name, **overrides):
 
 
 @pytest.mark.parametrize("name", MASK_HEADS)
-def test_every_mask_head_gives_class_logits_and_maps_all_weights(name, roi_align_available):
+def test_every_mask_head_gives_class_logits_and_maps_all_weights(name):
     dim_in = 8
     cfg = _cfg(name)
     head = registry.build("mask_head", name, cfg, dim_in, [1 / 16])
@@ -75,7 +65,7 @@ def test_every_mask_head_gives_class_logits_and_maps_all_weights(name, roi_align
         assert head.predict(res5).shape == (3, 4, 14, 14)
 
 
-def test_class_agnostic_fc_output_and_upsampling(roi_align_available):
+def test_class_agnostic_fc_output_and_upsampling():
     cfg = _cfg("v1up", MRCNN__CLS_SPECIFIC_MASK=False, MRCNN__USE_FC_OUTPUT=True)
     head = registry.build("mask_head", "mask_rcnn_fcn_head_v1up", cfg, 8, [1 / 16])
     assert head(([torch.randn(1, 8, 10, 10)]), torch.tensor([[0.0, 0, 0, 50, 50]])).shape == (1, 1, 14, 14)
@@ -88,7 +78,7 @@ def test_class_agnostic_fc_output_and_upsampling(roi_align_available):
     assert not [n for n, _ in head.named_parameters() if n.startswith("upsample")]  # buffers: never trained
 
 
-def test_resolution_mismatch_is_reported(roi_align_available):
+def test_resolution_mismatch_is_reported():
     cfg = _cfg("v1up", MRCNN__RESOLUTION=28)
     head = registry.build("mask_head", "mask_rcnn_fcn_head_v1up", cfg, 8, [1 / 16])
     with pytest.raises(ValueError, match="MRCNN.RESOLUTION 28"):

@@ -3,6 +3,7 @@ labels and targets, the sigmoid focal loss, decoding at inference, and the model
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -17,6 +18,7 @@ from pydetectron.modeling.retinanet import (
     RetinaNet,
     RetinaNetSettings,
     cell_anchors,
+    retinanet_losses,
     retinanet_targets,
     sigmoid_focal_loss,
 )
@@ -196,3 +198,59 @@ def test_groupnorm_towers_keep_detectrons_names_and_add_gn_blobs():
     assert mapping["cls_tower.1.weight"] == "retnet_cls_conv_n0_fpn3_gn_s"
     assert mapping["bbox_tower.10.bias"] == "retnet_bbox_conv_n3_fpn3_gn_b"
     assert set(mapping) == set(model.head.state_dict())  # every parameter has a blob name
+
+
+def _huber(x: float, beta: float) -> float:
+    return 0.5 * x * x / beta if abs(x) < beta else abs(x) - 0.5 * beta
+
+
+def test_targets_and_losses_on_a_hand_made_case():
+    """One level (stride 8), one 32 x 32 anchor per cell on a 2 x 3 map: a(y, x) = [-12 + 8x, -12 + 8y,
+    19 + 8x, 19 + 8y]. Image 0 holds gt1 = a(0, 0) (class 2) and gt2 = [6, 4, 29, 35] (24 x 32, class 1); image 1
+    only a small box whose best anchor overlaps it by 0.14. Labels, targets, fg_num and both losses are worked
+    out by hand / in float64 from Detectron's retinanet.py, SigmoidFocalLoss and SelectSmoothL1Loss."""
+    settings = dataclasses.replace(RetinaNetSettings.from_cfg(_cfg()), min_level=3, max_level=3,
+                                   scales_per_octave=1, aspect_ratios=(1.0,), anchor_scale=4.0, bbox_weight=2.0)
+    assert (settings.bbox_beta, settings.alpha, settings.gamma) == (0.11, 0.25, 2.0)  # Detectron's defaults
+    torch.testing.assert_close(cell_anchors(settings, 3), torch.tensor([[-12.0, -12.0, 19.0, 19.0]]))
+    roidb = [{"boxes": torch.tensor([[-12.0, -12.0, 19.0, 19.0], [6.0, 4.0, 29.0, 35.0]]),
+              "gt_classes": torch.tensor([2, 1]), "is_crowd": torch.tensor([False, False])},
+             {"boxes": torch.tensor([[26.0, 6.0, 41.0, 21.0]]), "gt_classes": torch.tensor([3]),
+              "is_crowd": torch.tensor([False])}]
+    targets = retinanet_targets(settings, [torch.zeros(2, 8, 2, 3)], roidb)
+
+    # IoUs with gt1: a00 1, a01 0.6, a02 1/3, a10 0.6, a11 0.391, a12 0.231; with gt2: a02 0.273, a11 0.418,
+    # a12 0.474 (gt2's best, so foreground below POSITIVE_OVERLAP; a11 is in [0.4, 0.5): ignored). Image 1's
+    # best anchor (a12, IoU 0.143) is foreground first, then background: it still counts in fg_num.
+    assert targets.labels[0].tolist() == [[[[2, 2, 0], [2, -1, 1]]], [[[0, 0, 0], [0, 0, 0]]]]
+    assert targets.fg_num == (4 + 1) + (1 + 1)
+    want_targets = torch.zeros(2, 1, 4, 2, 3)
+    want_targets[0, 0, :, 0, 1] = torch.tensor([-0.25, 0.0, 0.0, 0.0])  # gt1 centre 8 px left of a01's
+    want_targets[0, 0, :, 1, 0] = torch.tensor([0.0, -0.25, 0.0, 0.0])
+    want_targets[0, 0, :, 1, 2] = torch.tensor([-2 / 32, 8 / 32, math.log(24 / 32), 0.0])  # gt2 from a12
+    fg = targets.labels[0] > 0
+    torch.testing.assert_close(targets.bbox_targets[0].permute(0, 1, 3, 4, 2)[fg],
+                               want_targets.permute(0, 1, 3, 4, 2)[fg], rtol=0, atol=1e-6)
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 2, 3, generator=g, dtype=torch.float64) * 2
+    deltas = torch.randn(2, 4, 2, 3, generator=g, dtype=torch.float64) * 0.2
+    losses = retinanet_losses(settings, [logits], [deltas], targets)
+    labels = targets.labels[0][:, 0].tolist()
+    focal, box, branches = 0.0, 0.0, set()
+    for n, y, x in np.ndindex(2, 2, 3):
+        label = labels[n][y][x]
+        for c in range(3):
+            p = 1 / (1 + math.exp(-float(logits[n, c, y, x])))
+            if label == c + 1:
+                focal -= 0.25 * (1 - p) ** 2 * math.log(p)
+            elif label != -1:
+                focal -= 0.75 * p**2 * math.log(1 - p)
+        if label > 0:
+            for k in range(4):
+                diff = float(deltas[n, k, y, x]) - float(want_targets[n, 0, k, y, x])
+                box += 2.0 * _huber(diff, 0.11)
+                branches.add(abs(diff) < 0.11)
+    assert branches == {True, False}  # both sides of the smooth-L1 beta are exercised
+    assert losses["loss_retnet_cls_fpn3"].item() == pytest.approx(focal / 7, rel=1e-6)
+    assert losses["loss_retnet_bbox_fpn3"].item() == pytest.approx(box / 7, rel=1e-6)

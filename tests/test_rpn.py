@@ -7,6 +7,14 @@ import torch
 
 from pydetectron.boxes import encode_boxes
 from pydetectron.modeling.fpn_levels import collect_proposals, distribute_rois, map_rois_to_fpn_levels
+from pydetectron.modeling.proposals import (
+    ProposalParams,
+    flatten_deltas,
+    flatten_scores,
+    generate_proposals,
+    proposals_as_detections,
+)
+from pydetectron.modeling.rpn import build_rpn
 from pydetectron.modeling.targets.rpn import RPNSampling, label_anchors, rpn_gt_boxes, rpn_targets
 
 
@@ -161,21 +169,7 @@ def test_rpn_targets_drop_crowd_boxes():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Proposal generation (proposals.py) — needs pydetectron.ops.nms
-
-def _proposal_api():
-    pytest.importorskip("pydetectron.ops.nms")  # proposals (and the RPN module) need NMS
-    from pydetectron.modeling import proposals
-
-    return proposals
-
-
-def _build_rpn(*args):
-    _proposal_api()
-    from pydetectron.modeling.rpn import build_rpn
-
-    return build_rpn(*args)
-
+# Proposal generation (proposals.py)
 
 def _reference_proposals(anchors, scores, deltas, im_info, pre_n, post_n, nms_thresh, min_size):
     """Detectron's proposals_for_one_image in plain Python float64 (one image, one level)."""
@@ -215,7 +209,6 @@ def _reference_proposals(anchors, scores, deltas, im_info, pre_n, post_n, nms_th
 
 
 def test_proposals_hand_made_top_n_min_size_and_nms():
-    P = _proposal_api()
     anchors = torch.tensor(
         [
             [0.0, 0.0, 15.0, 15.0],  # a0
@@ -230,8 +223,8 @@ def test_proposals_hand_made_top_n_min_size_and_nms():
     im_info = torch.tensor([[100.0, 100.0, 1.0]])
 
     def run(pre, post, thresh=0.7, info=im_info, o=obj, d=deltas):
-        params = P.ProposalParams(pre_nms_top_n=pre, post_nms_top_n=post, nms_thresh=thresh, min_size=3)
-        rois, scores = P.generate_proposals([anchors], [o], [d], info, params, math.log(1000 / 16))
+        params = ProposalParams(pre_nms_top_n=pre, post_nms_top_n=post, nms_thresh=thresh, min_size=3)
+        rois, scores = generate_proposals([anchors], [o], [d], info, params, math.log(1000 / 16))
         return rois[0], scores[0]
 
     rois, scores = run(pre=0, post=0)
@@ -247,7 +240,6 @@ def test_proposals_hand_made_top_n_min_size_and_nms():
 
 
 def test_proposals_match_reference_on_two_levels_two_images():
-    P = _proposal_api()
     from pydetectron.modeling.anchors import fpn_anchor_generator
 
     g = torch.Generator().manual_seed(0)
@@ -256,14 +248,14 @@ def test_proposals_match_reference_on_two_levels_two_images():
     obj = [torch.rand(2, 3, h, w, generator=g) for h, w in shapes]
     deltas = [torch.randn(2, 12, h, w, generator=g) * 0.3 for h, w in shapes]
     im_info = torch.tensor([[40.0, 36.0, 1.5], [30.0, 40.0, 0.8]])
-    params = P.ProposalParams(pre_nms_top_n=25, post_nms_top_n=8, nms_thresh=0.5, min_size=6)
-    rois, scores = P.generate_proposals(anchors, obj, deltas, im_info, params, math.log(1000 / 16))
+    params = ProposalParams(pre_nms_top_n=25, post_nms_top_n=8, nms_thresh=0.5, min_size=6)
+    rois, scores = generate_proposals(anchors, obj, deltas, im_info, params, math.log(1000 / 16))
     for lvl in range(2):
         for img in range(2):
             ref = _reference_proposals(
                 anchors[lvl].double().tolist(),
-                P.flatten_scores(obj[lvl])[img].double().tolist(),
-                P.flatten_deltas(deltas[lvl])[img].double().tolist(),
+                flatten_scores(obj[lvl])[img].double().tolist(),
+                flatten_deltas(deltas[lvl])[img].double().tolist(),
                 im_info[img].tolist(), 25, 8, 0.5, 6,
             )
             mine = rois[lvl][:, 0] == img
@@ -274,10 +266,9 @@ def test_proposals_match_reference_on_two_levels_two_images():
 
 
 def test_proposals_as_detections_rescales_to_original_image():
-    P = _proposal_api()
     rois = torch.tensor([[0.0, 10, 10, 20, 20], [1.0, 4, 4, 8, 8], [0.0, 0, 0, 4, 4]])
     scores = torch.tensor([0.5, 0.9, 0.7])
-    out = P.proposals_as_detections(rois, scores, torch.tensor([[100.0, 100.0, 2.0], [50.0, 50.0, 0.5]]))
+    out = proposals_as_detections(rois, scores, torch.tensor([[100.0, 100.0, 2.0], [50.0, 50.0, 0.5]]))
     assert out[0]["boxes"].tolist() == [[0.0, 0.0, 2.0, 2.0], [5.0, 5.0, 10.0, 10.0]]
     assert out[0]["scores"].tolist() == pytest.approx([0.7, 0.5])
     assert out[1]["boxes"].tolist() == [[8.0, 8.0, 16.0, 16.0]]
@@ -320,7 +311,7 @@ IM_INFO = torch.tensor([[64.0, 64.0, 1.0], [60.0, 50.0, 0.5]])
 
 
 def test_fpn_rpn_weight_names_and_init():
-    rpn = _build_rpn(_cfg(True), 8, FPN_SCALES)
+    rpn = build_rpn(_cfg(True), 8, FPN_SCALES)
     mapping = rpn.detectron_weight_mapping()
     assert set(mapping) == set(rpn.state_dict())
     assert mapping["head.conv_rpn.weight"] == "conv_rpn_fpn2_w"
@@ -333,23 +324,23 @@ def test_fpn_rpn_weight_names_and_init():
 
 
 def test_single_level_rpn_names_and_softmax_objectness():
-    rpn = _build_rpn(_cfg(False, RPN__CLS_ACTIVATION="softmax"), 16, [1 / 16])
+    rpn = build_rpn(_cfg(False, RPN__CLS_ACTIVATION="softmax"), 16, [1 / 16])
     assert rpn.detectron_weight_mapping()["head.conv_rpn.weight"] == "conv_rpn_w"
     assert rpn.head.rpn_cls_logits.out_channels == 2 * 12  # 4 sizes x 3 ratios, bg and fg
     logits = torch.randn(1, 24, 3, 3)
     # softmax over (bg, fg) is the sigmoid of fg - bg
     torch.testing.assert_close(rpn.head.objectness(logits), torch.sigmoid(logits[:, 12:] - logits[:, :12]))
     with pytest.raises(ValueError, match="RPN.STRIDE"):
-        _build_rpn(_cfg(False), 16, [1 / 8])
+        build_rpn(_cfg(False), 16, [1 / 8])
 
 
 def test_missing_fpn_levels_raise():
     with pytest.raises(ValueError, match="body levels"):
-        _build_rpn(_cfg(True), 8, [1 / 8, 1 / 16, 1 / 32, 1 / 64, 1 / 128])
+        build_rpn(_cfg(True), 8, [1 / 8, 1 / 16, 1 / 32, 1 / 64, 1 / 128])
 
 
 def test_fpn_training_losses_follow_detectron_normalisation():
-    rpn = _build_rpn(_cfg(True), 8, FPN_SCALES)
+    rpn = build_rpn(_cfg(True), 8, FPN_SCALES)
     features = _features(FPN_SCALES)
     rpn.generator = torch.Generator().manual_seed(3)
     out = rpn(features, IM_INFO, ROIDB)
@@ -387,7 +378,7 @@ def test_fpn_training_losses_follow_detectron_normalisation():
 
 
 def test_inference_and_rpn_only_training():
-    rpn = _build_rpn(_cfg(False), 16, [1 / 16])
+    rpn = build_rpn(_cfg(False), 16, [1 / 16])
     features = _features([1 / 16], size=128, channels=16)
     with torch.no_grad():
         out = rpn(features, IM_INFO)
@@ -395,7 +386,7 @@ def test_inference_and_rpn_only_training():
     for img in range(2):  # single-level RPN: post-NMS top-N is per image
         assert 0 < int((out.rois[:, 0] == img).sum()) <= 20
     assert float(out.rois[:, 3].max()) <= 63.0
-    rpn_only = _build_rpn(_cfg(False, MODEL__FASTER_RCNN=False, MODEL__RPN_ONLY=True), 16, [1 / 16])
+    rpn_only = build_rpn(_cfg(False, MODEL__FASTER_RCNN=False, MODEL__RPN_ONLY=True), 16, [1 / 16])
     out = rpn_only(features, IM_INFO, ROIDB)
     assert out.rois is None and sorted(out.losses) == ["loss_rpn_bbox", "loss_rpn_cls"]
 

@@ -6,6 +6,7 @@ import json
 import pickle
 
 import numpy as np
+import py2_pickle
 import pytest
 
 from pydetectron.data.proposals import attach_proposals, clean_proposals, read_proposal_file, write_proposal_file
@@ -30,9 +31,8 @@ def hand_dataset(tmp_path, monkeypatch, hand_coco) -> str:
 
 
 def _python2_style_pickle(path, data) -> None:
-    """What Detectron (Python 2) wrote: protocol 2, byte strings for keys as latin1 reads them back."""
-    with open(path, "wb") as f:
-        pickle.dump(data, f, protocol=2)
+    """What Detectron (Python 2) wrote: protocol 2 with byte-string keys and buffers (tests/py2_pickle.py)."""
+    path.write_bytes(py2_pickle.dumps(data))
 
 
 def test_write_then_read_round_trip(tmp_path):

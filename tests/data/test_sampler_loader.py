@@ -84,14 +84,27 @@ def test_loader_batches_and_resume(tiny_shapes):
         assert [e["id"] for e in a["roidb"]] == [e["id"] for e in b["roidb"]]
 
 
-@pytest.mark.slow
-def test_loader_with_workers_matches_main_process(tiny_shapes):
-    roidb = _shapes_roidb(tiny_shapes)
-    settings = BlobSettings(scales=(96, 128), max_size=200, pixel_means=(0, 0, 0), stride=32)
-    a = _take(build_train_loader(roidb, settings, 2, num_workers=0, seed=1), 4)
-    b = _take(build_train_loader(roidb, settings, 2, num_workers=2, seed=1), 4)
+def _assert_same_batches(a, b):
+    assert len(a) == len(b)
     for x, y in zip(a, b):
-        torch.testing.assert_close(x["data"], y["data"])
+        assert [e["id"] for e in x["roidb"]] == [e["id"] for e in y["roidb"]]
+        assert [e["flipped"] for e in x["roidb"]] == [e["flipped"] for e in y["roidb"]]
+        torch.testing.assert_close(x["data"], y["data"], rtol=0, atol=0)
+        torch.testing.assert_close(x["im_info"], y["im_info"], rtol=0, atol=0)
+        for ex, ey in zip(x["roidb"], y["roidb"]):
+            torch.testing.assert_close(ex["boxes"], ey["boxes"], rtol=0, atol=0)
+
+
+def test_loader_with_workers_matches_main_process_and_resumes_exactly(tiny_shapes):
+    """Every shipped config loads with workers: they must give the main process's batches (images, random
+    scales, flips, boxes), and a run resumed at step 3 with workers must continue the same sequence."""
+    roidb = _shapes_roidb(tiny_shapes)
+    settings = BlobSettings(scales=(48, 64), max_size=96, pixel_means=(0, 0, 0), stride=32)
+    main = _take(build_train_loader(roidb, settings, 2, num_workers=0, seed=1), 6)
+    assert len({tuple(b["im_info"][:, 2].tolist()) for b in main}) > 1  # the random scales vary
+    _assert_same_batches(main, _take(build_train_loader(roidb, settings, 2, num_workers=2, seed=1), 6))
+    _assert_same_batches(main[3:], _take(build_train_loader(roidb, settings, 2, num_workers=2, seed=1,
+                                                            start_iter=3), 3))
 
 
 def test_loader_skips_unreadable_when_asked(tiny_shapes, tmp_path, caplog):

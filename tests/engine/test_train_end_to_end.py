@@ -16,8 +16,8 @@ import train_net_step  # noqa: E402
 
 CFG = Path(__file__).resolve().parents[2] / "configs/getting_started/e2e_mask_rcnn_R-18-FPN_shapes.yaml"
 TINY = ["SOLVER.MAX_ITER", "4", "SOLVER.WARM_UP_ITERS", "2", "TRAIN.SNAPSHOT_ITERS", "2",
-        "TRAIN.SCALES", "(96,)", "TRAIN.MAX_SIZE", "128", "TEST.SCALE", "96", "TEST.MAX_SIZE", "128",
-        "TRAIN.IMS_PER_BATCH", "2", "DATA_LOADER.NUM_THREADS", "0", "FPN.DIM", "32",
+        "TRAIN.SCALES", "(64, 96)", "TRAIN.MAX_SIZE", "128", "TEST.SCALE", "96", "TEST.MAX_SIZE", "128",
+        "TRAIN.IMS_PER_BATCH", "2", "DATA_LOADER.NUM_THREADS", "2", "FPN.DIM", "32",
         "FAST_RCNN.CONV_HEAD_DIM", "32", "FAST_RCNN.MLP_HEAD_DIM", "64", "MRCNN.DIM_REDUCED", "32",
         "TRAIN.BATCH_SIZE_PER_IM", "32", "TRAIN.RPN_BATCH_SIZE_PER_IM", "32",
         "TRAIN.RPN_PRE_NMS_TOP_N", "200", "TRAIN.RPN_POST_NMS_TOP_N", "100",

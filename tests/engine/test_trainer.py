@@ -51,13 +51,13 @@ def _trainer(model, tmp_path, max_iter, batches, iter_size=1, lines=None, forwar
                    logger, CheckpointManager(tmp_path / "ckpt"), print_fn=records.append)
 
 
-def _recording(log, interrupt_at=None):
-    """A forward that records every pass's losses (and can send SIGINT to itself during pass N)."""
+def _recording(log, interrupt_at=None, sig=signal.SIGINT):
+    """A forward that records every pass's losses (and can send `sig` to itself during pass N)."""
     def forward(model, batch):
         losses = model(**batch)
         log.append({k: float(v.detach()) for k, v in losses.items()})
         if len(log) == interrupt_at:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), sig)
         return losses
     return forward
 
@@ -86,15 +86,25 @@ def test_iter_size_two_of_one_image_equals_one_pass_of_two(tmp_path):
         torch.testing.assert_close(a, b)
 
 
-def test_interrupted_run_resumes_with_identical_losses(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_run_resumes_with_identical_losses(tmp_path, sig):
+    """Ctrl-C and a scheduler's SIGTERM (SLURM, Kubernetes) both save the step and stop cleanly."""
     full = []
     _trainer(_seeded_model(), tmp_path / "full", 8, _batches(0), forward=_recording(full)).train()
 
     first, lines = [], []
     interrupted = _trainer(_seeded_model(), tmp_path / "cut", 8, _batches(0), lines=lines,
-                           forward=_recording(first, interrupt_at=4))
-    assert interrupted.train() == 4
-    assert any("SIGINT received" in line for line in lines)
+                           forward=_recording(first, interrupt_at=4, sig=sig))
+
+    def not_caught(signum, frame):  # the trainer's own handler replaces this while it trains
+        raise AssertionError(f"{signal.Signals(signum).name} was not caught by the trainer")
+
+    previous = signal.signal(sig, not_caught)
+    try:
+        assert interrupted.train() == 4
+    finally:
+        signal.signal(sig, previous)
+    assert any(f"{sig.name} received" in line for line in lines)
     checkpoint = load_checkpoint(CheckpointManager(tmp_path / "cut" / "ckpt").latest())
     assert checkpoint["step"] == 4
 

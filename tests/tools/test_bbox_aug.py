@@ -161,15 +161,31 @@ def test_flip_scale_and_aspect_passes_map_boxes_back_to_the_original():
     torch.testing.assert_close(identity.boxes[0, 4:], torch.tensor([10.0, 0, 19, 39]))
     flipped = detect._run(model, image, settings, torch.device("cpu"), hflip=True)
     torch.testing.assert_close(flipped.boxes, identity.boxes)  # the flip is undone exactly
+    # The arithmetic of a pass at scale s (inclusive pixels, Detectron's box / s): the bar's near edge maps back
+    # exactly, its far edge e to e + 1 - 1/s (pixel e covers [s e, s (e + 1)) once resized); the bilinear
+    # resize keeps the bar's edges on whole pixels at s = 2 and 1/2. A flipped scale pass is unflipped at the
+    # original width, so its x error moves to the left edge; an aspect pass is unflipped before the width
+    # factor is undone, so its error stays on the right edge. Boxes are clipped to the 40 x 60 original.
+    pass_boxes = [identity.boxes[0, 4:]]
     for im, blob_settings, hflip, width_factor in passes[1:]:
         boxes = detect._run(model, im, blob_settings, torch.device("cpu"), hflip).boxes[0, 4:]
         boxes[0::2] *= width_factor
-        assert torch.allclose(boxes, torch.tensor([10.0, 0, 19, 39]), atol=1.5), (blob_settings, hflip, boxes)
+        s = blob_settings.scales[0] / 40
+        if width_factor == 1.0:
+            far = 1 - 1 / s
+            bottom = min(39 + far, 39)
+            want = [10 - far, 0, 19, bottom] if hflip else [10, 0, 19 + far, bottom]
+        else:
+            want = [10, 0, 19 + 1 - width_factor, 39]
+        torch.testing.assert_close(boxes, torch.tensor(want), rtol=0, atol=1e-5,
+                                   msg=f"{blob_settings.scales}, hflip={hflip}, width x{1 / width_factor}")
+        pass_boxes.append(boxes)
     model.calls = 0
     result = detect(model, image, settings, torch.device("cpu"))
     assert model.calls == len(passes) + 1
     assert result["classes"].tolist() == [1]  # the 8 near-identical boxes are one detection after NMS
-    assert torch.allclose(result["boxes"][0], torch.tensor([10.0, 0, 19, 39]), atol=1.5)
+    # UNION heuristics: the kept box is one of the passes' boxes (all at most 1 px from the bar)
+    assert min(float((result["boxes"][0] - b).abs().max()) for b in pass_boxes) < 1e-5
 
 
 def test_identity_only_matches_the_detectors_own_inference(tiny_cfg_file):

@@ -20,7 +20,7 @@ from pydetectron.config.names import normalize_module_name
 
 KINDS = ("body", "box_head", "mask_head", "keypoint_head")
 
-# Modules whose import registers the built-in builders (written separately; see import_builtin_modules).
+# Modules whose import registers the built-in builders (see import_builtin_modules).
 BUILTIN_MODULES = (
     "pydetectron.modeling.backbones",
     "pydetectron.modeling.box_head",
@@ -88,18 +88,11 @@ def registered(kind: str) -> list[str]:
 
 
 def import_builtin_modules() -> list[str]:
-    """Import the built-in builder modules so they register; returns the ones that exist.
+    """Import the built-in builder modules so they register; returns their names.
 
-    A module that is not written yet is skipped; any other import failure (including a missing dependency
-    *inside* an existing module) propagates.
+    Every one of them is part of the package: any import failure (a missing module included) propagates,
+    so a broken install fails here rather than as an "unknown name" later.
     """
-    imported = []
     for module in BUILTIN_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            continue
-        imported.append(module)
-    return imported
+        importlib.import_module(module)
+    return list(BUILTIN_MODULES)
