@@ -298,13 +298,15 @@ def test_make_res_stage_for_c4_head():
     assert "_[mask]_res5_0_branch1_bn_s" in set(mask.detectron_weight_mapping().values())
 
 
-def test_bn_and_syncbn_bodies_are_trainable_and_map_stats_to_nothing():
+def test_bn_and_syncbn_bodies_are_trainable_and_map_stats_to_caffe2_spatialbn_names():
     for norm, cls in (("BN", nn.BatchNorm2d), ("SyncBN", nn.SyncBatchNorm)):
         body = registry.build("body", "ResNet18_conv5_body", _cfg(**{"RESNETS.NORM": norm}))
         assert isinstance(body.res3[0].branch2a.norm, cls)
         mapping = model_weight_mapping(body)
         assert mapping["res3.0.branch2a.norm.weight"] == "res3_0_branch2a_bn_s"
-        assert mapping["res3.0.branch2a.norm.running_mean"] is None
+        assert mapping["res3.0.branch2a.norm.running_mean"] == "res3_0_branch2a_bn_rm"
+        assert mapping["res3.0.branch2a.norm.running_var"] == "res3_0_branch2a_bn_riv"
+        assert mapping["res3.0.branch2a.norm.num_batches_tracked"] is None
         assert mapping["stem.conv1.norm.bias"] == "res_conv1_bn_b"
 
 
