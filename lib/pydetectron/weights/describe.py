@@ -107,8 +107,11 @@ def input_lines(fmt: str, color_order: str | None, facts: BackboneFacts | None, 
     if fmt == "detectron":
         stride = "False" if facts is not None and facts.groups > 1 else "True"
         caffe = dict(CAFFE_INPUT, **{"RESNETS.STRIDE_1X1": stride})
-        return [f"Detectron file (BGR; conv1 is reversed on load for an RGB cfg, then give PIXEL_MEANS in RGB "
-                f"order): {render(caffe)}" + (" (ResNeXt: stride in the 3x3 conv)" if stride == "False" else "")]
+        return ["Detectron file: BGR (conv1 is reversed on load for MODEL.INPUT_COLOR_ORDER RGB; give PIXEL_MEANS / "
+                "PIXEL_STDS in that order)",
+                f"  Detectron's own ImageNet models: {render(caffe)}"
+                + (" (ResNeXt: stride in the 3x3 conv)" if stride == "False" else ""),
+                "  a file converted from another source: that source's mean/std and stride placement"]
     if fmt == "pydetectron" and isinstance(cfg_yaml, str):
         return ["pydetectron checkpoint: use the PIXEL_MEANS, PIXEL_STDS, MODEL.INPUT_COLOR_ORDER and "
                 "RESNETS.STRIDE_1X1 of the cfg stored in it"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping
@@ -24,7 +23,7 @@ import torch
 from torch import nn
 
 from pydetectron.modeling.layers import compose_weight_mapping
-from pydetectron.weights.files import read_object
+from pydetectron.weights.files import read_object, write_object
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +123,8 @@ def _as_tensor(blob: str, value: Any, target: torch.Tensor) -> torch.Tensor:
         if not squeeze:
             raise _ShapeMismatch(blob, src_shape, tuple(target.shape))
         array = array.reshape(tuple(target.shape))
-    return torch.from_numpy(np.ascontiguousarray(array)).to(dtype=target.dtype)
+    # ascontiguousarray makes 0-d arrays 1-d (a batch norm's counter): reshape back
+    return torch.from_numpy(np.ascontiguousarray(array)).reshape(target.shape).to(dtype=target.dtype)
 
 
 class _ShapeMismatch(ValueError):
@@ -299,12 +299,11 @@ def detectron_blobs(model: nn.Module, input_order: str = "BGR") -> Dict[str, np.
 def save_detectron_weights(
     model: nn.Module, path: str | os.PathLike, cfg_yaml: str | None = None, input_order: str = "BGR"
 ) -> Dict[str, np.ndarray]:
-    """Write `model` as Detectron does: ``pickle({'blobs': {name: float32 array}, 'cfg': yaml})``.
+    """Write `model` as Detectron does: ``pickle({'blobs': {name: float32 array}, 'cfg': yaml})``, atomically.
 
     Returns the blobs written. Momentum is not written (Detectron loaders treat it as optional).
     `input_order` as for :func:`load_detectron_weights`.
     """
     blobs = detectron_blobs(model, input_order)
-    with open(path, "wb") as f:
-        pickle.dump({"blobs": blobs, "cfg": cfg_yaml}, f, protocol=pickle.HIGHEST_PROTOCOL)
+    write_object({"blobs": blobs, "cfg": cfg_yaml}, path, "pickle")
     return blobs

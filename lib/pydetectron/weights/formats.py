@@ -10,7 +10,7 @@ channel order where the format says it, and how to turn the entries into Caffe2 
 - ``detectron2``: ``stem.conv1.weight``, ``res2.0.conv1.norm.running_mean``, ``res2.0.shortcut.*`` (optionally
   under ``backbone.bottom_up.`` or another prefix), usually ``{'model': ..., '__author__': ...}``. Channel
   order known only from metadata: ``'__author__': 'torchvision'`` (detectron2's
-  ``convert-torchvision-to-d2.py``) is RGB, and files this project writes carry ``input_color_order``.
+  ``convert-torchvision-to-d2.py``) is RGB, and files this project writes say it in ``'pydetectron'``.
 - ``torchvision``: a torchvision / timm ResNet state dict, possibly wrapped (``state_dict``, ``model``,
   ``module.``, ``module.encoder_q.``, ``backbone.``, DINO's ``teacher``). Channel order unknown: the same keys
   hold torchvision's RGB models and Detectron.pytorch's BGR Caffe ``resnet50_caffe.pth``.
@@ -32,7 +32,7 @@ from torch import nn
 from pydetectron.modeling.layers import RUNNING_STAT_SUFFIXES
 from pydetectron.weights.detectron2 import DETECTRON2_ANCHOR, blob_to_detectron2_key, detectron2_to_blobs
 from pydetectron.weights.detectron_pkl import check_color_order, model_weight_mapping
-from pydetectron.weights.files import read_object
+from pydetectron.weights.files import read_object_and_serializer
 from pydetectron.weights.torchvision import (
     TORCHVISION_ANCHOR,
     blob_to_torchvision_key,
@@ -88,14 +88,16 @@ class WeightFile:
     location: Tuple[str, ...] = ()  # keys from `container` to the dict holding the weights
     prefix: str = ""  # the network's key prefix in that dict
     left_out: List[str] = field(default_factory=list)  # entries of that dict outside the network
+    serializer: str = "pickle"  # how the file was written: 'pickle' | 'torch'
     _names: Dict[str, str] = field(default_factory=dict)
 
     @property
     def description(self) -> str:
         text = FORMAT_NAMES[self.format]
-        where = "/".join(self.location)
-        if where or self.prefix:
-            text += f", under {where + ':' if where else ''}{self.prefix or '(no prefix)'}"
+        if self.location:
+            text += f", in '{'/'.join(self.location)}'"
+        if self.prefix:
+            text += f", key prefix '{self.prefix}'"
         return text
 
     def blobs_for(self, model: nn.Module | None = None) -> Dict[str, Any]:
@@ -183,7 +185,8 @@ def recognise(obj: Any, path: str) -> WeightFile:
     if found is not None:
         weights, prefix, location = found
         author = str(obj.get("__author__", "")).lower()
-        order = _parse_order(obj.get("input_color_order")) or ("RGB" if author == "torchvision" else None)
+        meta = obj.get(METADATA_KEY) if isinstance(obj.get(METADATA_KEY), Mapping) else {}
+        order = _parse_order(meta.get("input_color_order")) or ("RGB" if author == "torchvision" else None)
         body = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
         left_out = [k for k in weights if not k.startswith(prefix)]
         return WeightFile(path, "detectron2", body, order, obj, location, prefix, left_out)
@@ -206,4 +209,7 @@ def recognise(obj: Any, path: str) -> WeightFile:
 def read_weights(path: str | os.PathLike) -> WeightFile:
     """Open and recognise a weights file (see the module docstring for the formats)."""
     path = os.fspath(path)
-    return recognise(read_object(path), path)
+    obj, serializer = read_object_and_serializer(path)
+    weights = recognise(obj, path)
+    weights.serializer = serializer
+    return weights
