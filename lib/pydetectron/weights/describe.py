@@ -85,8 +85,6 @@ def architecture_lines(facts: BackboneFacts) -> List[str]:
     """cfg lines that build a body with this file's shape and a word on the norm choices it allows."""
     depth = facts.depth or "<depth>"
     lines = [f"MODEL.CONV_BODY: FPN.add_fpn_ResNet{depth}_conv5_body (or ResNet{depth}_conv4_body for C4)"]
-    if facts.block == "basic":
-        lines.append("RESNETS.TRANS_FUNC: basic_transformation")
     if facts.groups > 1 or facts.width_per_group != 64:
         lines += [f"RESNETS.NUM_GROUPS: {facts.groups}", f"RESNETS.WIDTH_PER_GROUP: {facts.width_per_group}"]
     lines.append({

@@ -124,7 +124,8 @@ def describe_load(weights: WeightFile, report: LoadReport, input_order: str) -> 
     if weights.left_out:
         lines.append(f"  left out (not this network: other networks or heads in the file) "
                      f"({len(weights.left_out)}): {_first(weights.left_out)}")
-    for title, names in (("unused", [weights.file_name(b) for b in report.unused]), ("missing", report.missing),
+    for title, names in (("unused", [weights.file_name(b) for b in report.unused]),
+                         ("not in the file, kept at their initialisation", report.missing),
                          ("unmapped model tensors", report.unmapped)):
         if names:
             lines.append(f"  {title} ({len(names)}): {_first(names)}")
