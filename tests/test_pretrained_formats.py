@@ -353,3 +353,19 @@ def test_report_is_written_to_the_output_folder(tmp_path):
     load_pretrained(_body(18, _cfg()), path, _cfg(), output_dir=tmp_path / "run", print_fn=lines.append)
     written = (tmp_path / "run" / "weights_report.txt").read_text()
     assert written.strip() == lines[0].strip() and "r18.pth" in written and "does not say its input colour" in written
+
+
+def test_detectron2_c4_detector_gives_res5_from_its_box_head(tmp_path):
+    """detectron2's C4 models keep res5 under roi_heads.res5, where ours keep it in the box head."""
+    net = _torchvision_net("resnet50", seed=10)
+    d2 = _d2_keys(net.state_dict())
+    model = {(f"roi_heads.{k}" if k.startswith("res5.") else f"backbone.{k}"): v for k, v in d2.items()}
+    path = tmp_path / "c4_model_final.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": model, "__author__": "Detectron2 Model Zoo"}, f)
+    weights = read_weights(path)
+    assert weights.prefix == "backbone." and "res5.2.conv3.weight" in weights.weights
+    body = _body(50, _cfg())
+    report = load_pretrained(body, path, _cfg(), print_fn=lambda _: None)
+    assert report.missing == [] and report.unused == []
+    torch.testing.assert_close(body.res5[2].branch2c.conv.weight, net.layer4[2].conv3.weight, rtol=0, atol=0)

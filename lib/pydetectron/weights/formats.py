@@ -44,6 +44,7 @@ from pydetectron.weights.torchvision import (
 
 PYDETECTRON_ANCHOR = "stem.conv1.conv.weight"
 DETECTRON_STEM_BLOBS = ("conv1_w", "res_conv1_bn_s", "conv1_gn_s")
+C4_HEAD_PREFIX = "roi_heads."
 MERGED_PARTS = {"teacher": "t_net.", "student": "s_net."}
 FORMAT_NAMES = {
     "detectron": "Detectron .pkl (Caffe2 blob names)",
@@ -188,7 +189,9 @@ def recognise(obj: Any, path: str) -> WeightFile:
         meta = obj.get(METADATA_KEY) if isinstance(obj.get(METADATA_KEY), Mapping) else {}
         order = _parse_order(meta.get("input_color_order")) or ("RGB" if author == "torchvision" else None)
         body = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-        left_out = [k for k in weights if not k.startswith(prefix)]
+        # a detectron2 C4 detector keeps res5 in its box head, as ours does (same blob names)
+        body.update({k[len(C4_HEAD_PREFIX):]: v for k, v in weights.items() if k.startswith(C4_HEAD_PREFIX + "res5.")})
+        left_out = [k for k in weights if not k.startswith(prefix) and not k.startswith(C4_HEAD_PREFIX + "res5.")]
         return WeightFile(path, "detectron2", body, order, obj, location, prefix, left_out)
     found = find_network(obj, TORCHVISION_ANCHOR, path)
     if found is not None:

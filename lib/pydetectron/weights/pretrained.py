@@ -86,11 +86,17 @@ def _strict_failure(weights: WeightFile, report: LoadReport, model: nn.Module, s
     return WeightMismatchError("\n".join(lines))
 
 
+def _in_order(names: Sequence[str], order: Sequence[str]) -> list:
+    """`names` in the order they have in `order` (the network's), so 'the first' is the shallowest."""
+    rank = {name: i for i, name in enumerate(order)}
+    return sorted(names, key=lambda name: rank.get(name, len(rank)))
+
+
 def _training_failure(weights: WeightFile, report: LoadReport, model: nn.Module, blobs) -> WeightMismatchError | None:
     """Fine-tuning: the backbone must come whole from the file, and the file's backbone must fit it whole."""
     keys = _model_keys_of(model)
-    missing_body = [b for b in report.missing if _BODY_BLOB.match(b)]
-    unused_body = [b for b in report.unused if _BODY_BLOB.match(b)]
+    missing_body = _in_order([b for b in report.missing if _BODY_BLOB.match(b)], list(keys))
+    unused_body = _in_order([b for b in report.unused if _BODY_BLOB.match(b)], list(blobs))
     if report.loaded and not missing_body and not unused_body:
         return None
     what = "matches none of the model's tensors" if not report.loaded else "matches only part of the backbone"
