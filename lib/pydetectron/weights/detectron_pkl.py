@@ -7,7 +7,9 @@ Two layouts are read (pickles from Python 2, so unpickled with ``encoding='latin
 - model-zoo detectors: ``{'blobs': {...}, 'cfg': yaml}``, where trained blobs have ``*_momentum`` twins.
 
 The model says which blob each tensor is through ``detectron_weight_mapping()`` (ARCHITECTURE.md); the
-mapping of the whole model is composed by walking its modules, so no blob name is hard-coded here.
+mapping of the whole model is composed by walking its modules, so no blob name is hard-coded here. Every
+other format is turned into these blob names (``formats.py``) and loaded by :func:`load_detectron_weights`;
+``pretrained.load_pretrained`` is the entry point that reads a file of any format.
 """
 
 from __future__ import annotations
