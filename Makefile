@@ -10,8 +10,8 @@ deps:  ## install the pinned torch/torchvision and the other dependencies, only 
 	@$(PYTHON) -c "import torch, torchvision, sys; \
 	sys.exit(0 if (torch.__version__.split('+')[0], torchvision.__version__.split('+')[0]) == ('2.14.1', '0.29.1') else 1)" \
 	  2>/dev/null || $(PIP) install -q $(TORCH_PINS)
-	@$(PYTHON) -c "import pybind11, ninja, cv2, pycocotools, tensorboardX, scipy, yaml, pytest, ruff" 2>/dev/null \
-	  || $(PIP) install -q pybind11 ninja opencv-python-headless pycocotools tensorboardX scipy pyyaml pytest ruff
+	@$(PYTHON) -c "import pybind11, ninja, cv2, pycocotools, tensorboardX, scipy, yaml, pytest, ruff, timm" 2>/dev/null \
+	  || $(PIP) install -q pybind11 ninja opencv-python-headless pycocotools tensorboardX scipy pyyaml pytest ruff timm
 
 install: deps  ## install pydetectron in editable mode (builds pydetectron._C)
 	$(PIP) install -q --no-build-isolation -e .

@@ -215,11 +215,11 @@ def test_gn_settings_errors():
         registry.build("body", "ResNet18_conv5_body", _cfg(**{"RESNETS.NORM": "LN"}))
 
 
-@pytest.mark.parametrize("freeze_at", [0, 2, 3, 4, 5])
+@pytest.mark.parametrize("freeze_at", [0, 1, 2, 3, 4, 5])
 def test_freeze_at(freeze_at):
     cfg = _cfg(**{"TRAIN.FREEZE_AT": freeze_at, "RESNETS.NORM": "BN"})
     body = registry.build("body", "ResNet18_conv5_body", cfg).train()
-    frozen = {"stem": freeze_at >= 2, **{f"res{s}": s <= freeze_at for s in range(2, 6)}}
+    frozen = {"stem": freeze_at >= 1, **{f"res{s}": s <= freeze_at for s in range(2, 6)}}
     for part, is_frozen in frozen.items():
         module = getattr(body, part)
         assert all(p.requires_grad != is_frozen for p in module.parameters()), part
@@ -227,13 +227,14 @@ def test_freeze_at(freeze_at):
         assert bns and all(m.training != is_frozen for m in bns), part
     if freeze_at < 5:  # the frozen part gets no gradient, the rest does
         body(torch.randn(2, 3, 32, 32))[0].sum().backward()
-        assert (body.stem.conv1.conv.weight.grad is None) == (freeze_at >= 2)
+        assert (body.stem.conv1.conv.weight.grad is None) == (freeze_at >= 1)
+        assert (body.res2[0].branch2a.conv.weight.grad is None) == (freeze_at >= 2)
         assert body.res5[0].branch2a.conv.weight.grad is not None
 
 
 def test_freeze_at_invalid():
     with pytest.raises(ValueError, match="TRAIN.FREEZE_AT"):
-        registry.build("body", "ResNet18_conv5_body", _cfg(**{"TRAIN.FREEZE_AT": 1}))
+        registry.build("body", "ResNet18_conv5_body", _cfg(**{"TRAIN.FREEZE_AT": 6}))
 
 
 def test_affine_channel_is_frozen_everywhere():
@@ -299,13 +300,15 @@ def test_make_res_stage_for_c4_head():
     assert "_[mask]_res5_0_branch1_bn_s" in set(mask.detectron_weight_mapping().values())
 
 
-def test_bn_and_syncbn_bodies_are_trainable_and_map_stats_to_nothing():
+def test_bn_and_syncbn_bodies_are_trainable_and_map_stats_to_caffe2_spatialbn_names():
     for norm, cls in (("BN", nn.BatchNorm2d), ("SyncBN", nn.SyncBatchNorm)):
         body = registry.build("body", "ResNet18_conv5_body", _cfg(**{"RESNETS.NORM": norm}))
         assert isinstance(body.res3[0].branch2a.norm, cls)
         mapping = model_weight_mapping(body)
         assert mapping["res3.0.branch2a.norm.weight"] == "res3_0_branch2a_bn_s"
-        assert mapping["res3.0.branch2a.norm.running_mean"] is None
+        assert mapping["res3.0.branch2a.norm.running_mean"] == "res3_0_branch2a_bn_rm"
+        assert mapping["res3.0.branch2a.norm.running_var"] == "res3_0_branch2a_bn_riv"
+        assert mapping["res3.0.branch2a.norm.num_batches_tracked"] is None
         assert mapping["stem.conv1.norm.bias"] == "res_conv1_bn_b"
 
 

@@ -10,7 +10,7 @@ from pydetectron.solver import (
     LRSchedule,
     build_optimizer,
     current_learning_rate,
-    layer_depths,
+    layer_decay_factors,
     parameter_groups,
     scale_schedule,
     set_learning_rate,
@@ -100,18 +100,84 @@ def test_parameter_groups_follow_detectron_rules():
     }
 
 
-def test_layer_depths_and_layer_wise_decay():
+def test_per_block_layer_wise_decay():
     names = ["body.stem.conv1.weight", "body.res2.0.conv1.weight", "body.res2.1.conv1.weight",
              "body.res3.0.conv1.weight", "rpn.conv.weight"]
-    assert layer_depths(names) == {names[0]: 0, names[1]: 1, names[2]: 2, names[3]: 3, names[4]: 4}
+    assert layer_decay_factors(names, 0.5, "per_block") == {
+        names[0]: 0.5 ** 4, names[1]: 0.5 ** 3, names[2]: 0.5 ** 2, names[3]: 0.5, names[4]: 1.0}
 
     model = nn.Module()
     model.body = nn.Module()
     model.body.res2 = nn.ModuleList([nn.Linear(2, 2, bias=False), nn.Linear(2, 2, bias=False)])
     model.head = nn.Linear(2, 2, bias=False)
-    groups = parameter_groups(model, weight_decay=0.05, layer_decay=0.5)
+    groups = parameter_groups(model, weight_decay=0.05, layer_decay=0.5, layer_grouping="per_block")
     scales = {name: g["lr_scale"] for g in groups for name in g["names"]}
     assert scales == {"body.res2.0.weight": 0.25, "body.res2.1.weight": 0.5, "head.weight": 1.0}
+
+
+def _spark_table_r50(decay):
+    """SparK's lr_factor_func for ResNet-50 (N = 5), written out by hand: decay ** (6 - layer_id)."""
+    table = {"body.stem.conv1.conv.weight": decay ** 6, "body.stem.conv1.norm.weight": decay ** 6}
+    for block in range(3):
+        table[f"body.res2.{block}.branch2a.conv.weight"] = decay ** 5
+    for block in range(4):
+        table[f"body.res3.{block}.branch2b.norm.bias"] = decay ** 4
+    for block in (0, 1, 2):
+        table[f"body.res4.{block}.branch2c.conv.weight"] = decay ** 3  # layer 3
+    for block in (3, 4, 5):
+        table[f"body.res4.{block}.branch1.conv.weight"] = decay ** 2  # layer 4
+    for block in range(3):
+        table[f"body.res5.{block}.branch2a.conv.weight"] = decay ** 1  # layer N = 5
+    table["box_head.res5.0.branch2a.conv.weight"] = decay ** 1  # a C4 head's res5 is res5 too
+    table.update({"fpn.fpn_inner_res5_0_sum.weight": 1.0, "rpn.conv_rpn.weight": 1.0, "box_outs.cls_score.bias": 1.0})
+    return table
+
+
+def test_spark_layer_decay_matches_the_hand_table():
+    table = _spark_table_r50(0.6)
+    assert layer_decay_factors(table, 0.6, "spark") == pytest.approx(table, rel=1e-12)
+    # ResNet-101 (SparK's N = 11): res4 blocks 0..22 in groups of three -> layers 3..10
+    names = [f"res4.{b}.branch2a.conv.weight" for b in range(23)] + ["res5.2.branch2c.conv.weight", "head.w"]
+    factors = layer_decay_factors(names, 0.5, "spark")
+    assert [round(math.log(factors[n], 0.5)) for n in names[:23]] == [12 - (3 + b // 3) for b in range(23)]
+    assert factors["res5.2.branch2c.conv.weight"] == 0.5 and factors["head.w"] == 1.0
+
+
+def test_spark_layer_decay_on_a_real_body():
+    from pydetectron.modeling.backbones import ResNet
+    from pydetectron.modeling.layers import NormSpec
+
+    model = nn.Module()
+    model.body = ResNet(50, norm=NormSpec("GN"), freeze_at=0)
+    groups = parameter_groups(model, weight_decay=1e-4, bias_lr_factor=1.0, layer_decay=0.6)
+    scales = {name: g["lr_scale"] for g in groups for name in g["names"]}
+    table = _spark_table_r50(0.6)
+    for name, factor in table.items():
+        if name in scales:
+            assert scales[name] == pytest.approx(factor, rel=1e-12), name
+    assert scales["body.res4.5.branch2c.norm.weight"] == pytest.approx(0.6 ** 2)
+    assert len(scales) == sum(1 for _ in model.parameters())
+
+
+@pytest.mark.parametrize("spelling, expected", [("ADAMW", torch.optim.AdamW), ("adam", torch.optim.Adam),
+                                                ("sgd", torch.optim.SGD), ("AdamW", torch.optim.AdamW)])
+def test_optimizer_names_as_spark_writes_them(spelling, expected):
+    from pydetectron.config import assert_and_infer_cfg, get_cfg, merge_cfg_from_str
+
+    cfg = get_cfg()
+    merge_cfg_from_str(cfg, f"SOLVER:\n  OPTIMIZER: {spelling}\n  LR_DECAY: 0.6\n")
+    assert_and_infer_cfg(cfg)
+    assert cfg.SOLVER.TYPE == expected.__name__ and cfg.SOLVER.LAYER_WISE_LR_DECAY == 0.6
+    assert isinstance(build_optimizer(nn.Linear(2, 2), cfg), expected)
+
+
+def test_unknown_optimizer_is_refused_with_the_choices():
+    from pydetectron.config import assert_and_infer_cfg, get_cfg
+
+    cfg = get_cfg()
+    cfg.SOLVER.TYPE = "LAMB"
+    with pytest.raises(ValueError, match="'LAMB' is not one of SGD, Adam, AdamW"):
+        assert_and_infer_cfg(cfg)
 
 
 def _caffe2_sgd_trajectory(w0, grads, lrs, momentum, weight_decay, scale_momentum, threshold):

@@ -1,4 +1,4 @@
-"""Detectron .pkl loading/saving by blob name, and the torchvision ResNet converter."""
+"""Detectron .pkl loading/saving by blob name, and unwrapping ResNets from training checkpoints."""
 
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ from pydetectron.modeling import registry
 from pydetectron.modeling.backbones import ResNet
 from pydetectron.modeling.layers import NormSpec
 from pydetectron.weights import (
+    WeightMismatchError,
     load_detectron_weights,
-    load_torchvision_resnet,
+    load_pretrained,
     model_weight_mapping,
     read_detectron_pickle,
     save_detectron_weights,
@@ -198,58 +199,13 @@ def test_unreadable_files_name_the_path(tmp_path):
         load_detectron_weights(ResNet(18), bad)
 
 
-def _randomize_bn(model):
-    gen = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-
-
-def _torchvision_stages(net, x):
-    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
-    outs = []
-    for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
-        x = layer(x)
-        outs.append(x)
-    return outs
-
-
-@pytest.mark.parametrize("arch, depth, order", [("resnet50", 50, "BGR"), ("resnet18", 18, "RGB")])
-def test_torchvision_resnet_gives_torchvision_features(arch, depth, order):
-    torch.manual_seed(0)
-    net = getattr(torchvision.models, arch)(weights=None)
-    _randomize_bn(net)
-    net.eval()
-    mean_rgb = torch.tensor([0.485, 0.456, 0.406])
-    std_rgb = torch.tensor([0.229, 0.224, 0.225])
-    ours_std = torch.tensor([57.0, 57.0, 58.0])  # PIXEL_STDS (arbitrary, folded into conv1)
-    image_rgb = torch.rand(1, 3, 64, 64) * 255.0
-    tv_input = (image_rgb / 255.0 - mean_rgb.view(1, 3, 1, 1)) / std_rgb.view(1, 3, 1, 1)
-    perm = [2, 1, 0] if order == "BGR" else [0, 1, 2]
-    pixel_means = mean_rgb[perm] * 255.0
-    our_input = (image_rgb[:, perm] - pixel_means.view(1, 3, 1, 1)) / ours_std.view(1, 3, 1, 1)
-
-    body = ResNet(depth, stride_1x1=False, norm=NormSpec("AffineChannel")).eval()
-    report = load_torchvision_resnet(body, net.state_dict(), input_order=order,
-                                     pixel_means=pixel_means.tolist(), pixel_stds=ours_std.tolist())
-    assert report.missing == [] and report.unused == [] and report.unmapped == []
-    with torch.no_grad():
-        want = _torchvision_stages(net, tv_input)
-        got = body.forward_stages(our_input)
-    for level, w in zip(range(2, 6), want):
-        scale = w.abs().max()
-        torch.testing.assert_close(got[level] / scale, w / scale, rtol=0, atol=2e-5)
-
-
-def test_torchvision_into_wrong_body_fails_clearly():
-    net = torchvision.models.resnet18(weights=None)
-    with pytest.raises(KeyError, match="do not fit the body"):
-        load_torchvision_resnet(ResNet(34, stride_1x1=False), net.state_dict())
-    with pytest.raises(ValueError, match="GroupNorm"):
-        load_torchvision_resnet(ResNet(18, norm=NormSpec("GN")), net.state_dict())
+def test_torchvision_into_wrong_body_fails_clearly(tmp_path):
+    path = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    with pytest.raises(WeightMismatchError, match="matches only part of the backbone"):
+        load_pretrained(ResNet(34, stride_1x1=False), path, get_cfg())
+    with pytest.raises(WeightMismatchError, match="GroupNorm"):
+        load_pretrained(ResNet(18, norm=NormSpec("GN")), path, get_cfg())
 
 
 def test_rgb_model_reverses_conv1_channels_both_ways(tmp_path):
@@ -292,9 +248,11 @@ def test_pretrained_checkpoints_of_every_kind_give_the_plain_weights(kind, tmp_p
     state = torchvision.models.resnet18(weights=None).state_dict()
     path = tmp_path / f"{kind}.pth"
     torch.save(_wrapped_checkpoints(state)[kind], path)
+    plain_path = tmp_path / "plain.pth"
+    torch.save(state, plain_path)
     plain, wrapped = ResNet(18, stride_1x1=False).eval(), ResNet(18, stride_1x1=False).eval()
-    load_torchvision_resnet(plain, state)
-    load_torchvision_resnet(wrapped, str(path))
+    load_pretrained(plain, plain_path, get_cfg())
+    load_pretrained(wrapped, str(path), get_cfg())
     for (name, a), (_, b) in zip(plain.state_dict().items(), wrapped.state_dict().items()):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
     found = resnet_state_dict(torch.load(path, weights_only=True))
@@ -307,7 +265,7 @@ def test_checkpoints_without_one_clear_resnet_are_refused():
     state = torchvision.models.resnet18(weights=None).state_dict()
     byol = {"online.encoder." + k: v for k, v in state.items()}
     byol.update({"target.encoder." + k: v for k, v in state.items()})
-    with pytest.raises(KeyError, match="several ResNets"):
+    with pytest.raises(KeyError, match="several networks"):
         resnet_state_dict(byol, "byol.pth")
     with pytest.raises(KeyError, match="byol.pth holds no ResNet weights"):
         resnet_state_dict({"epoch": 3, "optimizer": {}}, "byol.pth")

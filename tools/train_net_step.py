@@ -15,6 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
+from pydetectron.config.checks import canonical_optimizer
 from pydetectron.engine.training import TrainOptions, run_training
 from pydetectron.utils.cli import add_config_args, add_register_arg, check_config_args, load_cfg
 
@@ -32,12 +33,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--nw", dest="num_workers", type=int, help="data loader workers (DATA_LOADER.NUM_THREADS)")
     parser.add_argument("--iter_size", type=int, default=1,
                         help="forward/backward passes accumulated per optimizer step (steps scale with it)")
-    parser.add_argument("--o", dest="optimizer", choices=["SGD", "Adam", "AdamW"], help="SOLVER.TYPE")
+    parser.add_argument("--o", dest="optimizer", type=canonical_optimizer, metavar="{SGD,Adam,AdamW}",
+                        help="SOLVER.TYPE, any case (SparK's ADAMW)")
     parser.add_argument("--lr", type=float, help="base learning rate, set after the batch-size scaling")
     parser.add_argument("--lr_decay_gamma", type=float, help="SOLVER.GAMMA")
     parser.add_argument("--start_step", type=int, default=0, help="step to start at (without --resume)")
-    parser.add_argument("--load_ckpt", help="pydetectron checkpoint (.pth) to start from")
-    parser.add_argument("--load_detectron", help="Detectron weights (.pkl) to start from")
+    parser.add_argument("--load_ckpt", help="checkpoint to start from (its model part unless --resume); any "
+                        "weights format pydetectron reads")
+    parser.add_argument("--load_detectron", help="Detectron weights (.pkl) to start from; any format "
+                        "pydetectron reads")
     parser.add_argument("--resume", action="store_true",
                         help="with --load_ckpt: restore step, optimizer, lr, RNG and data position too")
     parser.add_argument("--no_save", action="store_true", help="write no checkpoints")

@@ -18,8 +18,9 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
+from pydetectron.config.checks import LAYER_DECAY_GROUPS, canonical_optimizer
+
 LR_POLICIES = ("step", "steps_with_decay", "steps_with_lrs", "cosine_decay")
-OPTIMIZERS = ("SGD", "Adam", "AdamW")
 _NORM_TYPES = (nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
 
 
@@ -149,29 +150,54 @@ def _norm_parameter_names(model: nn.Module) -> set[str]:
 
 
 _RES_BLOCK = re.compile(r"(?:^|\.)res(\d)\.(\d+)\.")
+_STEM = re.compile(r"(?:^|\.)(stem|conv1|res1|res_conv1)[._]")
 
 
-def layer_depths(names: Iterable[str]) -> dict[str, int]:
-    """Depth of each parameter for layer-wise lr decay: stem 0, then one per residual block, heads last.
-
-    Residual blocks are recognised by `res<stage>.<block>.` in the name; parameters named like a stem
-    (`stem.`, `conv1.`, `res1.`, `res_conv1`) get 0; everything else (FPN, RPN, heads) sits above the deepest
-    block.
-    """
-    names = list(names)
+def _per_block_layers(names: Sequence[str]) -> tuple[dict[str, int], int]:
+    """Stem 0, then one layer per residual block in (stage, block) order; everything else one above."""
     blocks = sorted({(int(m.group(1)), int(m.group(2))) for n in names if (m := _RES_BLOCK.search(n))})
     depth_of_block = {block: i + 1 for i, block in enumerate(blocks)}
     top = len(blocks) + 1
-    depths = {}
+    layers = {}
     for name in names:
         match = _RES_BLOCK.search(name)
         if match:
-            depths[name] = depth_of_block[(int(match.group(1)), int(match.group(2)))]
-        elif re.search(r"(?:^|\.)(stem|conv1|res1|res_conv1)[._]", name):
-            depths[name] = 0
+            layers[name] = depth_of_block[(int(match.group(1)), int(match.group(2)))]
         else:
-            depths[name] = top
-    return depths
+            layers[name] = 0 if _STEM.search(name) else top
+    return layers, top
+
+
+def _spark_layers(names: Sequence[str]) -> tuple[dict[str, int], int]:
+    """SparK's ``lr_factor_func`` (downstream_d2/lr_decay.py): stem 0, res2 1, res3 2, res4 ``3 + block // 3``,
+    res5 (the body's, or a C4 head's) N, everything else N + 1, where N follows res4's last group (5 for
+    ResNet-50, 11 for ResNet-101, as SparK hard-codes them)."""
+    res4_blocks = [int(m.group(2)) for n in names if (m := _RES_BLOCK.search(n)) and m.group(1) == "4"]
+    res5 = 4 + max(res4_blocks, default=0) // 3
+    layers = {}
+    for name in names:
+        match = _RES_BLOCK.search(name)
+        if match:
+            stage, block = int(match.group(1)), int(match.group(2))
+            layers[name] = {2: 1, 3: 2, 4: 3 + block // 3}.get(stage, res5)
+        else:
+            layers[name] = 0 if re.search(r"(?:^|\.)stem\.", name) else res5 + 1
+    return layers, res5 + 1
+
+
+def layer_decay_factors(names: Iterable[str], decay: float, grouping: str = "spark") -> dict[str, float]:
+    """lr factor of each parameter name for layer-wise lr decay: ``decay ** (top - layer)``.
+
+    `grouping` says what a layer is: 'spark' (SparK's: stem; res2; res3; res4 in groups of three blocks; res5;
+    everything else, FPN and heads, at full lr) or 'per_block' (stem, then one layer per residual block).
+    Residual blocks are recognised by ``res<stage>.<block>.`` in the name, the stem by ``stem.``.
+    """
+    if grouping not in LAYER_DECAY_GROUPS:
+        raise ValueError(f"SOLVER.LAYER_WISE_LR_DECAY_GROUPS {grouping!r} is unknown; valid: "
+                         f"{', '.join(LAYER_DECAY_GROUPS)}")
+    names = list(names)
+    layers, top = (_spark_layers if grouping == "spark" else _per_block_layers)(names)
+    return {name: decay ** (top - layer) for name, layer in layers.items()}
 
 
 def parameter_groups(
@@ -181,20 +207,20 @@ def parameter_groups(
     bias_lr_factor: float = 2.0,
     bias_weight_decay: bool = False,
     layer_decay: float = 1.0,
+    layer_grouping: str = "spark",
 ) -> list[dict]:
     """Optimizer groups with Detectron's rules; each group carries an `lr_scale` applied by set_learning_rate.
 
     Trainable parameters only (frozen stages and AffineChannel layers have requires_grad False). Biases get
     `bias_lr_factor` x lr and no weight decay (unless `bias_weight_decay`); normalisation weights and biases
     (GN, trainable BN) get `weight_decay_norm` and 1x lr (Detectron's WEIGHT_DECAY_GN). With `layer_decay` < 1,
-    a parameter at depth d (see `layer_depths`) of D gets lr x layer_decay ** (D - d).
+    lr is also multiplied by :func:`layer_decay_factors` (`layer_grouping`).
     """
     if not 0.0 < layer_decay <= 1.0:
         raise ValueError(f"SOLVER.LAYER_WISE_LR_DECAY must be in (0, 1], got {layer_decay}")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     norm_names = _norm_parameter_names(model)
-    depths = layer_depths(n for n, _ in named)
-    top = max(depths.values(), default=0)
+    factors = layer_decay_factors((n for n, _ in named), layer_decay, layer_grouping)
     groups: dict[tuple[float, float], dict] = {}
     for name, param in named:
         if name in norm_names:
@@ -203,7 +229,7 @@ def parameter_groups(
             scale, decay = bias_lr_factor, (weight_decay if bias_weight_decay else 0.0)
         else:
             scale, decay = 1.0, weight_decay
-        scale *= layer_decay ** (top - depths[name])
+        scale *= factors[name]
         group = groups.setdefault((scale, decay), {"params": [], "names": [], "lr_scale": scale,
                                                    "weight_decay": decay})
         group["params"].append(param)
@@ -212,11 +238,10 @@ def parameter_groups(
 
 
 def build_optimizer(model: nn.Module, cfg: Any, optimizer_name: str | None = None) -> torch.optim.Optimizer:
-    """SOLVER.TYPE (SGD as Detectron, Adam, AdamW) over `parameter_groups`, lr set to step 0 of the schedule."""
+    """SOLVER.TYPE (SGD as Detectron, Adam, AdamW; any case) over `parameter_groups`, lr set to step 0 of the
+    schedule."""
     s = cfg.SOLVER
-    name = optimizer_name or s.TYPE
-    if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer {name!r} is unknown; valid: {', '.join(OPTIMIZERS)}")
+    name = canonical_optimizer(optimizer_name or s.TYPE)
     groups = parameter_groups(
         model,
         weight_decay=s.WEIGHT_DECAY,
@@ -224,6 +249,7 @@ def build_optimizer(model: nn.Module, cfg: Any, optimizer_name: str | None = Non
         bias_lr_factor=2.0 if (s.BIAS_DOUBLE_LR and name == "SGD") else 1.0,
         bias_weight_decay=s.BIAS_WEIGHT_DECAY,
         layer_decay=s.LAYER_WISE_LR_DECAY,
+        layer_grouping=s.LAYER_WISE_LR_DECAY_GROUPS,
     )
     if not groups:
         raise ValueError("the model has no trainable parameters (check RESNETS.FREEZE_AT and the norm layers)")

@@ -61,12 +61,11 @@ def test_predictor_takes_a_yaml_path_and_leaves_a_given_cfg_alone(tiny_cfg_file,
     assert detections["masks"].shape[1:] == (70, 90)  # original pixels
 
 
-def test_bad_image_and_unknown_weights_kind_are_refused(tiny_cfg_file, tiny_checkpoint, shapes_val):
+def test_bad_image_is_refused_and_weights_flags_name_the_source(tiny_cfg_file, tiny_checkpoint, shapes_val):
     predictor = Predictor(tiny_cfg_file, tiny_checkpoint, device="cpu", dataset=shapes_val, print_fn=lambda _: None)
     for bad in (np.zeros((10, 10), np.uint8), np.zeros((10, 10, 3), np.float32), "image.jpg"):
         with pytest.raises(ValueError, match=r"BGR uint8 image of shape \(H, W, 3\)"):
             predictor(bad)
     assert weights_flags("https://x/model_final.pkl") == (None, "https://x/model_final.pkl")
     assert weights_flags("run/model_step9.pth") == ("run/model_step9.pth", None)
-    with pytest.raises(ValueError, match="expected a Detectron .pkl or a pydetectron checkpoint"):
-        weights_flags("model.bin")
+    assert weights_flags("moco_v2_800ep.pth.tar") == ("moco_v2_800ep.pth.tar", None)  # any extension: read by content

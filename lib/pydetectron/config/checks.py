@@ -20,6 +20,7 @@ SHARE_RES5_HEADS = frozenset({"mask_rcnn_fcn_head_v0upshare"})
 
 NORMS = ("AffineChannel", "GN", "BN", "SyncBN")
 OPTIMIZERS = ("SGD", "Adam", "AdamW")
+LAYER_DECAY_GROUPS = ("spark", "per_block")  # SOLVER.LAYER_WISE_LR_DECAY_GROUPS (see solver.layer_decay_factors)
 LR_POLICIES = ("step", "steps_with_decay", "steps_with_lrs", "cosine_decay")  # Detectron's lr_policy.py
 WARM_UP_METHODS = ("constant", "linear")
 ROI_XFORM_METHODS = ("RoIPoolF", "RoIPool", "RoIAlign")
@@ -29,6 +30,14 @@ _DEFAULT_FREEZE_AT = 2
 
 def _fail(message: str) -> None:
     raise ConfigError(message)
+
+
+def canonical_optimizer(name: str) -> str:
+    """'SGD' | 'Adam' | 'AdamW' for any spelling case (SparK writes 'ADAMW'); ConfigError otherwise."""
+    spellings = {o.lower(): o for o in OPTIMIZERS}
+    if str(name).lower() not in spellings:
+        _fail(f"SOLVER.TYPE / SOLVER.OPTIMIZER = {name!r} is not one of {', '.join(OPTIMIZERS)} (any case)")
+    return spellings[str(name).lower()]
 
 
 def _one_of(cfg: CfgNode, key: str, choices: Iterable[str]) -> None:
@@ -67,7 +76,8 @@ def _infer_freeze_at(cfg: CfgNode) -> None:
         _fail(f"TRAIN.FREEZE_AT = {train} and RESNETS.FREEZE_AT = {resnets} disagree; they are the same "
               "option in Detectron and Detectron.pytorch, set only one")
     if not 0 <= value <= 5:
-        _fail(f"RESNETS.FREEZE_AT / TRAIN.FREEZE_AT = {value} must be in 0..5 (0 = train every stage)")
+        _fail(f"RESNETS.FREEZE_AT / TRAIN.FREEZE_AT = {value} must be in 0..5 (0 = train every stage, 1 = freeze "
+              "the stem only, k >= 2 = the stem and res2..res<k>)")
     cfg.TRAIN.FREEZE_AT = cfg.RESNETS.FREEZE_AT = value
 
 
@@ -86,7 +96,8 @@ def _infer_norm(cfg: CfgNode) -> None:
 
 def _check_solver(cfg: CfgNode) -> None:
     s = cfg.SOLVER
-    _one_of(cfg, "SOLVER.TYPE", OPTIMIZERS)
+    s.TYPE = canonical_optimizer(s.TYPE)
+    _one_of(cfg, "SOLVER.LAYER_WISE_LR_DECAY_GROUPS", LAYER_DECAY_GROUPS)
     _one_of(cfg, "SOLVER.LR_POLICY", LR_POLICIES)
     _one_of(cfg, "SOLVER.WARM_UP_METHOD", WARM_UP_METHODS)
     if s.LR_POLICY in ("steps_with_decay", "steps_with_lrs"):

@@ -14,6 +14,8 @@ pydetectron's own additions (not in either project)
 - ``SOLVER.TYPE``                 Detectron.pytorch's optimizer selector, extended: 'SGD' | 'Adam' | 'AdamW'.
 - ``SOLVER.BETAS``                (beta1, beta2) for Adam/AdamW.
 - ``SOLVER.LAYER_WISE_LR_DECAY``  a parameter d layers below the top gets lr x decay ** d; 1.0 = off.
+- ``SOLVER.LAYER_WISE_LR_DECAY_GROUPS`` what a layer is: 'spark' (SparK's grouping: stem; res2; res3; res4 in
+  groups of three blocks; res5; everything else at full lr) or 'per_block' (one layer per residual block).
 - ``TEST.EVAL_PERIOD``            evaluate every N training iterations; 0 = only at the end.
 - ``KRCNN.OKS_SIGMAS``            per-keypoint OKS sigmas for evaluation; () = COCO person sigmas.
 - ``FAST_RCNN.ROI_XFORM_ALIGNED``, ``MRCNN.ROI_XFORM_ALIGNED``, ``KRCNN.ROI_XFORM_ALIGNED``
@@ -212,6 +214,7 @@ def _solver(C: CfgNode) -> None:
     # pydetectron
     S.BETAS = (0.9, 0.999)
     S.LAYER_WISE_LR_DECAY = 1.0
+    S.LAYER_WISE_LR_DECAY_GROUPS = "spark"  # 'spark' (SparK's lr_factor_func) | 'per_block'
 
 
 def _fast_rcnn(C: CfgNode) -> None:

@@ -87,6 +87,8 @@ RENAMED_KEYS: dict[str, _Rename] = {
     "TEST.PROPOSAL_FILE": _Rename("TEST.PROPOSAL_FILES", _one_element_tuple),
     # pydetectron: the optimizer selector keeps Detectron.pytorch's name
     "SOLVER.OPTIMIZER": _Rename("SOLVER.TYPE"),
+    # SparK's layer-wise lr decay (its 0 means off, as its lr_factor_func reads it)
+    "SOLVER.LR_DECAY": _Rename("SOLVER.LAYER_WISE_LR_DECAY", lambda value: float(value) or 1.0),
 }
 
 

@@ -55,14 +55,12 @@ def prepare_inference_cfg(cfg: CfgNode, load_ckpt: str | None, load_detectron: s
 
 
 def weights_flags(weights: str) -> tuple[str | None, str | None]:
-    """(load_ckpt, load_detectron) for a weights path or URL: a Detectron ``.pkl`` or a pydetectron checkpoint
-    (``.pth`` / ``.pt``)."""
-    suffix = Path(urlsplit(weights).path).suffix.lower()
-    if suffix == ".pkl":
+    """(load_ckpt, load_detectron) for a weights path or URL, as the tools' flags would name it: a ``.pkl`` as
+    --load_detectron, anything else as --load_ckpt. The flag only names the source in messages: the loader
+    (``weights.load_pretrained``) recognises every format by content, whatever the extension."""
+    if Path(urlsplit(weights).path).suffix.lower() == ".pkl":
         return None, weights
-    if suffix in (".pth", ".pt"):
-        return weights, None
-    raise ValueError(f"weights {weights!r}: expected a Detectron .pkl or a pydetectron checkpoint (.pth / .pt)")
+    return weights, None
 
 
 class Predictor:
@@ -70,8 +68,8 @@ class Predictor:
 
     Args:
         cfg: a config YAML path, or a CfgNode (copied, never modified).
-        weights: a Detectron ``.pkl`` or a pydetectron checkpoint ``.pth``, path or http(s) URL (downloaded
-            once into cfg.DOWNLOAD_CACHE).
+        weights: any weights file the loader reads (Detectron ``.pkl``, pydetectron checkpoint, ...), a path
+            or an http(s) URL (downloaded once into cfg.DOWNLOAD_CACHE).
         device: where the model runs (default: the first GPU if any, else the CPU).
         dataset: optional --dataset for the class names (see :func:`prepare_inference_cfg`).
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 from pycocotools.coco import COCO
 
@@ -31,9 +30,8 @@ from pydetectron.modeling.detector import build_detector
 from pydetectron.parallel import DataParallel
 from pydetectron.solver import LRSchedule, build_optimizer, scale_schedule
 from pydetectron.vis import draw_training_curves
-from pydetectron.weights.detectron_pkl import load_detectron_weights
+from pydetectron.weights import load_pretrained
 from pydetectron.weights.download import cached_weights_path
-from pydetectron.weights.torchvision import load_torchvision_resnet
 
 Print = Callable[[str], None]
 
@@ -105,53 +103,30 @@ def default_output_dir(cfg_name: str) -> Path:
     return Path("Outputs") / cfg_name / stamp
 
 
-def load_weights(model: torch.nn.Module, cfg, options: TrainOptions, print_fn: Print = print) -> dict | None:
+def load_weights(model: torch.nn.Module, cfg, options: TrainOptions, print_fn: Print = print,
+                 output_dir: Path | None = None) -> dict | None:
     """--load_detectron / --load_ckpt (model only unless --resume), else TRAIN.WEIGHTS or the ImageNet backbone.
 
-    Returns the checkpoint when resuming. Class-dependent layers of a different size are skipped with a
-    message (fine-tuning on another dataset).
+    Every file goes through `weights.load_pretrained` (any format, the report printed and written to
+    `output_dir`). Returns the checkpoint when resuming.
     """
-    if options.load_detectron:
-        path = cached_weights_path(options.load_detectron, cfg.DOWNLOAD_CACHE, "--load_detectron")
-        report = load_detectron_weights(model, path, num_classes=cfg.MODEL.NUM_CLASSES,
-                                        input_order=cfg.MODEL.INPUT_COLOR_ORDER)
-        print_fn(f"Loaded Detectron weights {options.load_detectron}: {report.summary()}")
-        for line in report.skipped:
-            print_fn(f"  skipped: {line}")
-    if options.load_ckpt:
-        checkpoint = load_checkpoint(cached_weights_path(options.load_ckpt, cfg.DOWNLOAD_CACHE, "--load_ckpt"))
-        if options.resume:
-            return checkpoint
-        own = model.state_dict()
-        weights = {k: v for k, v in checkpoint["model"].items() if k not in own or v.shape == own[k].shape}
-        for key in sorted(set(checkpoint["model"]) - set(weights)):
-            print_fn(f"  skipped {key}: shape {tuple(checkpoint['model'][key].shape)} in the checkpoint, "
-                     f"{tuple(own[key].shape)} in the model (different class count?)")
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        print_fn(f"Loaded weights from {options.load_ckpt} (missing: {missing or 'none'}, "
-                 f"unexpected: {unexpected or 'none'})")
-        return None
-    if options.load_detectron:
-        return None
-    if cfg.TRAIN.WEIGHTS:  # Detectron's way of naming the initial weights
-        path = cached_weights_path(cfg.TRAIN.WEIGHTS, cfg.DOWNLOAD_CACHE, "TRAIN.WEIGHTS")
-        report = load_detectron_weights(model, path,
-                                        num_classes=cfg.MODEL.NUM_CLASSES, input_order=cfg.MODEL.INPUT_COLOR_ORDER)
-        print_fn(f"Loaded TRAIN.WEIGHTS {cfg.TRAIN.WEIGHTS}: {report.summary()}")
-    elif cfg.MODEL.LOAD_IMAGENET_PRETRAINED_WEIGHTS:
-        pretrained = cfg.RESNETS.IMAGENET_PRETRAINED_WEIGHTS
-        if not pretrained:
+    if options.load_ckpt and options.resume:
+        return load_checkpoint(cached_weights_path(options.load_ckpt, cfg.DOWNLOAD_CACHE, "--load_ckpt"))
+    sources = [(options.load_detectron, "--load_detectron"), (options.load_ckpt, "--load_ckpt")]
+    sources = [(path, flag) for path, flag in sources if path]
+    if not sources and cfg.TRAIN.WEIGHTS:  # Detectron's way of naming the initial weights
+        sources = [(cfg.TRAIN.WEIGHTS, "TRAIN.WEIGHTS")]
+    elif not sources and cfg.MODEL.LOAD_IMAGENET_PRETRAINED_WEIGHTS:
+        if not cfg.RESNETS.IMAGENET_PRETRAINED_WEIGHTS:
             raise ValueError("MODEL.LOAD_IMAGENET_PRETRAINED_WEIGHTS is True but RESNETS.IMAGENET_PRETRAINED_WEIGHTS "
                              "is empty: name the weights file, or set the first key False to train from scratch")
-        path = cached_weights_path(pretrained, cfg.DOWNLOAD_CACHE, "RESNETS.IMAGENET_PRETRAINED_WEIGHTS")
-        if path.endswith((".pth", ".pt")):  # a torchvision-layout ResNet: BN and input normalisation folded in
-            report = load_torchvision_resnet(model, path, input_order=cfg.MODEL.INPUT_COLOR_ORDER,
-                                             pixel_means=list(np.asarray(cfg.PIXEL_MEANS).ravel()),
-                                             pixel_stds=list(np.asarray(cfg.PIXEL_STDS).ravel()))
-        else:
-            report = load_detectron_weights(model, path, input_order=cfg.MODEL.INPUT_COLOR_ORDER)
-        print_fn(f"Loaded ImageNet weights {pretrained}: {report.summary()}")
+        sources = [(cfg.RESNETS.IMAGENET_PRETRAINED_WEIGHTS, "RESNETS.IMAGENET_PRETRAINED_WEIGHTS")]
+    for path, origin in sources:
+        print_fn(f"Initial weights from {origin}:")
+        load_pretrained(model, cached_weights_path(path, cfg.DOWNLOAD_CACHE, origin), cfg, training=True,
+                        output_dir=output_dir, print_fn=print_fn)
     return None
+
 
 
 def _flatten(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -211,7 +186,7 @@ def run_training(cfg, options: TrainOptions, print_fn: Print = print) -> Path:
 
     torch.manual_seed(cfg.RNG_SEED)
     model = build_detector(cfg).to(device)
-    checkpoint = load_weights(model, cfg, options, print_fn)
+    checkpoint = load_weights(model, cfg, options, print_fn, output_dir)
     optimizer = build_optimizer(model, cfg)
     schedule = LRSchedule.from_cfg(cfg)
     batch_size = cfg.TRAIN.IMS_PER_BATCH * cfg.NUM_GPUS

@@ -90,9 +90,18 @@ class NormSpec:
         return nn.SyncBatchNorm(dim)
 
 
+# Caffe2's SpatialBN names its running statistics ``<blob>_rm`` / ``<blob>_riv`` (the latter holds the
+# variance, as detectron2's Caffe2 name conversion reads it).
+RUNNING_STAT_SUFFIXES = {"running_mean": "_rm", "running_var": "_riv"}
+
+
 def norm_weight_mapping(norm: nn.Module, blob: str) -> Dict[str, str | None]:
-    """Mapping of a norm layer's state_dict to ``<blob>_s`` / ``<blob>_b``; running stats have no blob."""
+    """Mapping of a norm layer's state_dict to ``<blob>_s`` / ``<blob>_b`` (and a batch norm's running
+    statistics to ``<blob>_rm`` / ``<blob>_riv``); ``num_batches_tracked`` has no blob."""
     mapping: Dict[str, str | None] = {"weight": f"{blob}_s", "bias": f"{blob}_b"}
+    for key, suffix in RUNNING_STAT_SUFFIXES.items():
+        if key in norm.state_dict():
+            mapping[key] = blob + suffix
     for key in norm.state_dict():
         mapping.setdefault(key, None)
     return mapping

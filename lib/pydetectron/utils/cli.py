@@ -44,13 +44,10 @@ def add_weights_args(parser: argparse.ArgumentParser) -> None:
 
 
 def weights_of(args: argparse.Namespace, cfg: CfgNode) -> tuple[str | None, str | None]:
-    """(load_ckpt, load_detectron): the flag given (parse_args refuses both), else Detectron's TEST.WEIGHTS (a
-    .pkl is Detectron's, a .pth / .pt a pydetectron checkpoint); exits with a message when there are none."""
+    """(load_ckpt, load_detectron): the flag given (parse_args refuses both), else Detectron's TEST.WEIGHTS (any
+    format, read by content); exits with a message when there are none."""
     if args.load_ckpt or args.load_detectron:
         return args.load_ckpt, args.load_detectron
     if not cfg.TEST.WEIGHTS:
         sys.exit("error: no weights: give --load_ckpt, --load_detectron or --set TEST.WEIGHTS <file or URL>")
-    try:
-        return weights_flags(cfg.TEST.WEIGHTS)
-    except ValueError as err:
-        sys.exit(f"error: TEST.WEIGHTS {err}")
+    return weights_flags(cfg.TEST.WEIGHTS)

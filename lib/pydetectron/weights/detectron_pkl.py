@@ -7,14 +7,15 @@ Two layouts are read (pickles from Python 2, so unpickled with ``encoding='latin
 - model-zoo detectors: ``{'blobs': {...}, 'cfg': yaml}``, where trained blobs have ``*_momentum`` twins.
 
 The model says which blob each tensor is through ``detectron_weight_mapping()`` (ARCHITECTURE.md); the
-mapping of the whole model is composed by walking its modules, so no blob name is hard-coded here.
+mapping of the whole model is composed by walking its modules, so no blob name is hard-coded here. Every
+other format is turned into these blob names (``formats.py``) and loaded by :func:`load_detectron_weights`;
+``pretrained.load_pretrained`` is the entry point that reads a file of any format.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import pickle
 import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from pydetectron.modeling.layers import compose_weight_mapping
+from pydetectron.weights.files import read_object, write_object
 
 logger = logging.getLogger(__name__)
 
@@ -33,17 +35,24 @@ CLASS_LAYER_PATTERN = re.compile(
     r"retnet_bbox_pred_fpn\d+)_[wb]$"
 )
 IMAGENET_CLASSIFIER_BLOBS = ("fc1000_w", "fc1000_b")
-# The conv that sees the image. Detectron files hold it for BGR input; an RGB model gets its input
-# channels reversed on load and back on save, so files always stay in Detectron's BGR convention.
+# The conv that sees the image. A file whose channel order is known (Detectron files are BGR) gets conv1's
+# input channels reversed on load when the model's MODEL.INPUT_COLOR_ORDER differs; Detectron files are
+# written back in BGR.
 IMAGE_CONV_BLOB = "conv1_w"
 COLOR_ORDERS = ("BGR", "RGB")
+BN_EPS = 1e-5  # torchvision's, timm's and detectron2's batch-norm epsilon; state dicts do not store it
 
 
-def _to_order(blob: str, array: np.ndarray, input_order: str) -> np.ndarray:
-    """`array` of `blob` converted between the file's BGR and `input_order` (an involution)."""
-    if input_order not in COLOR_ORDERS:
-        raise ValueError(f"MODEL.INPUT_COLOR_ORDER must be one of {COLOR_ORDERS}, got {input_order!r}")
-    if blob != IMAGE_CONV_BLOB or input_order == "BGR":
+def check_color_order(order: str) -> str:
+    if order not in COLOR_ORDERS:
+        raise ValueError(f"MODEL.INPUT_COLOR_ORDER must be one of {COLOR_ORDERS}, got {order!r}")
+    return order
+
+
+def _to_order(blob: str, array: np.ndarray, input_order: str, file_order: str | None = "BGR") -> np.ndarray:
+    """`array` of `blob` converted from the file's channel order to `input_order` (an involution); a file of
+    unknown order (`file_order` None) is taken as it is."""
+    if blob != IMAGE_CONV_BLOB or file_order is None or input_order == file_order:
         return array
     if array.ndim != 4 or array.shape[1] != 3:
         raise ValueError(f"blob {blob!r} with shape {array.shape} is not a 3-channel image conv")
@@ -60,12 +69,19 @@ class LoadReport:
     missing: List[str] = field(default_factory=list)  # mapped blobs the file lacks
     skipped: List[str] = field(default_factory=list)  # class-count layers left at their init (messages)
     unmapped: List[str] = field(default_factory=list)  # our state_dict keys with no Detectron blob at all
+    folded: List[str] = field(default_factory=list)  # batch norms folded exactly into a frozen AffineChannel
+    derived: List[str] = field(default_factory=list)  # BN statistics set to identity for a folded file's norm
 
     def summary(self) -> str:
-        return (
+        text = (
             f"loaded {len(self.loaded)} blobs, {len(self.unused)} unused, {len(self.ignored)} ignored, "
             f"{len(self.missing)} missing, {len(self.skipped)} skipped, {len(self.unmapped)} unmapped tensors"
         )
+        if self.folded:
+            text += f"; {len(self.folded)} batch norms folded into AffineChannel"
+        if self.derived:
+            text += f"; {len(self.derived)} BN layers given identity statistics (the file's norm is folded)"
+        return text
 
 
 def model_weight_mapping(model: nn.Module) -> Dict[str, str | None]:
@@ -76,14 +92,8 @@ def model_weight_mapping(model: nn.Module) -> Dict[str, str | None]:
 
 
 def read_detectron_pickle(path: str | os.PathLike) -> Dict[str, Any]:
-    """Unpickle a Detectron weights file (Python 2 pickles need ``latin1``); errors name the file."""
-    try:
-        with open(path, "rb") as f:
-            data = pickle.load(f, encoding="latin1")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"Detectron weights file not found: {path}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
-        raise ValueError(f"{path}: not a readable Detectron .pkl ({exc})") from exc
+    """The dict in a Detectron weights file; errors name the file."""
+    data = read_object(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a dict of blobs, got {type(data).__name__}")
     return data
@@ -115,7 +125,8 @@ def _as_tensor(blob: str, value: Any, target: torch.Tensor) -> torch.Tensor:
         if not squeeze:
             raise _ShapeMismatch(blob, src_shape, tuple(target.shape))
         array = array.reshape(tuple(target.shape))
-    return torch.from_numpy(np.ascontiguousarray(array)).to(dtype=target.dtype)
+    # ascontiguousarray makes 0-d arrays 1-d (a batch norm's counter): reshape back
+    return torch.from_numpy(np.ascontiguousarray(array)).reshape(target.shape).to(dtype=target.dtype)
 
 
 class _ShapeMismatch(ValueError):
@@ -135,12 +146,63 @@ def _class_count_message(err: _ShapeMismatch, blobs: Mapping[str, Any], num_clas
 
 
 def _is_ignorable(name: str, value: Any, used: set) -> bool:
-    """Extras a Detectron loader also passes over: momentum, ImageNet classifier, zero conv biases."""
-    if name.endswith("_momentum") or name in IMAGENET_CLASSIFIER_BLOBS:
+    """Extras a Detectron loader also passes over: momentum, ImageNet classifier, zero conv biases; and batch-norm
+    counters of a checkpoint loaded into a model without batch norms."""
+    if name.endswith(("_momentum", "num_batches_tracked")) or name in IMAGENET_CLASSIFIER_BLOBS:
         return True
     if name.endswith("_b") and name[:-2] + "_w" in used:
         return not np.any(np.asarray(value))  # Caffe1->Caffe2 conversion added zero biases to all convs
     return False
+
+
+class ShapeMismatchError(ValueError):
+    """Blobs whose shape differs from the model's tensor (class-count layers excepted when skippable)."""
+
+    def __init__(self, mismatches: List[str], report: LoadReport) -> None:
+        super().__init__("; ".join(mismatches))
+        self.mismatches = mismatches
+        self.report = report  # what loading found besides the mismatches
+
+
+def _norm_prefixes(mapping: Mapping[str, str | None]) -> Dict[str, str]:
+    """``{norm blob prefix: state_dict key of its weight}`` for every norm layer of the model."""
+    targets = {blob: key for key, blob in mapping.items() if blob}
+    return {blob[:-2]: key for blob, key in targets.items()
+            if blob.endswith("_s") and blob[:-2] + "_b" in targets and key.endswith(".weight")}
+
+
+def _resolve_norms(
+    model: nn.Module, mapping: Mapping[str, str | None], blobs: Dict[str, Any], bn_eps: float, report: LoadReport
+) -> set:
+    """Fit the file's norm layers to the model's, in place in `blobs`; returns the blob names consumed.
+
+    A frozen AffineChannel (or any norm without running statistics) fed from a file with statistics gets the
+    exact fold ``s = gamma / sqrt(var + eps)``, ``b = beta - mean * s`` (computed in float64). A batch norm
+    fed from a folded file (Detectron's ``_bn_s``/``_bn_b`` only) gets mean 0 and variance ``1 - eps``, so
+    its eval output is the file's affine map. Everything else is copied as it is.
+    """
+    consumed = set()
+    targets = {blob for blob in mapping.values() if blob}
+    for prefix, weight_key in _norm_prefixes(mapping).items():
+        src = _source_name(prefix + "_s", blobs)[:-2]
+        stats = (src + "_rm", src + "_riv")
+        has_stats = all(name in blobs for name in stats)
+        if prefix + "_rm" not in targets and has_stats and src + "_s" in blobs and src + "_b" in blobs:
+            if src not in report.folded:
+                gamma, beta, mean, var = (np.asarray(blobs[src + sfx], np.float64)
+                                          for sfx in ("_s", "_b", "_rm", "_riv"))
+                scale = gamma / np.sqrt(var + bn_eps)
+                blobs[src + "_s"] = scale.astype(np.float32)
+                blobs[src + "_b"] = (beta - mean * scale).astype(np.float32)
+                report.folded.append(src)
+            consumed.update(stats)
+        elif prefix + "_rm" in targets and not has_stats and src + "_s" in blobs:
+            norm = model.get_submodule(weight_key[: -len(".weight")])
+            size = np.asarray(blobs[src + "_s"]).shape
+            blobs[src + "_rm"] = np.zeros(size, np.float32)
+            blobs[src + "_riv"] = np.full(size, 1.0 - getattr(norm, "eps", BN_EPS), np.float32)
+            report.derived.append(prefix)
+    return consumed
 
 
 def load_detectron_weights(
@@ -151,29 +213,38 @@ def load_detectron_weights(
     allow_skip_class_layers: bool = True,
     num_classes: int | None = None,
     input_order: str = "BGR",
+    file_order: str | None = "BGR",
+    bn_eps: float = BN_EPS,
 ) -> LoadReport:
-    """Copy the blobs of a Detectron ``.pkl`` (path, or the unpickled dict) into `model`, by blob name.
+    """Copy Caffe2-named blobs (a Detectron ``.pkl`` path, its unpickled dict, or blobs converted from another
+    format) into `model`, by blob name; tensors without a blob name are looked up by their state_dict key.
 
-    A blob mapped by several tensors is copied to each. A shape mismatch raises ``ValueError`` naming the
-    blob, except for class-count layers (``cls_score``, ``bbox_pred``, ``mask_fcn_logits``, ``kps_score``,
-    RetinaNet outputs) when `allow_skip_class_layers`: those keep their initialisation and are reported in
-    ``skipped``. `num_classes` (the model's) only enriches that message. With `strict`, anything missing,
-    unused or unmapped raises ``KeyError`` listing it. `input_order` is the model's
-    ``MODEL.INPUT_COLOR_ORDER`` ('RGB' reverses ``conv1_w``'s input channels). Returns a :class:`LoadReport`.
+    A blob mapped by several tensors is copied to each. Norm layers are fitted as :func:`_resolve_norms`
+    says (the only numeric change besides conv1's channel order). Shape mismatches raise
+    :class:`ShapeMismatchError` naming every blob, except class-count layers (``cls_score``, ``bbox_pred``,
+    ``mask_fcn_logits``, ``kps_score``, RetinaNet outputs) when `allow_skip_class_layers`: those keep their
+    initialisation and are reported in ``skipped`` (`num_classes`, the model's, enriches that message). With
+    `strict`, anything missing, unused or unmapped raises ``KeyError`` listing it. conv1's input channels are
+    reversed when `file_order` (the file's channel order, None = unknown) differs from `input_order`
+    (``MODEL.INPUT_COLOR_ORDER``). `bn_eps` is the epsilon of the file's batch norms.
     """
-    _to_order("", np.empty(0), input_order)  # validate early
+    check_color_order(input_order)
     blobs = _blobs_of(source)
     mapping = model_weight_mapping(model)
     state = model.state_dict(keep_vars=True)
     report = LoadReport()
-    used = set()
+    used = _resolve_norms(model, mapping, blobs, bn_eps, report)
     loaded = set()
+    mismatches = []
     for key, tensor in state.items():
         blob = mapping.get(key)
         if blob is None:
-            if key not in mapping:
-                report.unmapped.append(key)
-            continue
+            if key in blobs:  # a pydetectron state dict: tensors without a Caffe2 name keep their key
+                blob = key
+            else:
+                if key not in mapping:
+                    report.unmapped.append(key)
+                continue
         src = _source_name(blob, blobs)
         used.add(blob)
         used.add(src)
@@ -181,12 +252,13 @@ def load_detectron_weights(
             report.missing.append(blob)
             continue
         try:
-            value = _as_tensor(src, _to_order(src, np.asarray(blobs[src]), input_order), tensor)
+            value = _as_tensor(src, _to_order(src, np.asarray(blobs[src]), input_order, file_order), tensor)
         except _ShapeMismatch as err:
             if allow_skip_class_layers and CLASS_LAYER_PATTERN.match(src):
                 report.skipped.append(_class_count_message(err, blobs, num_classes))
-                continue
-            raise ValueError(f"{err} (model tensor {key!r})") from None
+            else:
+                mismatches.append(f"{err} (model tensor {key!r})")
+            continue
         with torch.no_grad():
             tensor.copy_(value)
         loaded.add(src)
@@ -196,9 +268,11 @@ def load_detectron_weights(
             continue
         (report.ignored if _is_ignorable(name, blobs[name], used) else report.unused).append(name)
     report.missing = sorted(set(report.missing))
+    if mismatches:
+        raise ShapeMismatchError(mismatches, report)
     for line in report.skipped:
         logger.warning(line)
-    logger.info("Detectron weights: %s", report.summary())
+    logger.info("weights: %s", report.summary())
     if strict and (report.missing or report.unused or report.unmapped):
         raise KeyError(
             f"strict Detectron weight loading failed: missing blobs {report.missing}, unused blobs "
@@ -210,13 +284,14 @@ def load_detectron_weights(
 def detectron_blobs(model: nn.Module, input_order: str = "BGR") -> Dict[str, np.ndarray]:
     """``{blob name: float32 array}`` of every mapped tensor, the image conv in BGR order; tensors sharing
     a blob must be equal."""
+    check_color_order(input_order)
     mapping = model_weight_mapping(model)
     blobs: Dict[str, np.ndarray] = {}
     for key, tensor in model.state_dict().items():
         blob = mapping.get(key)
         if blob is None:
             continue
-        array = _to_order(blob, tensor.detach().cpu().numpy().astype(np.float32, copy=True), input_order)
+        array = _to_order(blob, tensor.detach().cpu().numpy().astype(np.float32, copy=True), input_order, "BGR")
         if blob in blobs and not np.array_equal(blobs[blob], array):
             raise ValueError(f"tensors mapped to the same blob {blob!r} differ (second one: {key!r})")
         blobs[blob] = array
@@ -226,12 +301,11 @@ def detectron_blobs(model: nn.Module, input_order: str = "BGR") -> Dict[str, np.
 def save_detectron_weights(
     model: nn.Module, path: str | os.PathLike, cfg_yaml: str | None = None, input_order: str = "BGR"
 ) -> Dict[str, np.ndarray]:
-    """Write `model` as Detectron does: ``pickle({'blobs': {name: float32 array}, 'cfg': yaml})``.
+    """Write `model` as Detectron does: ``pickle({'blobs': {name: float32 array}, 'cfg': yaml})``, atomically.
 
     Returns the blobs written. Momentum is not written (Detectron loaders treat it as optional).
     `input_order` as for :func:`load_detectron_weights`.
     """
     blobs = detectron_blobs(model, input_order)
-    with open(path, "wb") as f:
-        pickle.dump({"blobs": blobs, "cfg": cfg_yaml}, f, protocol=pickle.HIGHEST_PROTOCOL)
+    write_object({"blobs": blobs, "cfg": cfg_yaml}, path, "pickle")
     return blobs

@@ -176,8 +176,9 @@ class ResNet(nn.Module):
 
     ``forward(images (N, 3, H, W)) -> [C_last]`` (one map, per the Bodies contract);
     ``forward_stages(images) -> {2: C2, 3: C3, ...}`` gives every stage output for FPN.
-    Stages up to `freeze_at` (and the stem, when `freeze_at` >= 2) get ``requires_grad=False`` and keep
-    their norm layers in eval mode, like Detectron's StopGradient after ``res<freeze_at>``.
+    With `freeze_at` k >= 1 the stem and stages res2..res<k> get ``requires_grad=False`` and keep their norm
+    layers in eval mode, like Detectron's StopGradient after ``res<k>``; k = 1 freezes the stem only
+    (detectron2's meaning, what MGD's students train with); 0 trains everything.
     """
 
     def __init__(
@@ -197,8 +198,9 @@ class ResNet(nn.Module):
             raise ValueError(f"unsupported ResNet depth {depth}; valid: {sorted(BLOCK_COUNTS)}")
         if num_stages not in (4, 5):
             raise ValueError(f"num_stages must be 4 (conv4 body) or 5 (conv5 body), got {num_stages}")
-        if freeze_at not in (0, 2, 3, 4, 5):
-            raise ValueError(f"TRAIN.FREEZE_AT must be one of 0, 2, 3, 4, 5, got {freeze_at}")
+        if freeze_at not in range(6):
+            raise ValueError(f"TRAIN.FREEZE_AT must be one of 0 (nothing), 1 (the stem), 2..5 (the stem and "
+                             f"res2..res<k>), got {freeze_at}")
         if res5_dilation not in (1, 2):
             raise ValueError(f"RESNETS.RES5_DILATION must be 1 or 2, got {res5_dilation}")
         basic = depth in BASIC_BLOCK_DEPTHS

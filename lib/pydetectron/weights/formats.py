@@ -1,0 +1,218 @@
+"""Reading a weights file and recognising its format by content, never by its extension.
+
+:func:`read_weights` opens a file (through ``files.read_object``, the one place a weights path is opened)
+and returns a :class:`WeightFile`: the format, the network's entries in the file's own names, the file's input
+channel order where the format says it, and how to turn the entries into Caffe2 blob names for a model
+(:meth:`WeightFile.blobs_for`). Formats:
+
+- ``detectron``: Detectron ``.pkl``, flat ``{blob: array}`` (ImageNet models) or ``{'blobs': ..., 'cfg': ...}``
+  (model zoo). Caffe2 blob names; BGR input.
+- ``detectron2``: ``stem.conv1.weight``, ``res2.0.conv1.norm.running_mean``, ``res2.0.shortcut.*`` (optionally
+  under ``backbone.bottom_up.`` or another prefix), usually ``{'model': ..., '__author__': ...}``. Channel
+  order known only from metadata: ``'__author__': 'torchvision'`` (detectron2's
+  ``convert-torchvision-to-d2.py``) is RGB, and files this project writes say it in ``'pydetectron'``.
+- ``torchvision``: a torchvision / timm ResNet state dict, possibly wrapped (``state_dict``, ``model``,
+  ``module.``, ``module.encoder_q.``, ``backbone.``, DINO's ``teacher``). Channel order unknown: the same keys
+  hold torchvision's RGB models and Detectron.pytorch's BGR Caffe ``resnet50_caffe.pth``.
+- ``pydetectron``: our own state dict (``stem.conv1.conv.weight``, ...), a training checkpoint or a converted
+  backbone; channel order from its ``cfg`` or ``pydetectron`` metadata.
+- ``merged``: a teacher and a student in one file (``t_net.`` / ``s_net.`` keys, MGD's layout).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Tuple
+
+import torch
+import yaml
+from torch import nn
+
+from pydetectron.modeling.layers import RUNNING_STAT_SUFFIXES
+from pydetectron.weights.detectron2 import DETECTRON2_ANCHOR, blob_to_detectron2_key, detectron2_to_blobs
+from pydetectron.weights.detectron_pkl import check_color_order, model_weight_mapping
+from pydetectron.weights.files import read_object_and_serializer
+from pydetectron.weights.torchvision import (
+    TORCHVISION_ANCHOR,
+    blob_to_torchvision_key,
+    find_network,
+    resnet_state_dict,
+    to_numpy,
+    torchvision_resnet_to_blobs,
+)
+
+PYDETECTRON_ANCHOR = "stem.conv1.conv.weight"
+DETECTRON_STEM_BLOBS = ("conv1_w", "res_conv1_bn_s", "conv1_gn_s")
+C4_HEAD_PREFIX = "roi_heads."
+MERGED_PARTS = {"teacher": "t_net.", "student": "s_net."}
+FORMAT_NAMES = {
+    "detectron": "Detectron .pkl (Caffe2 blob names)",
+    "detectron2": "detectron2-style ResNet (stem.*, resN.i.*)",
+    "torchvision": "torchvision / timm ResNet state dict",
+    "pydetectron": "pydetectron state dict",
+    "merged": "teacher + student file (t_net.* / s_net.*)",
+}
+# Our own files say how they were written: {'model': state, 'pydetectron': {'input_color_order': ...}}.
+METADATA_KEY = "pydetectron"
+
+
+class UnknownWeightsFormat(ValueError):
+    """The file holds no network in any format pydetectron reads."""
+
+
+def _parse_order(value: Any) -> str | None:
+    return check_color_order(str(value)) if value else None
+
+
+def _order_from_cfg(cfg_yaml: Any) -> str | None:
+    """MODEL.INPUT_COLOR_ORDER of a checkpoint's cfg (our default, BGR, when the cfg leaves it out)."""
+    if not isinstance(cfg_yaml, str):
+        return None
+    try:
+        cfg = yaml.safe_load(cfg_yaml) or {}
+    except yaml.YAMLError:
+        return None
+    return _parse_order((cfg.get("MODEL") or {}).get("INPUT_COLOR_ORDER", "BGR")) if isinstance(cfg, dict) else None
+
+
+@dataclass
+class WeightFile:
+    """One weights file, recognised. `weights` are the network's entries in the file's own names, with the
+    wrapper prefix removed (except ``pydetectron``: the whole state dict, whose body sits under `prefix`)."""
+
+    path: str
+    format: str
+    weights: Mapping[str, Any]
+    color_order: str | None
+    container: Mapping[str, Any]
+    location: Tuple[str, ...] = ()  # keys from `container` to the dict holding the weights
+    prefix: str = ""  # the network's key prefix in that dict
+    left_out: List[str] = field(default_factory=list)  # entries of that dict outside the network
+    serializer: str = "pickle"  # how the file was written: 'pickle' | 'torch'
+    _names: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def description(self) -> str:
+        text = FORMAT_NAMES[self.format]
+        if self.location:
+            text += f", in '{'/'.join(self.location)}'"
+        if self.prefix:
+            text += f", key prefix '{self.prefix}'"
+        return text
+
+    def blobs_for(self, model: nn.Module | None = None) -> Dict[str, Any]:
+        """The entries under Caffe2 blob names (for ``pydetectron`` files, named by `model`'s mapping)."""
+        if self.format == "merged":
+            raise ValueError(f"{self.path} holds a teacher and a student ({', '.join(MERGED_PARTS.values())} keys); "
+                             "take one out with: python tools/convert_weights.py split FILE OUT --part student|teacher")
+        if self.format == "detectron":
+            blobs, self._names = dict(self.weights), {}
+        elif self.format == "detectron2":
+            blobs, self._names, left_out = detectron2_to_blobs(self.weights)
+            self.left_out = sorted(set(self.left_out) | {self.prefix + k for k in left_out})
+        elif self.format == "torchvision":
+            blobs, self._names = torchvision_resnet_to_blobs(self.weights)
+        else:
+            if model is None:
+                raise ValueError(f"{self.path}: naming a pydetectron state dict's tensors needs the model")
+            blobs, self._names = own_state_to_blobs(self.weights, self.prefix, model)
+        return blobs
+
+    def file_name(self, blob: str, model_key: str | None = None) -> str:
+        """What the file calls (or would call) `blob`, for messages."""
+        if blob in self._names:
+            return self._names[blob]
+        if self.format == "detectron2":
+            return self.prefix + (blob_to_detectron2_key(blob) or blob)
+        if self.format == "torchvision":
+            return self.prefix + (blob_to_torchvision_key(blob) or blob)
+        if self.format == "pydetectron" and model_key:
+            return model_key
+        return blob
+
+
+def _anchor_prefix(keys, anchor: str) -> str | None:
+    return next((k[: -len(anchor)] for k in keys if k == anchor or k.endswith("." + anchor)), None)
+
+
+def own_state_to_blobs(
+    state: Mapping[str, Any], prefix: str, model: nn.Module
+) -> Tuple[Dict[str, Any], Dict[str, str]]:
+    """A pydetectron state dict named by `model`'s Caffe2 mapping; `prefix` (where the file's ResNet stem sits)
+    is replaced by the model's, so a detector's body loads into a bare body and the other way round. A batch
+    norm's statistics are named ``<blob>_rm`` / ``<blob>_riv`` even when the model's norm (a frozen
+    AffineChannel) has none, so the loader can fold them. Tensors without a blob keep their key."""
+    mapping = model_weight_mapping(model)
+    target_prefix = _anchor_prefix(model.state_dict().keys(), PYDETECTRON_ANCHOR)
+    norm_blob = {k[: -len(".weight")]: b[:-2] for k, b in mapping.items()
+                 if b and k.endswith(".weight") and b.endswith("_s")}
+    blobs: Dict[str, Any] = {}
+    names: Dict[str, str] = {}
+    for key, value in state.items():
+        translated = key
+        if target_prefix is not None and key.startswith(prefix):
+            translated = target_prefix + key[len(prefix):]
+        blob = mapping.get(translated)
+        if blob is None:
+            module, _, leaf = translated.rpartition(".")
+            blob = norm_blob[module] + RUNNING_STAT_SUFFIXES[leaf] if (
+                leaf in RUNNING_STAT_SUFFIXES and module in norm_blob) else translated
+        blobs[blob] = to_numpy(value)
+        names[blob] = key
+    return blobs, names
+
+
+def recognise(obj: Any, path: str) -> WeightFile:
+    """The :class:`WeightFile` of an unpickled object; :class:`UnknownWeightsFormat` naming what was found."""
+    if not isinstance(obj, Mapping):
+        raise UnknownWeightsFormat(f"{path}: expected a dict of weights, got {type(obj).__name__}")
+    if isinstance(obj.get("blobs"), Mapping):
+        blobs = {k: v for k, v in obj["blobs"].items() if k != "cfg" and v is not None}
+        return WeightFile(path, "detectron", blobs, "BGR", obj, ("blobs",))
+    if any(k in obj for k in DETECTRON_STEM_BLOBS):
+        blobs = {k: v for k, v in obj.items() if k != "cfg" and v is not None}
+        return WeightFile(path, "detectron", blobs, "BGR", obj)
+    model = obj.get("model")
+    if isinstance(model, Mapping) and all(any(str(k).startswith(p) for k in model) for p in MERGED_PARTS.values()):
+        return WeightFile(path, "merged", model, None, obj, ("model",))
+    found = find_network(obj, PYDETECTRON_ANCHOR, path)
+    if found is not None:
+        weights, prefix, location = found
+        meta = obj.get(METADATA_KEY) if isinstance(obj.get(METADATA_KEY), Mapping) else {}
+        order = _parse_order(meta.get("input_color_order")) or _order_from_cfg(obj.get("cfg"))
+        return WeightFile(path, "pydetectron", weights, order, obj, location, prefix)
+    found = find_network(obj, DETECTRON2_ANCHOR, path)
+    if found is not None:
+        weights, prefix, location = found
+        author = str(obj.get("__author__", "")).lower()
+        meta = obj.get(METADATA_KEY) if isinstance(obj.get(METADATA_KEY), Mapping) else {}
+        order = _parse_order(meta.get("input_color_order")) or ("RGB" if author == "torchvision" else None)
+        body = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        # a detectron2 C4 detector keeps res5 in its box head, as ours does (same blob names)
+        body.update({k[len(C4_HEAD_PREFIX):]: v for k, v in weights.items() if k.startswith(C4_HEAD_PREFIX + "res5.")})
+        left_out = [k for k in weights if not k.startswith(prefix) and not k.startswith(C4_HEAD_PREFIX + "res5.")]
+        return WeightFile(path, "detectron2", body, order, obj, location, prefix, left_out)
+    found = find_network(obj, TORCHVISION_ANCHOR, path)
+    if found is not None:
+        weights, prefix, location = found
+        body = resnet_state_dict(weights, path)
+        left_out = [k for k in weights if not (k.startswith(prefix) and k[len(prefix):] in body)]
+        return WeightFile(path, "torchvision", body, None, obj, location, prefix, left_out)
+    if isinstance(model, Mapping) and model and all(isinstance(v, torch.Tensor) for v in model.values()):
+        # our checkpoint of a model without a ResNet: its tensors load by state_dict key
+        return WeightFile(path, "pydetectron", model, _order_from_cfg(obj.get("cfg")), obj, ("model",))
+    raise UnknownWeightsFormat(
+        f"{path} holds no ResNet in any format pydetectron reads (Detectron .pkl blobs such as 'conv1_w', "
+        f"detectron2 '{DETECTRON2_ANCHOR}', torchvision '{TORCHVISION_ANCHOR}', pydetectron "
+        f"'{PYDETECTRON_ANCHOR}', under any prefix or in 'state_dict' / 'model' / 'teacher'); top-level keys: "
+        f"{sorted(map(str, obj))[:12]}")
+
+
+def read_weights(path: str | os.PathLike) -> WeightFile:
+    """Open and recognise a weights file (see the module docstring for the formats)."""
+    path = os.fspath(path)
+    obj, serializer = read_object_and_serializer(path)
+    weights = recognise(obj, path)
+    weights.serializer = serializer
+    return weights
