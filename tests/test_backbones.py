@@ -214,11 +214,11 @@ def test_gn_settings_errors():
         registry.build("body", "ResNet18_conv5_body", _cfg(**{"RESNETS.NORM": "LN"}))
 
 
-@pytest.mark.parametrize("freeze_at", [0, 2, 3, 4, 5])
+@pytest.mark.parametrize("freeze_at", [0, 1, 2, 3, 4, 5])
 def test_freeze_at(freeze_at):
     cfg = _cfg(**{"TRAIN.FREEZE_AT": freeze_at, "RESNETS.NORM": "BN"})
     body = registry.build("body", "ResNet18_conv5_body", cfg).train()
-    frozen = {"stem": freeze_at >= 2, **{f"res{s}": s <= freeze_at for s in range(2, 6)}}
+    frozen = {"stem": freeze_at >= 1, **{f"res{s}": s <= freeze_at for s in range(2, 6)}}
     for part, is_frozen in frozen.items():
         module = getattr(body, part)
         assert all(p.requires_grad != is_frozen for p in module.parameters()), part
@@ -226,13 +226,13 @@ def test_freeze_at(freeze_at):
         assert bns and all(m.training != is_frozen for m in bns), part
     if freeze_at < 5:  # the frozen part gets no gradient, the rest does
         body(torch.randn(2, 3, 32, 32))[0].sum().backward()
-        assert (body.stem.conv1.conv.weight.grad is None) == (freeze_at >= 2)
+        assert (body.stem.conv1.conv.weight.grad is None) == (freeze_at >= 1)
         assert body.res5[0].branch2a.conv.weight.grad is not None
 
 
 def test_freeze_at_invalid():
     with pytest.raises(ValueError, match="TRAIN.FREEZE_AT"):
-        registry.build("body", "ResNet18_conv5_body", _cfg(**{"TRAIN.FREEZE_AT": 1}))
+        registry.build("body", "ResNet18_conv5_body", _cfg(**{"TRAIN.FREEZE_AT": 6}))
 
 
 def test_affine_channel_is_frozen_everywhere():

@@ -56,12 +56,13 @@ class BottleneckBlock(nn.Module):
         )
         self.branch2c = ConvNorm(dim_inner, dim_out, 1, norm=norm, conv_blob=f"{prefix}_branch2c")
         self.branch1 = _shortcut(prefix, dim_in, dim_out, stride, norm)
+        self.out_relu = nn.ReLU(inplace=True)  # a module so that its input (the pre-ReLU sum) can be hooked
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.branch2a(x), inplace=True)
         out = F.relu(self.branch2b(out), inplace=True)
         out = self.branch2c(out)
-        return F.relu(out + (x if self.branch1 is None else self.branch1(x)), inplace=True)
+        return self.out_relu(out + (x if self.branch1 is None else self.branch1(x)))
 
     def detectron_weight_mapping(self) -> Dict[str, str | None]:
         return compose_weight_mapping(self)
@@ -78,11 +79,12 @@ class BasicBlock(nn.Module):
         )
         self.branch2b = ConvNorm(dim_out, dim_out, 3, norm=norm, conv_blob=f"{prefix}_branch2b", dilation=dilation)
         self.branch1 = _shortcut(prefix, dim_in, dim_out, stride, norm)
+        self.out_relu = nn.ReLU(inplace=True)  # a module so that its input (the pre-ReLU sum) can be hooked
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.branch2a(x), inplace=True)
         out = self.branch2b(out)
-        return F.relu(out + (x if self.branch1 is None else self.branch1(x)), inplace=True)
+        return self.out_relu(out + (x if self.branch1 is None else self.branch1(x)))
 
     def detectron_weight_mapping(self) -> Dict[str, str | None]:
         return compose_weight_mapping(self)
@@ -176,8 +178,9 @@ class ResNet(nn.Module):
 
     ``forward(images (N, 3, H, W)) -> [C_last]`` (one map, per the Bodies contract);
     ``forward_stages(images) -> {2: C2, 3: C3, ...}`` gives every stage output for FPN.
-    Stages up to `freeze_at` (and the stem, when `freeze_at` >= 2) get ``requires_grad=False`` and keep
-    their norm layers in eval mode, like Detectron's StopGradient after ``res<freeze_at>``.
+    Stages up to `freeze_at` (and the stem, when `freeze_at` >= 1) get ``requires_grad=False`` and keep
+    their norm layers in eval mode, like Detectron's StopGradient after ``res<freeze_at>``; 1 freezes the
+    stem alone (detectron2's meaning, which Detectron's 0/2..5 lack; MGD's students use it).
     """
 
     def __init__(
@@ -197,8 +200,8 @@ class ResNet(nn.Module):
             raise ValueError(f"unsupported ResNet depth {depth}; valid: {sorted(BLOCK_COUNTS)}")
         if num_stages not in (4, 5):
             raise ValueError(f"num_stages must be 4 (conv4 body) or 5 (conv5 body), got {num_stages}")
-        if freeze_at not in (0, 2, 3, 4, 5):
-            raise ValueError(f"TRAIN.FREEZE_AT must be one of 0, 2, 3, 4, 5, got {freeze_at}")
+        if freeze_at not in (0, 1, 2, 3, 4, 5):
+            raise ValueError(f"TRAIN.FREEZE_AT must be one of 0..5, got {freeze_at}")
         if res5_dilation not in (1, 2):
             raise ValueError(f"RESNETS.RES5_DILATION must be 1 or 2, got {res5_dilation}")
         basic = depth in BASIC_BLOCK_DEPTHS
