@@ -80,6 +80,10 @@ def test_distill_valid_values_pass():
 def _bodies():
     torch.manual_seed(0)
     teacher = ResNet(34, norm=NormSpec("BN"), freeze_at=0).eval()  # same widths as R-18, BN gamma/beta
+    for m in teacher.modules():  # as a trained teacher's (margins refuse the initial gamma 1 / beta 0)
+        if isinstance(m, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+            torch.nn.init.normal_(m.bias)
     student = ResNet(18, freeze_at=1)
     enable_stage_last_norms(student)
     return teacher, student

@@ -129,6 +129,9 @@ def test_enable_stage_last_norms(freeze_at, replaced, frozen):
 
 def test_bn_affine_from_the_teacher_norms_or_its_torchvision_file():
     bn_body = ResNet(50, num_stages=4, norm=NormSpec("BN"))
+    with pytest.raises(ValueError, match="load the teacher's weights"):
+        stage_end_bn_affine(bn_body, [2])
+    _randomize_norms(bn_body)
     pairs = stage_end_bn_affine(bn_body, [2, 4])
     assert pairs[1][0] is not None and torch.equal(pairs[1][0], bn_body.res4[5].branch2c.norm.weight)
     affine_body = ResNet(50, num_stages=4)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import List
+from typing import List, Sequence
 
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ from pydetectron.distill.mgd import MGD
 METHODS = ("mgd", "feature_l2")
 
 
-def distilled_levels(ignore_inds) -> List[int]:
+def distilled_levels(ignore_inds: Sequence[int]) -> List[int]:
     """The stages left after ``DISTILL.IGNORE_INDS`` (MGD's indices: 0 = C2 ... 3 = C5)."""
     return [level for index, level in enumerate(STAGE_LEVELS) if index not in set(ignore_inds)]
 
@@ -27,7 +27,8 @@ def build_distill_method(cfg, teacher: nn.Module, student: nn.Module) -> Distill
 
     The loss is divided by the images of one iteration over all GPUs (``TRAIN.IMS_PER_BATCH * NUM_GPUS``,
     MGD's ``SOLVER.IMS_PER_BATCH``). MGD's margins come from the teacher body's norms, or from
-    ``DISTILL.MGD.TEACHER_BN_WEIGHTS`` (the torchvision ``.pth`` the teacher was converted from) when given.
+    ``DISTILL.MGD.TEACHER_BN_WEIGHTS`` (the torchvision ``.pth`` the teacher was converted from) when given:
+    build it after the teacher's weights are loaded (MGD's trainer reads the margins at iteration 0).
     """
     d = cfg.DISTILL
     if d.METHOD not in METHODS:

@@ -46,7 +46,8 @@ def bn_margins(gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
 def stage_end_bn_affine(body: ResNet, levels: Sequence[int] = STAGE_LEVELS) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """``(gamma, beta)`` of the norm before each stage's final ReLU (MGD's ``get_bn_before_relu``).
 
-    Raises for an AffineChannel body, whose parameters are folded and not gamma/beta (see the module doc).
+    Raises for an AffineChannel body, whose parameters are folded and not gamma/beta (see the module doc),
+    and for norms still at their initial values (margins read before the teacher's weights were loaded).
     """
     pairs = []
     for level in levels:
@@ -58,9 +59,13 @@ def stage_end_bn_affine(body: ResNet, levels: Sequence[int] = STAGE_LEVELS) -> L
                 "teacher was converted from (DISTILL.MGD.TEACHER_BN_WEIGHTS), or use a teacher trained with "
                 "RESNETS.NORM 'BN', 'SyncBN' or 'GN'"
             )
-        if not isinstance(layer, (nn.modules.batchnorm._NormBase, nn.GroupNorm)) or layer.weight is None:
+        if not isinstance(layer, (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm)) or layer.weight is None:
             raise TypeError(f"res{level}: cannot read gamma/beta from a {type(layer).__name__}")
-        pairs.append((layer.weight.detach(), layer.bias.detach()))
+        gamma, beta = layer.weight.detach(), layer.bias.detach()
+        if bool((gamma == 1).all()) and bool((beta == 0).all()):
+            raise ValueError(f"res{level}: the teacher's stage-end norm still has its initial gamma 1 / beta 0; "
+                             "load the teacher's weights before reading MGD's margins")
+        pairs.append((gamma, beta))
     return pairs
 
 
