@@ -26,6 +26,9 @@ WARM_UP_METHODS = ("constant", "linear")
 ROI_XFORM_METHODS = ("RoIPoolF", "RoIPool", "RoIAlign")
 COLOR_ORDERS = ("BGR", "RGB")
 _DEFAULT_FREEZE_AT = 2
+DISTILL_METHODS = ("", "mgd", "feature_l2")
+DISTILL_STAGES = ("C2", "C3", "C4", "C5")  # DISTILL.LOSS_FACTORS / IGNORE_INDS order
+MGD_REDUCERS = ("amp", "sp", "rd", "sm")
 
 
 def _fail(message: str) -> None:
@@ -152,6 +155,35 @@ def _check_heads(cfg: CfgNode) -> None:
             _fail(f"KRCNN.OKS_SIGMAS = {k.OKS_SIGMAS!r} must be positive numbers")
 
 
+def _check_distill(cfg: CfgNode) -> None:
+    d = cfg.DISTILL
+    _one_of(cfg, "DISTILL.METHOD", DISTILL_METHODS)
+    if not d.METHOD:
+        return
+    if not d.TEACHER_CFG:
+        _fail(f"DISTILL.METHOD = {d.METHOD!r} needs DISTILL.TEACHER_CFG, the teacher detector's YAML")
+    stages = len(DISTILL_STAGES)
+    if len(d.LOSS_FACTORS) != stages or not all(isinstance(f, (int, float)) and f > 0 for f in d.LOSS_FACTORS):
+        _fail(f"DISTILL.LOSS_FACTORS = {d.LOSS_FACTORS!r} must be {stages} positive numbers, one per stage "
+              f"{', '.join(DISTILL_STAGES)}")
+    ignored = list(d.IGNORE_INDS)
+    if not all(isinstance(i, int) and 0 <= i < stages for i in ignored) or len(set(ignored)) != len(ignored):
+        _fail(f"DISTILL.IGNORE_INDS = {d.IGNORE_INDS!r} must be distinct stage indices in 0..{stages - 1} "
+              f"({', '.join(f'{i} = {n}' for i, n in enumerate(DISTILL_STAGES))})")
+    if len(ignored) == stages:
+        _fail(f"DISTILL.IGNORE_INDS = {d.IGNORE_INDS!r} ignores every stage: nothing would be distilled")
+    if d.METHOD != "mgd":
+        return
+    m = d.MGD
+    _one_of(cfg, "DISTILL.MGD.REDUCER", MGD_REDUCERS)
+    if len(m.UPDATE_FREQ) != 2 or not all(isinstance(f, int) and f > 0 for f in m.UPDATE_FREQ):
+        _fail(f"DISTILL.MGD.UPDATE_FREQ = {m.UPDATE_FREQ!r} must be two positive iteration counts (before and "
+              "after DISTILL.MGD.UPDATE_SLOW_STEP)")
+    for key in ("UPDATE_SLOW_STEP", "UPDATE_ITER"):
+        if not isinstance(m[key], int) or m[key] < 0:
+            _fail(f"DISTILL.MGD.{key} = {m[key]!r} must be a non-negative integer")
+
+
 def assert_and_infer_cfg(cfg: CfgNode, make_immutable: bool = True) -> CfgNode:
     """Fill in the inferred keys, check the values, and (by default) freeze ``cfg``. Returns ``cfg``.
 
@@ -165,6 +197,7 @@ def assert_and_infer_cfg(cfg: CfgNode, make_immutable: bool = True) -> CfgNode:
     _check_solver(cfg)
     _check_input(cfg)
     _check_heads(cfg)
+    _check_distill(cfg)
     if make_immutable:
         cfg.freeze()
     return cfg

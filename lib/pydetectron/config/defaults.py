@@ -23,6 +23,10 @@ pydetectron's own additions (not in either project)
 - ``RESNETS.NORM``                'AffineChannel' (frozen BN, Detectron) | 'GN' | 'BN' | 'SyncBN' (trainable).
                                   ``RESNETS.USE_GN`` and '*_gn_*' ``TRANS_FUNC``/``STEM_FUNC``/``SHORTCUT_FUNC``
                                   names imply 'GN' (reconciled by ``assert_and_infer_cfg``).
+- ``DISTILL.*``                   teacher/student distillation: ``METHOD`` ('' | 'mgd' | 'feature_l2'),
+                                  ``TEACHER_CFG``, ``TEACHER_WEIGHTS``, per-stage ``LOSS_FACTORS`` (C2..C5
+                                  divisors), ``IGNORE_INDS``, and ``MGD.REDUCER`` / ``UPDATE_FREQ`` /
+                                  ``UPDATE_SLOW_STEP`` / ``UPDATE_ITER`` / ``TEACHER_BN_WEIGHTS``.
 - ``DOWNLOAD_CACHE``              Detectron's key with Detectron's directory name, moved from /tmp to the user's
                                   cache folder ($XDG_CACHE_HOME or ~/.cache) so downloads survive a reboot.
 ResNet-18/34 (basic blocks) need no key: the block kind follows the depth in the body name.
@@ -370,10 +374,27 @@ def _misc(C: CfgNode) -> None:
     C.PYTORCH_VERSION_LESS_THAN_040 = False
 
 
+def _distill(C: CfgNode) -> None:
+    """pydetectron: teacher/student distillation (``pydetectron.distill``), MGD's d2 values by default."""
+    D = C.DISTILL = CfgNode()
+    D.METHOD = ""  # '' = off | 'mgd' | 'feature_l2'
+    D.TEACHER_CFG = ""  # the teacher detector's YAML
+    D.TEACHER_WEIGHTS = ""  # the teacher's weights ('' = they come with the merged TRAIN.WEIGHTS)
+    # Per stage C2, C3, C4, C5: each stage's summed loss is divided by its factor (MGD's det loss_factors)
+    D.LOSS_FACTORS = (5e7, 5e7, 5e6, 5e6)
+    D.IGNORE_INDS = ()  # stages left out, MGD's indices: 0 = C2 ... 3 = C5
+    M = D.MGD = CfgNode()
+    M.REDUCER = "amp"  # 'amp' | 'sp' | 'rd' | 'sm'
+    M.UPDATE_FREQ = (5000, 31000)  # iterations between matchings, before / after UPDATE_SLOW_STEP
+    M.UPDATE_SLOW_STEP = 20000
+    M.UPDATE_ITER = 1000  # a matching reads UPDATE_ITER + 1 batches (MGD's loop)
+    M.TEACHER_BN_WEIGHTS = ""  # torchvision .pth with the teacher's BN gamma/beta (an AffineChannel teacher)
+
+
 def build_defaults() -> CfgNode:
     """A new default tree (unfrozen). ``get_cfg()`` is the public entry point."""
     C = CfgNode()
     for section in (_train, _data_loader, _test, _model, _retinanet, _solver, _fast_rcnn, _rpn, _fpn,
-                    _mrcnn, _krcnn, _backbone, _misc):
+                    _mrcnn, _krcnn, _backbone, _misc, _distill):
         section(C)
     return C

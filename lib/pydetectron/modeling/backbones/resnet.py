@@ -56,12 +56,13 @@ class BottleneckBlock(nn.Module):
         )
         self.branch2c = ConvNorm(dim_inner, dim_out, 1, norm=norm, conv_blob=f"{prefix}_branch2c")
         self.branch1 = _shortcut(prefix, dim_in, dim_out, stride, norm)
+        self.out_relu = nn.ReLU(inplace=True)  # a module so that its input (the pre-ReLU sum) can be hooked
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.branch2a(x), inplace=True)
         out = F.relu(self.branch2b(out), inplace=True)
         out = self.branch2c(out)
-        return F.relu(out + (x if self.branch1 is None else self.branch1(x)), inplace=True)
+        return self.out_relu(out + (x if self.branch1 is None else self.branch1(x)))
 
     def detectron_weight_mapping(self) -> Dict[str, str | None]:
         return compose_weight_mapping(self)
@@ -78,11 +79,12 @@ class BasicBlock(nn.Module):
         )
         self.branch2b = ConvNorm(dim_out, dim_out, 3, norm=norm, conv_blob=f"{prefix}_branch2b", dilation=dilation)
         self.branch1 = _shortcut(prefix, dim_in, dim_out, stride, norm)
+        self.out_relu = nn.ReLU(inplace=True)  # a module so that its input (the pre-ReLU sum) can be hooked
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.branch2a(x), inplace=True)
         out = self.branch2b(out)
-        return F.relu(out + (x if self.branch1 is None else self.branch1(x)), inplace=True)
+        return self.out_relu(out + (x if self.branch1 is None else self.branch1(x)))
 
     def detectron_weight_mapping(self) -> Dict[str, str | None]:
         return compose_weight_mapping(self)
