@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pydetectron.config import assert_and_infer_cfg, get_cfg, merge_cfg_from_file, merge_cfg_from_list
-from pydetectron.modeling import detector as detector_module
+from pydetectron.modeling import roi_heads as roi_heads_module
 from pydetectron.modeling.detector import build_detector, total_loss
 from pydetectron.modeling.keypoint_head import nms_oks
 
@@ -187,8 +187,8 @@ def test_c4_share_res5_mask_head_reuses_box_head_res5_in_training(monkeypatch):
     model = build_detector(cfg)
     assert model.roi_indices == [0] and model.mask_head.shares_res5
     record = {}
-    real_targets = detector_module.mask_rcnn_targets
-    monkeypatch.setattr(detector_module, "mask_rcnn_targets",
+    real_targets = roi_heads_module.mask_rcnn_targets
+    monkeypatch.setattr(roi_heads_module, "mask_rcnn_targets",
                         lambda *a, **k: record.setdefault("mt", real_targets(*a, **k)))
     model.box_head.res5.register_forward_hook(lambda m, i, o: record.setdefault("res5", o.detach()))
     predict = model.mask_head.predict
@@ -235,7 +235,7 @@ def test_keypoint_nms_oks_drops_and_orders_detections_as_detectron():
     model = build_detector(load_cfg("baselines/e2e_keypoint_rcnn_R-50-FPN_1x.yaml", extra)).eval()
     data, im_info, roidb = synthetic_batch(sizes=((96, 128),), scales=(1.0,), num_classes=2, num_keypoints=3, seed=5)
     suppressed = model(data, im_info, roidb)[0]
-    model.keypoint_settings = dataclasses.replace(model.keypoint_settings, nms_oks_sigmas=())
+    model.roi_heads.keypoint_settings = dataclasses.replace(model.roi_heads.keypoint_settings, nms_oks_sigmas=())
     everything = model(data, im_info, roidb)[0]
     keep = nms_oks(everything["keypoints"], everything["boxes"], 0.3, (0.5, 0.5, 0.5))
     assert 0 < len(keep) < len(everything["boxes"])  # wide sigmas: overlapping random poses do get suppressed
@@ -248,7 +248,7 @@ def test_keypoint_nms_oks_drops_and_orders_detections_as_detectron():
 def test_rpn_only_model():
     torch.manual_seed(0)
     model = build_detector(load_cfg("baselines/rpn_R-50-FPN_1x.yaml"))
-    assert model.box_head is None
+    assert model.roi_heads is None
     data, im_info, roidb = synthetic_batch(scales=(2.0, 1.0), seed=6)
     losses = train_step(model, (data, im_info, roidb))
     assert set(losses) == {f"loss_rpn_{kind}_fpn{lvl}" for kind in ("cls", "bbox") for lvl in range(2, 7)}
@@ -280,7 +280,7 @@ def _detectron_dedup_representatives(rois: np.ndarray, scale: float) -> np.ndarr
 def test_fast_rcnn_inference_dedups_proposals_as_detectron():
     torch.manual_seed(0)
     model = build_detector(load_cfg("baselines/fast_rcnn_R-50-FPN_1x.yaml")).eval()
-    assert model.dedup_scale == pytest.approx(1 / 16)
+    assert model.roi_heads.dedup_scale == pytest.approx(1 / 16)
     data, im_info, roidb = synthetic_batch(sizes=((96, 128),), scales=(1.0,), proposals=True, seed=3)
     props = roidb[0]["proposals"]
     assert props.shape[0] == 40
@@ -288,7 +288,7 @@ def test_fast_rcnn_inference_dedups_proposals_as_detectron():
     rois = torch.cat([torch.zeros(len(props), 1), props], dim=1).numpy().astype(np.float64)
     representatives = _detectron_dedup_representatives(rois, 1 / 16)
     assert len(np.unique(representatives, axis=0)) < len(props)  # the jittered copies do collide
-    model.dedup_scale = 0.0
+    model.roi_heads.dedup_scale = 0.0
     reference = model(data, im_info, [dict(roidb[0], proposals=torch.from_numpy(representatives[:, 1:]).float())])[0]
     for key in ("boxes", "scores", "classes"):
         torch.testing.assert_close(deduped[key], reference[key])

@@ -118,7 +118,8 @@ def test_registry_imports_no_model_code():
 
 def _names_in_shipped_configs():
     keys = {"body": ("MODEL", "CONV_BODY"), "box_head": ("FAST_RCNN", "ROI_BOX_HEAD"),
-            "mask_head": ("MRCNN", "ROI_MASK_HEAD"), "keypoint_head": ("KRCNN", "ROI_KEYPOINTS_HEAD")}
+            "mask_head": ("MRCNN", "ROI_MASK_HEAD"), "keypoint_head": ("KRCNN", "ROI_KEYPOINTS_HEAD"),
+            "roi_heads": ("MODEL", "ROI_HEADS_NAME")}
     for path in sorted(CONFIGS.rglob("*.yaml")):
         cfg = get_cfg()
         merge_cfg_from_file(cfg, str(path))

@@ -168,6 +168,7 @@ def _model(C: CfgNode) -> None:
     M.UNSUPERVISED_POSE = False
     # pydetectron
     M.INPUT_COLOR_ORDER = "BGR"
+    M.ROI_HEADS_NAME = "DetectronROIHeads"  # the box / mask / keypoint cascade (registry kind 'roi_heads')
 
 
 def _retinanet(C: CfgNode) -> None:

@@ -237,27 +237,28 @@ class AugmentedDetection:
 
     def _add_instance_outputs(self, model, results: list, identity: _Pass, image: np.ndarray,
                               settings: BlobSettings, device: torch.device) -> None:
-        """Masks / keypoints of the final boxes, through the detector's own steps: from the identity pass's
+        """Masks / keypoints of the final boxes, through the detector's own ROI-heads steps: from the identity pass's
         features (Detectron's ``im_detect_mask`` / ``im_detect_keypoints``), combined with the other
         transformations' under MASK_AUG / KPS_AUG (``im_detect_mask_aug`` / ``im_detect_keypoints_aug``)."""
         if not (model.mask_on or model.keypoints_on):
             return
+        heads = model.roi_heads
         roi_feats = [identity.features[i] for i in model.roi_indices]
-        det_rois = model.detection_rois(results, identity.im_info)
+        det_rois = heads.detection_rois(results, identity.im_info)
         boxes = results[0]["boxes"]
         augment = boxes.shape[0] > 0
         if model.mask_on:
-            probs = model.detection_mask_probs(results, roi_feats, det_rois)
+            probs = heads.detection_mask_probs(results, roi_feats, det_rois)
             if self.mask_aug is not None and augment:
                 probs = augmented_mask_probs(model, self.mask_aug, image, settings, boxes, results[0]["classes"],
                                              probs, device)
-            model.paste_masks(results, probs, [tuple(image.shape[:2])])
+            heads.paste_masks(results, probs, [tuple(image.shape[:2])])
         if model.keypoints_on:
-            heatmaps = model.keypoint_head(roi_feats, det_rois) if augment else None
+            heatmaps = heads.keypoint_head(roi_feats, det_rois) if augment else None
             if self.keypoint_aug is not None and augment:
                 heatmaps = augmented_heatmaps(model, self.keypoint_aug, image, settings, boxes, heatmaps,
                                               self.keypoint_flip_perm, device)
-            model.decode_keypoints(results, heatmaps)
+            heads.decode_keypoints(results, heatmaps)
 
 
 def detection_function(cfg, keypoint_flip_perm: np.ndarray | None = None) -> Callable | None:

@@ -1,4 +1,5 @@
-"""The generalized R-CNN: body -> RPN -> box head -> mask / keypoint heads, wired from cfg.
+"""The generalized R-CNN: body -> RPN -> ROI heads (box head -> mask / keypoint heads, ``roi_heads.py``), wired
+from cfg.
 
 Detectron's ``model_builder.build_generic_detection_model`` as one ``nn.Module``. Training returns
 Detectron's named losses (``loss_rpn_cls[_fpnX]``, ``loss_rpn_bbox[_fpnX]``, ``loss_cls``,
@@ -14,35 +15,20 @@ de-duplicated as Detectron does (``DEDUP_BOXES``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence
 
 import torch
 from torch import nn
 
-from pydetectron.boxes import unique_boxes
 from pydetectron.modeling import registry
-from pydetectron.modeling.box_head import build_box_outputs, classification_accuracy, fast_rcnn_losses
+from pydetectron.modeling.detector_inputs import checked_im_info, original_sizes
 from pydetectron.modeling.fpn_levels import level_indices
-from pydetectron.modeling.keypoint_head import (
-    COCO_PERSON_OKS_SIGMAS,
-    heatmaps_to_keypoints,
-    keypoint_rcnn_loss,
-    nms_oks,
-)
 from pydetectron.modeling.layers import compose_weight_mapping
-from pydetectron.modeling.mask_head import mask_probs, mask_rcnn_loss
-from pydetectron.modeling.paste_masks import paste_masks_in_image
-from pydetectron.modeling.postprocess import BoxInference, detect_boxes, original_image_size
 from pydetectron.modeling.retinanet import RetinaNet
+from pydetectron.modeling.roi_heads import Detections, ROIHeads
 from pydetectron.modeling.rpn import build_rpn
-from pydetectron.modeling.targets.fast_rcnn import FastRCNNSampling, FastRCNNTargets, fast_rcnn_targets
-from pydetectron.modeling.targets.keypoint import keypoint_rcnn_targets
-from pydetectron.modeling.targets.mask import mask_rcnn_targets
 
-Detections = Dict[str, torch.Tensor]
 LOSS_PREFIX = "loss"  # training outputs named loss* are optimised; the others (accuracy_cls) are only logged
-NMS_OKS_THRESH = 0.3  # Detectron's keypoint_results
 
 
 def total_loss(outputs: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -59,60 +45,6 @@ def _roi_feature_indices(cfg, body_levels: Sequence[int]) -> List[int]:
                          "FPN.ROI_MIN_LEVEL..ROI_MAX_LEVEL")
 
 
-@dataclass(frozen=True)
-class MaskSettings:
-    """The ``MRCNN.*`` values the detector reads for mask targets, loss and pasting."""
-
-    resolution: int
-    cls_specific: bool
-    loss_weight: float
-    thresh: float
-
-    @classmethod
-    def from_cfg(cls, cfg) -> MaskSettings:
-        m = cfg.MRCNN
-        return cls(int(m.RESOLUTION), bool(m.CLS_SPECIFIC_MASK), float(m.WEIGHT_LOSS_MASK), float(m.THRESH_BINARIZE))
-
-
-@dataclass(frozen=True)
-class KeypointSettings:
-    """The ``KRCNN.*`` values the detector reads for keypoint targets, loss and decoding."""
-
-    num_keypoints: int
-    heatmap_size: int
-    loss_weight: float
-    by_visible: bool  # NORMALIZE_BY_VISIBLE_KEYPOINTS
-    min_count: int  # MIN_KEYPOINT_COUNT_FOR_VALID_MINIBATCH
-    inference_min_size: int
-    normalizer_denominator: float  # Detectron's finalize_keypoint_minibatch: IMS * BATCH_SIZE_PER_IM * FG_FRACTION * K
-    nms_oks_sigmas: Tuple[float, ...] = ()  # KRCNN.NMS_OKS on: the OKS sigmas it measures with; () = off
-
-    @classmethod
-    def from_cfg(cls, cfg) -> KeypointSettings:
-        k, t = cfg.KRCNN, cfg.TRAIN
-        num = int(k.NUM_KEYPOINTS)
-        return cls(
-            num, int(k.HEATMAP_SIZE), float(k.LOSS_WEIGHT), bool(k.NORMALIZE_BY_VISIBLE_KEYPOINTS),
-            int(k.MIN_KEYPOINT_COUNT_FOR_VALID_MINIBATCH), int(k.INFERENCE_MIN_SIZE),
-            float(t.IMS_PER_BATCH * t.BATCH_SIZE_PER_IM * t.FG_FRACTION * max(num, 1)),
-            _nms_oks_sigmas(cfg) if cfg.MODEL.KEYPOINTS_ON and k.NMS_OKS else (),
-        )
-
-
-def _nms_oks_sigmas(cfg) -> Tuple[float, ...]:
-    """KRCNN.OKS_SIGMAS, or COCO's person sigmas for a 17-keypoint model (what Detectron's nms_oks uses)."""
-    k = cfg.KRCNN
-    if k.OKS_SIGMAS:
-        if len(k.OKS_SIGMAS) != int(k.NUM_KEYPOINTS):
-            raise ValueError(f"KRCNN.OKS_SIGMAS has {len(k.OKS_SIGMAS)} values for KRCNN.NUM_KEYPOINTS "
-                             f"{k.NUM_KEYPOINTS}")
-        return tuple(float(v) for v in k.OKS_SIGMAS)
-    if int(k.NUM_KEYPOINTS) == len(COCO_PERSON_OKS_SIGMAS):
-        return tuple(COCO_PERSON_OKS_SIGMAS.tolist())
-    raise ValueError(f"KRCNN.NMS_OKS needs KRCNN.OKS_SIGMAS for a {k.NUM_KEYPOINTS}-keypoint model (COCO's "
-                     "person sigmas fit 17 keypoints only)")
-
-
 def _rpn_on(cfg) -> bool:
     return bool(cfg.RPN.RPN_ON or cfg.MODEL.FASTER_RCNN or cfg.MODEL.RPN_ONLY)
 
@@ -126,7 +58,11 @@ class GeneralizedRCNN(nn.Module):
     pasted into; pass at least ``[{'height': h, 'width': w}, ...]``: without it the size is recovered as
     round(scaled size / im_scale), which can be a pixel off when im_scale < 1.
     Masks come back on the CPU (full-image uint8), everything else on the input's device.
-    ``generator`` (a ``torch.Generator``, default None = global RNG) seeds the RoI sampling.
+
+    The body makes the maps, the RPN (or the roidb's ``proposals``) the proposals, and ``roi_heads``
+    (``MODEL.ROI_HEADS_NAME``, see ``roi_heads.py``) everything after. The ROI heads' modules are this model's own
+    attributes (``box_head``, ``box_outputs``, ``mask_head``, ``keypoint_head``: state_dict keys and Detectron
+    names as they always were); an RPN-only model has none and ``roi_heads`` None.
     """
 
     def __init__(self, cfg) -> None:
@@ -143,29 +79,23 @@ class GeneralizedRCNN(nn.Module):
         self.keypoints_on = bool(cfg.MODEL.KEYPOINTS_ON) and not self.rpn_only
         self.roi_indices = _roi_feature_indices(cfg, self.body.levels)
         roi_scales = [scales[i] for i in self.roi_indices]
-        self.box_head = self.box_outputs = self.mask_head = self.keypoint_head = None
+        self._roi_heads: ROIHeads | None = None
         if not self.rpn_only:
-            self.box_head = registry.build("box_head", cfg.FAST_RCNN.ROI_BOX_HEAD, cfg, dim, roi_scales)
-            self.box_outputs = build_box_outputs(cfg, self.box_head.dim_out)
-        if self.mask_on:
-            self.mask_head = registry.build("mask_head", cfg.MRCNN.ROI_MASK_HEAD, cfg, dim, roi_scales)
-            if self.mask_head.shares_res5:
-                if not hasattr(self.box_head, "res5"):
-                    raise ValueError(
-                        f"MRCNN.ROI_MASK_HEAD {cfg.MRCNN.ROI_MASK_HEAD!r} shares res5 with the box head, but "
-                        f"FAST_RCNN.ROI_BOX_HEAD {cfg.FAST_RCNN.ROI_BOX_HEAD!r} has none (use ResNet_roi_conv5_head)"
-                    )
-                self.mask_head.share_res5(self.box_head.res5)
-        if self.keypoints_on:
-            self.keypoint_head = registry.build("keypoint_head", cfg.KRCNN.ROI_KEYPOINTS_HEAD, cfg, dim, roi_scales)
-        self.sampling = FastRCNNSampling.from_cfg(cfg)
-        self.box_inference = BoxInference.from_cfg(cfg)
-        self.dedup_scale = float(cfg.DEDUP_BOXES)
-        self.mask_settings = MaskSettings.from_cfg(cfg)
-        self.keypoint_settings = KeypointSettings.from_cfg(cfg)
-        self.num_classes = int(cfg.MODEL.NUM_CLASSES)
+            self._roi_heads = registry.build("roi_heads", cfg.MODEL.ROI_HEADS_NAME, cfg, dim, roi_scales)
+            for name, module in self._roi_heads.head_modules().items():
+                setattr(self, name, module)
         self.freeze_conv_body = bool(cfg.TRAIN.FREEZE_CONV_BODY)
-        self.generator: torch.Generator | None = None
+
+    @property
+    def roi_heads(self) -> ROIHeads | None:
+        """The ROI heads, on this model's own head modules. A DataParallel replica is a shallow copy of this model
+        holding replicas of the modules: it gets the cascade bound to those (once) instead of the original's."""
+        heads = self._roi_heads
+        if heads is not None:
+            mine = {name: getattr(self, name) for name in heads.head_modules()}
+            if any(module is not mine[name] for name, module in heads.head_modules().items()):
+                heads = self._roi_heads = heads.bind(mine)
+        return heads
 
     def detectron_weight_mapping(self) -> Dict[str, str | None]:
         return compose_weight_mapping(self)
@@ -173,17 +103,9 @@ class GeneralizedRCNN(nn.Module):
     # ---------------------------------------------------------------------------------------------- #
 
     def forward(self, data: torch.Tensor, im_info: torch.Tensor, roidb: Sequence[dict] | None = None):
-        if data.dim() != 4 or im_info.shape != (data.shape[0], 3):
-            raise ValueError(
-                f"data must be (N, 3, H, W) and im_info (N, 3); got {tuple(data.shape)} and {tuple(im_info.shape)}"
-            )
-        if roidb is not None and len(roidb) != data.shape[0]:
-            raise ValueError(f"{len(roidb)} roidb entries for {data.shape[0]} images")
-        im_info = im_info.to(device=data.device, dtype=torch.float32)
+        im_info = checked_im_info("GeneralizedRCNN", data, im_info, roidb, self.training)
         features = self.body(data)
         if self.training:
-            if roidb is None:
-                raise ValueError("GeneralizedRCNN needs the minibatch roidb in training mode")
             if self.freeze_conv_body:  # Detectron's StopGradient on the body outputs
                 features = [f.detach() for f in features]
             return self._losses(features, im_info, roidb)
@@ -213,64 +135,13 @@ class GeneralizedRCNN(nn.Module):
             return losses
         if proposals is None:
             proposals = self._proposals(roidb, im_info.device)
-        targets = fast_rcnn_targets(proposals.detach(), im_info, roidb, self.sampling, self.generator)
         roi_feats = [features[i] for i in self.roi_indices]
-        share_res5 = self.mask_on and self.mask_head.shares_res5
-        if share_res5:
-            box_feat, res5 = self.box_head(roi_feats, targets.rois, return_res5=True)
-        else:
-            box_feat = self.box_head(roi_feats, targets.rois)
-        cls_score, bbox_pred = self.box_outputs(box_feat)
-        losses.update(fast_rcnn_losses(
-            cls_score, bbox_pred, targets.labels, targets.bbox_targets,
-            targets.bbox_inside_weights, targets.bbox_outside_weights,
-        ))
-        losses["accuracy_cls"] = classification_accuracy(cls_score, targets.labels)
-        if self.mask_on:
-            losses["loss_mask"] = self._mask_loss(roi_feats, targets, im_info, roidb, res5 if share_res5 else None)
-        if self.keypoints_on:
-            losses["loss_kps"] = self._keypoint_loss(roi_feats, targets, roidb)
+        losses.update(self.roi_heads.forward_train(roi_feats, proposals, im_info, roidb))
         return losses
-
-    def _mask_loss(self, roi_feats, targets: FastRCNNTargets, im_info, roidb, res5) -> torch.Tensor:
-        s = self.mask_settings
-        mt = mask_rcnn_targets(
-            targets.rois, targets.labels, roidb, im_info[:, 2].tolist(), s.resolution, self.num_classes,
-            s.cls_specific,
-        )
-        # SHARE_RES5: Detectron's SampleAs picks the box head's res5 rows of the RoIs that have a mask.
-        if res5 is not None:
-            logits = self.mask_head.predict(res5[mt.roi_has_mask])
-        else:
-            logits = self.mask_head(roi_feats, mt.rois)
-        return mask_rcnn_loss(logits, mt.targets, s.loss_weight)
-
-    def _keypoint_loss(self, roi_feats, targets: FastRCNNTargets, roidb) -> torch.Tensor:
-        s = self.keypoint_settings
-        kt = keypoint_rcnn_targets(
-            targets.labelled, roidb, s.heatmap_size, self.sampling.fg_thresh, self.sampling.fg_rois_per_image,
-            s.normalizer_denominator, s.min_count, self.generator,
-        )
-        heatmaps = self.keypoint_head(roi_feats, kt.rois)
-        normalizer = None if s.by_visible else kt.normalizer
-        return keypoint_rcnn_loss(heatmaps, kt.locations, kt.weights, s.loss_weight, normalizer)
-
-    # ---------------------------------------------------------------------------------------------- #
-
-    def _image_sizes(self, im_info: torch.Tensor, roidb) -> List[tuple]:
-        """Original (height, width) per image: the roidb's when given, else recovered from im_info."""
-        sizes = []
-        for i in range(im_info.shape[0]):
-            entry = roidb[i] if roidb is not None else {}
-            if "height" in entry and "width" in entry:
-                sizes.append((int(entry["height"]), int(entry["width"])))
-            else:
-                sizes.append(original_image_size(im_info[i]))
-        return sizes
 
     @torch.no_grad()
     def _detect(self, features, im_info, roidb) -> List[Detections]:
-        sizes = self._image_sizes(im_info, roidb)
+        sizes = original_sizes(im_info, roidb)
         if self.rpn is not None:
             rpn_out = self.rpn(features, im_info)
             proposals = rpn_out.rois
@@ -281,93 +152,7 @@ class GeneralizedRCNN(nn.Module):
                 raise ValueError("a model without RPN needs the roidb (with 'proposals') at inference")
             proposals = self._proposals(roidb, im_info.device)
         roi_feats = [features[i] for i in self.roi_indices]
-        if self.rpn is None and self.dedup_scale > 0:
-            proposals, cls_score, bbox_pred = self._deduplicated_box_outputs(roi_feats, proposals)
-        else:
-            cls_score, bbox_pred = self.box_outputs(self.box_head(roi_feats, proposals))
-        results = detect_boxes(cls_score, bbox_pred, proposals, im_info, self.box_inference, sizes)
-        det_rois = self.detection_rois(results, im_info)
-        if self.mask_on:
-            self.add_masks(results, roi_feats, det_rois, sizes)
-        if self.keypoints_on:
-            self.add_keypoints(results, roi_feats, det_rois)
-        return results
-
-    def _deduplicated_box_outputs(self, roi_feats, proposals: torch.Tensor):
-        """Detectron's ``DEDUP_BOXES`` for precomputed proposals: proposals equal after ``round(box *
-        DEDUP_BOXES)`` are scored once, through the first of them, and every member of the group takes that
-        proposal's box and outputs. Returns (proposals, cls_score, bbox_pred) for all proposals."""
-        index = torch.zeros(0, dtype=torch.int64, device=proposals.device)
-        inverse = torch.zeros(proposals.shape[0], dtype=torch.int64, device=proposals.device)
-        for image in torch.unique(proposals[:, 0]):
-            rows = torch.nonzero(proposals[:, 0] == image).squeeze(1)
-            first, group = unique_boxes(proposals[rows, 1:5], self.dedup_scale)
-            inverse[rows] = group + index.shape[0]
-            index = torch.cat([index, rows[first]])
-        unique = proposals[index]
-        cls_score, bbox_pred = self.box_outputs(self.box_head(roi_feats, unique))
-        return unique[inverse], cls_score[inverse], bbox_pred[inverse]
-
-    # The cascade's instance steps, public because test-time augmentation (evaluation/bbox_aug.py) runs them on
-    # its own final boxes.
-
-    @staticmethod
-    def detection_rois(results: List[Detections], im_info: torch.Tensor) -> torch.Tensor:
-        """The detections of every image as ``(D, 5)`` RoIs in network-input pixels (boxes * im_scale)."""
-        rois = []
-        for i, det in enumerate(results):
-            boxes = det["boxes"] * im_info[i, 2]
-            rois.append(torch.cat([boxes.new_full((boxes.shape[0], 1), float(i)), boxes], dim=1))
-        return torch.cat(rois)
-
-    def detection_mask_probs(self, results: List[Detections], roi_feats, det_rois: torch.Tensor) -> torch.Tensor:
-        """Detectron's ``im_detect_mask``: each detection's soft mask ``(D, M, M)`` for its class."""
-        classes = torch.cat([det["classes"] for det in results])
-        if det_rois.shape[0] == 0:
-            return det_rois.new_zeros((0, self.mask_settings.resolution, self.mask_settings.resolution))
-        return mask_probs(self.mask_head(roi_feats, det_rois), classes)
-
-    def add_masks(self, results: List[Detections], roi_feats, det_rois: torch.Tensor, sizes) -> None:
-        """Detectron's ``im_detect_mask`` + ``segm_results``: ``masks`` ``(D, height, width)`` uint8."""
-        self.paste_masks(results, self.detection_mask_probs(results, roi_feats, det_rois), sizes)
-
-    def paste_masks(self, results: List[Detections], probs: torch.Tensor, sizes) -> None:
-        """Detectron's ``segm_results``: soft masks ``(D, M, M)`` of all images' detections, in order, become
-        each image's ``masks`` ``(D_i, height, width)`` uint8."""
-        start = 0
-        for det, (height, width) in zip(results, sizes):
-            count = det["boxes"].shape[0]
-            if count == 0:
-                det["masks"] = torch.zeros((0, height, width), dtype=torch.uint8)
-            else:
-                det["masks"] = paste_masks_in_image(
-                    probs[start : start + count], det["boxes"], height, width, self.mask_settings.thresh
-                )
-            start += count
-
-    def add_keypoints(self, results: List[Detections], roi_feats, det_rois: torch.Tensor) -> None:
-        """Detectron's ``im_detect_keypoints`` + ``keypoint_results``: ``keypoints`` ``(D, K, 3)`` =
-        (x, y, heatmap logit) in original pixels. With KRCNN.NMS_OKS, detections whose keypoints overlap a
-        better one's (OKS > 0.3) are dropped and the rest ordered by mean keypoint logit, as Detectron does."""
-        heatmaps = self.keypoint_head(roi_feats, det_rois) if det_rois.shape[0] else None
-        self.decode_keypoints(results, heatmaps)
-
-    def decode_keypoints(self, results: List[Detections], heatmaps: torch.Tensor | None) -> None:
-        """Detectron's ``keypoint_results``: heatmap logits ``(D, K, S, S)`` of all images' detections, in order,
-        become each image's ``keypoints`` (KRCNN.NMS_OKS applied)."""
-        s = self.keypoint_settings
-        start = 0
-        for det in results:
-            count = det["boxes"].shape[0]
-            if count == 0:
-                det["keypoints"] = torch.zeros((0, s.num_keypoints, 3))
-            else:
-                kps = heatmaps_to_keypoints(heatmaps[start : start + count], det["boxes"], s.inference_min_size)
-                det["keypoints"] = kps[..., :3].to(det["boxes"].device)
-                if s.nms_oks_sigmas:
-                    keep = nms_oks(kps, det["boxes"], NMS_OKS_THRESH, s.nms_oks_sigmas)
-                    det.update({key: value[keep.to(value.device)] for key, value in det.items()})
-            start += count
+        return self.roi_heads.forward_inference(roi_feats, proposals, im_info, sizes, precomputed=self.rpn is None)
 
 
 def _proposal_results(rois: torch.Tensor, scores: torch.Tensor, im_info: torch.Tensor, i: int) -> Detections:

@@ -7,7 +7,8 @@ This module imports no model code: builders register themselves when their modul
 ``import_builtin_modules()`` does for the built-in ones.
 
 Builder signatures (ARCHITECTURE.md): bodies ``builder(cfg) -> nn.Module``; heads
-``builder(cfg, dim_in: int, spatial_scales: list[float]) -> nn.Module``.
+``builder(cfg, dim_in: int, spatial_scales: list[float]) -> nn.Module``; ROI heads (the cascade of the box, mask
+and keypoint heads, ``roi_heads.ROIHeads``) ``builder(cfg, dim_in: int, spatial_scales: list[float]) -> ROIHeads``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, Callable, TypeVar
 
 from pydetectron.config.names import normalize_module_name
 
-KINDS = ("body", "box_head", "mask_head", "keypoint_head")
+KINDS = ("body", "box_head", "mask_head", "keypoint_head", "roi_heads")
 
 # Modules whose import registers the built-in builders (see import_builtin_modules).
 BUILTIN_MODULES = (
@@ -26,6 +27,7 @@ BUILTIN_MODULES = (
     "pydetectron.modeling.box_head",
     "pydetectron.modeling.mask_head",
     "pydetectron.modeling.keypoint_head",
+    "pydetectron.modeling.roi_heads",
 )
 
 _REGISTRY: dict[str, dict[str, Callable[..., Any]]] = {kind: {} for kind in KINDS}

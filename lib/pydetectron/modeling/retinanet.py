@@ -40,9 +40,9 @@ from pydetectron.boxes import box_iou, clip_boxes, decode_boxes, encode_boxes
 from pydetectron.modeling import registry
 from pydetectron.modeling.anchors import generate_anchors, shift_anchors
 from pydetectron.modeling.backbones.resnet import get_group_gn
+from pydetectron.modeling.detector_inputs import checked_im_info, original_sizes
 from pydetectron.modeling.layers import compose_weight_mapping, msra_fill_
 from pydetectron.modeling.losses import smooth_l1_loss
-from pydetectron.modeling.postprocess import original_image_size
 from pydetectron.ops.nms import nms
 
 BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
@@ -314,14 +314,10 @@ class RetinaNet(nn.Module):
         return compose_weight_mapping(self)
 
     def forward(self, data: torch.Tensor, im_info: torch.Tensor, roidb: Sequence[dict] | None = None):
-        if data.dim() != 4 or im_info.shape != (data.shape[0], 3):
-            raise ValueError(f"data must be (N, 3, H, W) and im_info (N, 3); got {tuple(data.shape)} and "
-                             f"{tuple(im_info.shape)}")
+        im_info = checked_im_info("RetinaNet", data, im_info, roidb, self.training)
         features = self.body(data)
         logits, deltas = self.head(features)
         if self.training:
-            if roidb is None:
-                raise ValueError("RetinaNet needs the minibatch roidb in training mode")
             with torch.no_grad():
                 targets = retinanet_targets(self.settings, features, roidb)
             return retinanet_losses(self.settings, logits, deltas, targets)
@@ -329,10 +325,5 @@ class RetinaNet(nn.Module):
 
     @torch.no_grad()
     def _detect(self, logits, deltas, im_info: torch.Tensor, roidb) -> List[Dict[str, torch.Tensor]]:
-        results = []
-        for i in range(im_info.shape[0]):
-            entry = roidb[i] if roidb is not None else {}
-            height, width = ((int(entry["height"]), int(entry["width"])) if "height" in entry and "width" in entry
-                             else original_image_size(im_info[i]))
-            results.append(retinanet_detections(self.settings, logits, deltas, i, float(im_info[i, 2]), height, width))
-        return results
+        return [retinanet_detections(self.settings, logits, deltas, i, float(im_info[i, 2]), height, width)
+                for i, (height, width) in enumerate(original_sizes(im_info, roidb))]
