@@ -78,12 +78,16 @@ class TrainLoader:
     def __init__(self, loader: DataLoader, sampler: InfiniteGroupedBatchSampler):
         self.loader = loader
         self.sampler = sampler
+        self.consumed = 0  # minibatches handed out by the current iterator
 
     def state_dict(self) -> dict:
-        return self.sampler.state_dict()
+        """The sampler's state at the current position: a loader built from it continues with the next batch."""
+        return {**self.sampler.state_dict(), "start_iter": self.sampler.start_iter + self.consumed}
 
     def __iter__(self) -> Iterator[dict]:
+        self.consumed = 0
         for batch in self.loader:
+            self.consumed += 1
             yield roidb_to_tensors(batch)
 
 
@@ -124,10 +128,11 @@ def build_train_loader(
 
 def build_train_loader_from_cfg(cfg, roidb: Sequence[dict], start_iter: int = 0,
                                 skip_unreadable: bool = False, devices_per_process: int | None = None,
-                                num_replicas: int = 1, rank: int = 0) -> TrainLoader:
+                                num_replicas: int = 1, rank: int = 0, seed: int | None = None) -> TrainLoader:
     """``build_train_loader`` with TRAIN.IMS_PER_BATCH, TRAIN.ASPECT_GROUPING, DATA_LOADER.NUM_THREADS and
     RNG_SEED. The batch is per process: a DataParallel over n devices wants IMS_PER_BATCH * n images
-    (`devices_per_process`, default NUM_GPUS); a distributed process feeds one device."""
+    (`devices_per_process`, default NUM_GPUS); a distributed process feeds one device. `seed` overrides
+    RNG_SEED (a second, independent stream, e.g. for PreciseBN)."""
     devices = int(cfg.NUM_GPUS) if devices_per_process is None else devices_per_process
     return build_train_loader(
         roidb,
@@ -135,7 +140,7 @@ def build_train_loader_from_cfg(cfg, roidb: Sequence[dict], start_iter: int = 0,
         batch_size=int(cfg.TRAIN.IMS_PER_BATCH) * max(1, devices),
         num_workers=int(cfg.DATA_LOADER.NUM_THREADS),
         aspect_grouping=bool(cfg.TRAIN.ASPECT_GROUPING),
-        seed=int(cfg.RNG_SEED),
+        seed=int(cfg.RNG_SEED) if seed is None else seed,
         start_iter=start_iter,
         skip_unreadable=skip_unreadable,
         num_replicas=num_replicas,
