@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import pickle
 import socket
 import sys
 import threading
@@ -26,11 +27,13 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 from pydetectron.utils.distributed import synchronize
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 POLL_SECONDS = 1.0
+WATCHDOG_EXIT_CODE = 75  # a rank that stops because another failed (launch() then names that other one)
 MAX_HEARTBEAT_TIMEOUT = 60.0
 
 
@@ -125,15 +128,32 @@ def launch(main_fn: Callable[..., Any], settings: LaunchSettings, args: tuple = 
         main_fn(*args)
         return
     url = f"tcp://127.0.0.1:{free_port()}" if settings.dist_url == "auto" else settings.dist_url
+    context = mp.start_processes(_spawned_worker, nprocs=settings.num_gpus, args=(main_fn, args, settings, url),
+                                 daemon=False, start_method="spawn", join=False)
     try:
-        mp.start_processes(_spawned_worker, nprocs=settings.num_gpus, args=(main_fn, args, settings, url),
-                           daemon=False, start_method="spawn")
-    except mp.ProcessException as err:
-        rank = settings.machine_rank * settings.num_gpus + err.error_index
-        raise DistributedRunError(f"rank {rank} (local process {err.error_index}) stopped: {err}") from None
+        while not context.join():
+            pass
+    except ProcessException as err:
+        index, detail = _culprit(context, err)
+        rank = settings.machine_rank * settings.num_gpus + index
+        raise DistributedRunError(f"rank {rank} (local process {index}) failed: {detail}") from None
+
+
+def _culprit(context, err: ProcessException) -> tuple[int, str]:
+    """(local index, what happened) of the process that failed first: the one torch reports, unless that one
+    only stopped because its watchdog saw another local process fail, whose error file then names it."""
+    if getattr(err, "exit_code", None) != WATCHDOG_EXIT_CODE:
+        return err.error_index, str(err)
+    for index, path in enumerate(context.error_files):
+        if index != err.error_index and os.path.isfile(path) and os.path.getsize(path):
+            with open(path, "rb") as f:
+                return index, pickle.load(f)
+    return err.error_index, f"{err}, because another rank failed (named in the message above)"
 
 
 def _spawned_worker(local_rank: int, main_fn, args: tuple, settings: LaunchSettings, url: str) -> None:
+    if "OMP_NUM_THREADS" not in os.environ:  # as torchrun: the processes share the cores instead of fighting
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.num_gpus))
     rank = settings.machine_rank * settings.num_gpus + local_rank
     _worker_main(main_fn, args, rank, settings.world_size, local_rank, url, settings)
 
@@ -159,6 +179,14 @@ def _worker_main(main_fn, args: tuple, rank: int, world_size: int, local_rank: i
     dist.destroy_process_group()
 
 
+def is_collective_error(exc: BaseException) -> bool:
+    """An error raised by a collective because a peer went away (gloo raises plain RuntimeErrors for it)."""
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(word in text for word in ("gloo", "NCCL", "Connection", "peer"))
+
+
 class Watchdog:
     """Heartbeats and failure records in the process group's store, checked by a daemon thread.
 
@@ -166,7 +194,7 @@ class Watchdog:
     second) and ``failed/<rank>`` (the error of a rank that raised)."""
 
     def __init__(self, store: dist.Store, rank: int, world_size: int, heartbeat_timeout_s: float,
-                 exit_fn: Callable[[int], None] = os._exit):
+                 exit_fn: Callable[[int], None] = os._exit):  # os._exit: a thread cannot raise in the main one
         self.store = dist.PrefixStore("pydetectron_watchdog/", store)
         self.rank = rank
         self.world_size = world_size
@@ -186,7 +214,7 @@ class Watchdog:
     def report(self, exc: BaseException) -> None:
         """This rank failed with `exc`. A collective error is usually the echo of another rank's death: give the
         thread time to name that rank first; otherwise record this rank as the failed one."""
-        if isinstance(exc, dist.DistError):
+        if is_collective_error(exc):
             deadline = time.monotonic() + self.heartbeat_timeout_s + 3 * POLL_SECONDS
             while time.monotonic() < deadline and self._thread.is_alive():
                 time.sleep(POLL_SECONDS / 2)
@@ -226,4 +254,4 @@ class Watchdog:
             return
         print(f"[rank {self.rank}] distributed run failed: {reason}; rank {self.rank} exits", file=sys.stderr,
               flush=True)
-        self.exit_fn(1)
+        self.exit_fn(WATCHDOG_EXIT_CODE)

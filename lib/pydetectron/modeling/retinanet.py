@@ -319,6 +319,8 @@ class RetinaNet(nn.Module):
                              f"{tuple(im_info.shape)}")
         features = self.body(data)
         logits, deltas = self.head(features)
+        # float32 for the losses and the decoding even when autocast ran the head in float16 / bfloat16
+        logits, deltas = [x.float() for x in logits], [d.float() for d in deltas]
         if self.training:
             if roidb is None:
                 raise ValueError("RetinaNet needs the minibatch roidb in training mode")
