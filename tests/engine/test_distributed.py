@@ -92,6 +92,7 @@ def _machines(worker: str, out_dir: Path, timeout_s: int) -> list[subprocess.Pop
         for rank in (0, 1)]
 
 
+@pytest.mark.slow  # the spawned variant above checks the same naming in CI
 def test_a_rank_that_raises_makes_the_other_machine_exit_naming_it(tmp_path):
     machines = _machines("raise_on_rank_one", tmp_path, 20)
     outputs = [m.communicate(timeout=60)[0] for m in machines]
