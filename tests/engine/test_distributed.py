@@ -121,3 +121,23 @@ def test_a_killed_rank_makes_the_other_exit_within_the_timeout(tmp_path):
     assert machines[0].returncode != 0
     assert "rank 1 stopped responding" in output
     assert waited < timeout_s + 10
+
+
+@pytest.mark.parametrize("settings, message", [
+    (LaunchSettings(num_gpus=0), "--num-gpus"),
+    (LaunchSettings(num_machines=2, machine_rank=2, dist_url="tcp://h:1"), "--machine-rank 2 is not in 0 .. 1"),
+    (LaunchSettings(num_machines=2), "--dist-url auto works on one machine only"),
+    (LaunchSettings(num_gpus=2, dist_url="http://h:1"), "expected tcp://HOST:PORT"),
+    (LaunchSettings(num_gpus=2, timeout_s=0), "--dist-timeout must be positive"),
+])
+def test_bad_launch_settings_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        launch(dist_workers.raise_on_rank_one, settings, ("unused",))
+
+
+def test_torchrun_and_num_gpus_are_not_combined(monkeypatch):
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", "1")):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match="give the process counts to torchrun"):
+        launch(dist_workers.raise_on_rank_one, LaunchSettings(num_gpus=2), ("unused",))

@@ -1,6 +1,7 @@
-"""train_net_step.py and test_net.py with 2 gloo processes (--num-gpus 2 --no_cuda) on a tiny shapes set:
-rank 0 alone writes, a DDP run resumes exactly, distributed testing gives one process's AP; AMP (bfloat16 on
-the CPU) trains with finite losses and detects boxes close to float32's."""
+"""train_net_step.py and test_net.py with 2 gloo processes on a tiny shapes set, started by torchrun (training)
+and by --num-gpus 2 (the resumed run, testing): rank 0 alone writes, a DDP run resumes exactly, distributed
+testing gives one process's AP; AMP (bfloat16 on the CPU) trains with finite losses and detects boxes close to
+float32's."""
 
 from __future__ import annotations
 
@@ -79,9 +80,12 @@ def tiny(tmp_path_factory) -> dict:
     return {"root": root, "cfg": str(cfg), "register": f"ddp_tiny:{root / 'train'}:{paths['instances']}"}
 
 
-def _tool(tool: str, *args: str) -> subprocess.CompletedProcess:
+def _tool(tool: str, *args: str, torchrun: bool = False) -> subprocess.CompletedProcess:
+    """Run a tool in a subprocess (under `torchrun --standalone --nproc_per_node 2` when asked)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    run = subprocess.run([sys.executable, str(ROOT / "tools" / tool), *args], capture_output=True, text=True,
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] \
+        if torchrun else [sys.executable]
+    run = subprocess.run([*launcher, str(ROOT / "tools" / tool), *args], capture_output=True, text=True,
                          env=env, timeout=400)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return run
@@ -94,10 +98,10 @@ def _train_args(tiny: dict, out: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def ddp_run(tiny) -> tuple[Path, str]:
-    """4 steps on 2 ranks x 1 image (the config's batch of 1 x 1 GPU, --bs 2 as 2 devices)."""
+    """4 steps under torchrun on 2 ranks x 1 image (--bs 2: the config's batch of 1 x 1 GPU on 2 devices)."""
     out = tiny["root"] / "ddp"
-    run = _tool("train_net_step.py", *_train_args(tiny, out, "--num-gpus", "2", "--bs", "2", "--dist-timeout",
-                                                   "60", "--set", "SOLVER.MAX_ITER", "8"))
+    run = _tool("train_net_step.py", *_train_args(tiny, out, "--bs", "2", "--dist-timeout", "60", "--set",
+                                                   "SOLVER.MAX_ITER", "8"), torchrun=True)
     return out, run.stdout
 
 
