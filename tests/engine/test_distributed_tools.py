@@ -146,6 +146,8 @@ def test_distributed_test_net_gives_the_ap_of_one_process(tiny, ddp_run, capsys)
     single = capsys.readouterr().out
     run = _tool("test_net.py", *common, "--output_dir", str(tiny["root"] / "test2"), "--num-gpus", "2", *keep_all)
     copypaste = [line for line in single.splitlines() if line.startswith("copypaste:")]
+    log = (tiny["root"] / "test2" / "log.txt").read_text()
+    assert log.count("copypaste: Task: box") == 1  # rank 0 alone evaluates and logs
     assert len(copypaste) == 4 and copypaste == [line for line in run.stdout.splitlines()
                                                  if line.startswith("copypaste:")]
 

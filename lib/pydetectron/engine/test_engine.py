@@ -34,6 +34,7 @@ from pydetectron.config import assert_and_infer_cfg, cfg_to_yaml
 from pydetectron.data.coco import CocoDataset
 from pydetectron.data.minibatch import BlobSettings
 from pydetectron.data.proposals import attach_proposals, write_proposal_file
+from pydetectron.engine.console import ConsoleLog
 from pydetectron.engine.dataset_cfg import apply_dataset_meta, select_datasets
 from pydetectron.engine.inference_model import build_inference_model
 from pydetectron.engine.trainer import AmpSettings
@@ -419,8 +420,14 @@ def run_test(cfg, options: TestOptions, print_fn: Print = print) -> dict[str, di
         cfg.TEST.DATASETS = (saved[0],)
     if not is_main_process():
         print_fn = _silent
-    prepare_test_cfg(cfg, options, print_fn)
     output_dir = default_output_dir(options)
+    # the console also goes to <output_dir>/log.txt (rank 0; a --range child's parent keeps its log)
+    with ConsoleLog(output_dir / "log.txt" if is_main_process() and options.range is None else None):
+        return _test_datasets(cfg, options, saved, output_dir, print_fn)
+
+
+def _test_datasets(cfg, options: TestOptions, saved, output_dir: Path, print_fn: Print):
+    prepare_test_cfg(cfg, options, print_fn)
     if is_main_process():
         output_dir.mkdir(parents=True, exist_ok=True)
     if saved is not None:  # --eval_only: no model, evaluate the saved detections again
