@@ -166,7 +166,7 @@ def _worker_main(main_fn, args: tuple, rank: int, world_size: int, local_rank: i
     os.environ["LOCAL_RANK"] = str(local_rank)  # the training code picks its GPU from it
     dist.init_process_group("nccl" if use_nccl else "gloo", init_method=init_method, world_size=world_size,
                             rank=rank, timeout=datetime.timedelta(seconds=settings.timeout_s))
-    watchdog = Watchdog(dist.distributed_c10d._get_default_store(), rank, world_size, settings.heartbeat_timeout_s)
+    watchdog = Watchdog(_group_store(), rank, world_size, settings.heartbeat_timeout_s)
     watchdog.start()
     try:
         main_fn(*args)
@@ -177,6 +177,16 @@ def _worker_main(main_fn, args: tuple, rank: int, world_size: int, local_rank: i
     finally:
         watchdog.stop()
     dist.destroy_process_group()
+
+
+def _group_store() -> dist.Store:
+    """The key-value store the default process group rendezvoused through (torch keeps it; its accessor is
+    private, hence the clear error if a torch version renames it)."""
+    getter = getattr(dist.distributed_c10d, "_get_default_store", None)
+    if getter is None:
+        raise RuntimeError("this torch version has no torch.distributed.distributed_c10d._get_default_store: the "
+                           "failure watchdog of engine/launch.py needs the process group's store")
+    return getter()
 
 
 def is_collective_error(exc: BaseException) -> bool:
