@@ -16,6 +16,7 @@ from torch import nn
 from pydetectron.config import get_cfg
 from pydetectron.data.loader import build_train_loader
 from pydetectron.data.minibatch import BlobSettings
+from pydetectron.engine.hooks import TrainerHook
 from pydetectron.engine.logger import TrainingLogger
 from pydetectron.engine.trainer import Trainer, TrainLoopSettings
 from pydetectron.engine.training import wrap_for_training
@@ -44,8 +45,18 @@ class CountingDetector(nn.Module):
         return {"loss_count": (error ** 2).mean(), "mean_error": error.detach().abs().mean()}
 
 
+class LoggedLosses(TrainerHook):
+    """Keeps the losses each step logged (averaged over the ranks by the trainer)."""
+
+    def __init__(self):
+        self.steps: list[dict] = []
+
+    def after_step(self, trainer, step, losses) -> None:
+        self.steps.append(dict(losses))
+
+
 def train_counting_detector(roidb: list, steps: int, iter_size: int, batch_per_process: int, devices: int,
-                            seed: int = 5) -> nn.Module:
+                            seed: int = 5, logged: LoggedLosses | None = None) -> nn.Module:
     """`steps` SGD steps of a CountingDetector through the training glue: DDP when a group is up (one device per
     process), else the DataParallel over `devices` sub-batches of each minibatch."""
     torch.manual_seed(0)
@@ -60,14 +71,15 @@ def train_counting_detector(roidb: list, steps: int, iter_size: int, batch_per_p
     settings = TrainLoopSettings(max_iter=steps, iter_size=iter_size, snapshot_iters=10**6, save_checkpoints=False)
     trainer = Trainer(model, optimizer, LRSchedule("step", 0.01, steps, step_size=10**6), loader, forward, settings,
                       TrainingLogger(None, steps, print_fn=lambda _: None), print_fn=lambda _: None,
-                      accumulate_context=accumulate)
+                      hooks=[logged] if logged else [], accumulate_context=accumulate)
     trainer.train()
     return model
 
 
 def ddp_training(out_dir: str, roidb: list, steps: int, iter_size: int) -> None:
-    model = train_counting_detector(roidb, steps, iter_size, batch_per_process=1, devices=1)
-    torch.save(model.state_dict(), Path(out_dir) / f"params_rank{get_rank()}.pt")
+    logged = LoggedLosses()
+    model = train_counting_detector(roidb, steps, iter_size, batch_per_process=1, devices=1, logged=logged)
+    torch.save({"params": model.state_dict(), "logged": logged.steps}, Path(out_dir) / f"rank{get_rank()}.pt")
 
 
 def sync_batch_norm(out_dir: str, images: torch.Tensor, upstream: torch.Tensor) -> None:

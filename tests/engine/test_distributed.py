@@ -41,13 +41,18 @@ def test_two_ranks_of_one_image_train_like_one_process_on_both(tmp_path, shapes_
     """3 steps of iter_size 2 (no_sync on the inner pass): DDP 2 ranks x 1 image = one process whose
     DataParallel runs the same 2 images as 2 sub-batches."""
     launch(dist_workers.ddp_training, TWO_CPU_PROCESSES, (str(tmp_path), shapes_roidb, 3, 2))
-    reference = dist_workers.train_counting_detector(shapes_roidb, 3, 2, batch_per_process=2, devices=2)
+    logged = dist_workers.LoggedLosses()
+    reference = dist_workers.train_counting_detector(shapes_roidb, 3, 2, batch_per_process=2, devices=2,
+                                                     logged=logged)
+    for rank in (0, 1):
+        saved = torch.load(tmp_path / f"rank{rank}.pt")
+        for name, value in reference.state_dict().items():
+            torch.testing.assert_close(saved["params"][name], value, rtol=0, atol=1e-5, msg=f"rank {rank}: {name}")
+        # the logged losses are averaged over the ranks: the one process's loss over both images
+        for got, expected in zip(saved["logged"], logged.steps, strict=True):
+            assert got["loss_count"] == pytest.approx(expected["loss_count"], rel=1e-5)
     torch.manual_seed(0)
     untrained = dist_workers.CountingDetector()
-    for rank in (0, 1):
-        params = torch.load(tmp_path / f"params_rank{rank}.pt")
-        for name, value in reference.state_dict().items():
-            torch.testing.assert_close(params[name], value, rtol=0, atol=1e-5, msg=f"rank {rank}: {name}")
     moved = sum(float((p - q).detach().abs().max()) for p, q in zip(reference.parameters(), untrained.parameters()))
     assert moved > 1e-3  # the comparison is not between two untrained models
 
