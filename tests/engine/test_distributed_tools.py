@@ -100,15 +100,16 @@ def _train_args(tiny: dict, out: Path, *extra: str) -> list[str]:
 def ddp_run(tiny) -> tuple[Path, str]:
     """4 steps under torchrun on 2 ranks x 1 image (--bs 2: the config's batch of 1 x 1 GPU on 2 devices)."""
     out = tiny["root"] / "ddp"
-    run = _tool("train_net_step.py", *_train_args(tiny, out, "--bs", "2", "--dist-timeout", "60", "--set",
-                                                   "SOLVER.MAX_ITER", "8"), torchrun=True)
+    run = _tool("train_net_step.py", *_train_args(tiny, out, "--bs", "2", "--dist-timeout", "60", "--use_tfboard",
+                                                   "--set", "SOLVER.MAX_ITER", "8"), torchrun=True)
     return out, run.stdout
 
 
 def test_only_rank_zero_writes_and_prints(ddp_run):
     out, stdout = ddp_run
     assert sorted(p.name for p in out.iterdir()) == ["ckpt", "config.yaml", "eval_step4", "log.txt", "metrics.json",
-                                                     "training_curves.png"]
+                                                     "tensorboard", "training_curves.png"]
+    assert len(list((out / "tensorboard").iterdir())) == 1  # one event file: one writer
     assert sorted(p.name for p in (out / "ckpt").iterdir()) == ["model_final.pth", "model_step2.pth",
                                                                 "model_step4.pth"]
     records = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
