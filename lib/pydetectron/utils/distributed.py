@@ -64,15 +64,6 @@ def average_scalars(values: Mapping[str, float], device: torch.device | str = "c
     return dict(zip(names, packed.tolist()))
 
 
-def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
-    """True on every rank when `flag` is True on at least one (e.g. a stop request that reached one rank)."""
-    if get_world_size() == 1:
-        return flag
-    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
 def collective_device() -> torch.device:
     """Where small tensors for collectives live: the current GPU under NCCL, else the CPU."""
     if is_distributed() and dist.get_backend() == "nccl":
