@@ -54,3 +54,40 @@ def test_ema_averages_weights_and_is_evaluated_in_their_place():
     restored = EMA(model, decay=0.5)
     restored.load_state_dict(ema.state_dict())
     assert restored.average["weight"].item() == expected
+
+
+def test_precise_bn_from_the_cfg_recomputes_a_detectors_batch_norms(tmp_path):
+    """TEST.PRECISE_BN wires the hook to fresh training batches and a training-mode forward of the detector."""
+    from pydetectron.config import assert_and_infer_cfg, get_cfg, merge_cfg_from_list
+    from pydetectron.data.catalog import DatasetSpec
+    from pydetectron.data.coco import CocoDataset
+    from pydetectron.data.roidb import filter_for_training
+    from pydetectron.data.shapes import generate_split
+    from pydetectron.engine.training import _cfg_hooks
+    from pydetectron.modeling.detector import build_detector
+
+    paths = generate_split(tmp_path, "train", 4, seed=0)
+    roidb = filter_for_training(CocoDataset(DatasetSpec("pbn", str(tmp_path / "train"),
+                                                        str(paths["instances"]))).get_roidb())
+    cfg = get_cfg()
+    merge_cfg_from_list(cfg, [
+        "MODEL.CONV_BODY", "FPN.add_fpn_ResNet18_conv5_body", "MODEL.NUM_CLASSES", 4, "MODEL.FASTER_RCNN", True,
+        "RESNETS.TRANS_FUNC", "basic_transformation", "RESNETS.NORM", "BN", "RESNETS.FREEZE_AT", 0,
+        "FPN.FPN_ON", True, "FPN.MULTILEVEL_ROIS", True, "FPN.MULTILEVEL_RPN", True, "FPN.DIM", 16,
+        "FAST_RCNN.ROI_BOX_HEAD", "fast_rcnn_heads.add_roi_2mlp_head", "FAST_RCNN.MLP_HEAD_DIM", 16,
+        "FAST_RCNN.ROI_XFORM_METHOD", "RoIAlign", "TRAIN.SCALES", (64,), "TRAIN.MAX_SIZE", 96,
+        "TRAIN.IMS_PER_BATCH", 1, "DATA_LOADER.NUM_THREADS", 0, "MODEL.LOAD_IMAGENET_PRETRAINED_WEIGHTS", False,
+        "TEST.PRECISE_BN.ENABLED", True, "TEST.PRECISE_BN.NUM_ITER", 2])
+    assert_and_infer_cfg(cfg)
+    torch.manual_seed(0)
+    model = build_detector(cfg)
+    lines = []
+    assert _cfg_hooks(cfg, model, roidb, torch.device("cpu"), None, lines.append) == []  # nothing to evaluate
+    (hook,) = _cfg_hooks(cfg, model, roidb, torch.device("cpu"), lambda step: {}, lines.append)
+    stem_bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    before = stem_bn.running_mean.clone()
+    model.eval()
+    hook.before_evaluation(None, 5)
+    assert not model.training  # the evaluation's mode is left as it was
+    assert lines and lines[-1].startswith("PreciseBN: statistics of") and "over 2 batches" in lines[-1]
+    assert not torch.equal(stem_bn.running_mean, before)
