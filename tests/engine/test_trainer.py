@@ -232,3 +232,26 @@ def test_clip_gradients_per_parameter_as_detectron2(kind, limit):
         expected_w, expected_b = torch.tensor([3.0, -0.005, 4.0]) * 0.02 / 5.0, torch.tensor([0.001])
     torch.testing.assert_close(weight.grad, expected_w, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(bias.grad, expected_b)
+
+
+def test_inner_passes_of_an_iter_size_step_run_without_gradient_sync(tmp_path):
+    """DDP's no_sync() wraps every pass but the last of a step, so gradients are all-reduced once per step."""
+    import contextlib
+
+    events = []
+
+    @contextlib.contextmanager
+    def no_sync():
+        events.append("no_sync enter")
+        yield
+        events.append("no_sync exit")
+
+    def forward(model, batch):
+        events.append("forward")
+        return model(**batch)
+
+    trainer = _trainer(_seeded_model(), tmp_path, 2, _batches(0), iter_size=3, forward=forward)
+    trainer.accumulate_context = no_sync
+    trainer.train()
+    one_step = ["no_sync enter", "forward", "no_sync exit"] * 2 + ["forward"]
+    assert events == one_step * 2
