@@ -103,6 +103,7 @@ def main() -> None:
     args = parser.parse_args()
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
+        os.environ["PYDETECTRON_CACHE"] = str(Path(tmp) / "cache")  # the spawned processes inherit it
         paths = generate_split(tmp, "train", 16, seed=0)
         spec = f"bench_shapes:{Path(tmp) / 'train'}:{paths['instances']}"
         cases = [("one process", dict(images_per_process=args.images, devices=1), None),

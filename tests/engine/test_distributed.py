@@ -33,7 +33,8 @@ def shapes_roidb(tmp_path_factory) -> list:
 
     root = tmp_path_factory.mktemp("dist_shapes")
     paths = generate_split(root, "train", 8, seed=2)
-    dataset = CocoDataset(DatasetSpec("dist_shapes", str(root / "train"), str(paths["instances"])))
+    dataset = CocoDataset(DatasetSpec("dist_shapes", str(root / "train"), str(paths["instances"])),
+                          cache_dir=str(root / "cache"))
     return filter_for_training(extend_with_flipped_entries(dataset.get_roidb(), dataset.meta))
 
 

@@ -72,8 +72,14 @@ DATA_LOADER:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict:
+def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp_tools")
+    with pytest.MonkeyPatch.context() as patch:  # roidb caches in the test folder (the tools inherit it)
+        patch.setenv("PYDETECTRON_CACHE", str(root / "cache"))
+        yield _tiny_dataset(root)
+
+
+def _tiny_dataset(root: Path) -> dict:
     paths = generate_split(root, "train", 6, seed=4)
     cfg = root / "tiny.yaml"
     cfg.write_text(TINY_CFG)

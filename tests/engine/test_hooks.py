@@ -67,8 +67,8 @@ def test_precise_bn_from_the_cfg_recomputes_a_detectors_batch_norms(tmp_path):
     from pydetectron.modeling.detector import build_detector
 
     paths = generate_split(tmp_path, "train", 4, seed=0)
-    roidb = filter_for_training(CocoDataset(DatasetSpec("pbn", str(tmp_path / "train"),
-                                                        str(paths["instances"]))).get_roidb())
+    spec = DatasetSpec("pbn", str(tmp_path / "train"), str(paths["instances"]))
+    roidb = filter_for_training(CocoDataset(spec, cache_dir=str(tmp_path / "cache")).get_roidb())
     cfg = get_cfg()
     merge_cfg_from_list(cfg, [
         "MODEL.CONV_BODY", "FPN.add_fpn_ResNet18_conv5_body", "MODEL.NUM_CLASSES", 4, "MODEL.FASTER_RCNN", True,
