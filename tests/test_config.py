@@ -489,6 +489,9 @@ def test_norm_selection():
     (("MODEL.KEYPOINTS_ON", "True"), "KRCNN.NUM_KEYPOINTS"),
     (("KRCNN.NUM_KEYPOINTS", "3", "KRCNN.OKS_SIGMAS", "(0.07, 0.07)"), "KRCNN.OKS_SIGMAS"),
     (("SOLVER.LAYER_WISE_LR_DECAY", "0.0"), "SOLVER.LAYER_WISE_LR_DECAY"),
+    (("SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "full_model"), "SOLVER.CLIP_GRADIENTS.CLIP_TYPE"),
+    (("SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "0.0"), "SOLVER.CLIP_GRADIENTS.CLIP_VALUE"),
+    (("TEST.PRECISE_BN.NUM_ITER", "0"), "TEST.PRECISE_BN.NUM_ITER"),
 ])
 def test_checks_name_the_offending_key(pairs, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """R-50-FPN Mask R-CNN, ours vs. torchvision's maskrcnn_resnet50_fpn, in one run (../shared/BENCHMARKING.md).
 
-    python tools/benchmark_model.py [--threads 2] [--height 800 --width 1067] [--repeats 3] [--device cpu]
+    python tools/benchmark_model.py [--threads 2] [--height 800 --width 1067] [--repeats 3] [--device cpu] [--amp]
 
 Same image, same size, same threads. Both models have random weights, so before timing every normalisation
 layer is calibrated on the benchmark image (one forward pass sets its statistics to the batch's), and score
 thresholds are 0 so both keep 1000 proposals and 100 detections: the printed workload shows it. Training
 iterations run at learning rate 0 (the optimizer step still runs) on a fixed batch with the same ground truth.
-Peak memory is measured in a process of its own for each model.
+Peak memory is measured in a process of its own for each model. --amp runs both sides' training iterations
+under autocast (float16 + GradScaler on CUDA, bfloat16 on the CPU), as `--amp` trains.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from pydetectron.config import assert_and_infer_cfg, get_cfg, merge_cfg_from_file, merge_cfg_from_list
 from pydetectron.data.minibatch import BlobSettings, prepare_test_image, scaled_size
 from pydetectron.engine.checkpoint import atomic_save
+from pydetectron.engine.trainer import AmpSettings
 from pydetectron.modeling.detector import build_detector, total_loss
 from pydetectron.modeling.layers import AffineChannel2d
 from pydetectron.utils.benchmark import TABLE_HEADER, compare, machine_description
@@ -114,7 +116,8 @@ class Workloads:
     """The same image and ground truth, in each model's input format."""
 
     def __init__(self, height: int, width: int, device: torch.device, ims_per_batch: int,
-                 models: tuple[str, ...] = ("ours", "peer"), num_classes: int = 81):
+                 models: tuple[str, ...] = ("ours", "peer"), num_classes: int = 81, amp: bool = False):
+        self.amp = AmpSettings(amp, device.type)
         self.image, self.boxes, self.masks = synthetic_scene(height, width)
         self.device = device
         self.ims_per_batch = ims_per_batch
@@ -174,12 +177,20 @@ class Workloads:
         def step_fn(model, loss_fn):
             params = [p for p in model.parameters() if p.requires_grad]
             optimizer = torch.optim.SGD(params, lr=0.0, momentum=0.9)
+            scaler = self.amp.grad_scaler()
 
             def step():
                 optimizer.zero_grad(set_to_none=True)
-                losses = loss_fn()
-                total_loss(losses).backward()
-                optimizer.step()
+                with self.amp.autocast():
+                    losses = loss_fn()
+                total = total_loss({k: v.float() for k, v in losses.items()})
+                if scaler is None:
+                    total.backward()
+                    optimizer.step()
+                else:
+                    scaler.scale(total).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
             return step
 
         ours = peer = None
@@ -196,7 +207,8 @@ def measure_memory(which: str, args) -> None:
     """Child-process mode: only the model measured is built; a few training iterations, then the peak RSS
     (CPU) or max_memory_allocated (CUDA) of this process."""
     device = torch.device(args.device)
-    work = Workloads(args.height, args.width, device, args.ims_per_batch, models=(which,), num_classes=args.num_classes)
+    work = Workloads(args.height, args.width, device, args.ims_per_batch, models=(which,), num_classes=args.num_classes,
+                     amp=args.amp)
     work.calibrate()
     ours, peer = work.training_steps()
     step = ours if which == "ours" else peer
@@ -211,7 +223,7 @@ def peak_memory_of(which: str, args) -> float:
     """Peak memory (MB) of a few training iterations of `which` ('ours' / 'peer'), in a process of its own."""
     cmd = [sys.executable, __file__, "--_memory_of", which] + [
         f"--{k}={v}" for k, v in vars(args).items() if k in ("threads", "height", "width", "device", "ims_per_batch",
-                                                               "num_classes")]
+                                                               "num_classes")] + (["--amp"] if args.amp else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
     return float(json.loads(out)["peak_mb"])
 
@@ -229,6 +241,7 @@ def main() -> None:
     parser.add_argument("--save_calibrated", metavar="PATH",
                         help="also write our calibrated model as a checkpoint (--load_ckpt of tools/test_net.py, to "
                              "time it on a dataset with --num_classes classes)")
+    parser.add_argument("--amp", action="store_true", help="training iterations under autocast (both models)")
     parser.add_argument("--_memory_of", choices=["ours", "peer"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -240,7 +253,7 @@ def main() -> None:
     print(machine_description(args.threads) + f"; device {device}")
     # Children first: a child forked from a parent holding both models would report the parent's peak RSS.
     peaks = {} if args.skip_memory else {which: peak_memory_of(which, args) for which in ("ours", "peer")}
-    work = Workloads(args.height, args.width, device, args.ims_per_batch, num_classes=args.num_classes)
+    work = Workloads(args.height, args.width, device, args.ims_per_batch, num_classes=args.num_classes, amp=args.amp)
     work.calibrate()
     if args.save_calibrated:
         atomic_save({"model": work.ours_model.state_dict(), "step": 0}, args.save_calibrated)
@@ -253,7 +266,8 @@ def main() -> None:
         work.ours_detect, work.peer_detect, device, repeats=args.repeats, warmup=1)
     print(inference.row(), flush=True)
     ours_step, peer_step = work.training_steps()
-    training = compare("training iteration (lr 0)", f"{args.ims_per_batch} x {size}, {NUM_OBJECTS} gt objects",
+    title = "training iteration (lr 0)" + (f" AMP {work.amp.dtype}" if args.amp else "")
+    training = compare(title, f"{args.ims_per_batch} x {size}, {NUM_OBJECTS} gt objects",
                        ours_step, peer_step, device, repeats=args.repeats, warmup=1)
     print(training.row(), flush=True)
     if peaks:

@@ -9,6 +9,8 @@ dir (default: <checkpoint dir>/../test), and prints the 12-line summary per task
 lines and images/second. Parallel testing: --multi-gpu-testing (one process per GPU) or --num_workers N
 split the dataset into N ranges, run this tool once per range (--range START END), and merge.
 Re-evaluate earlier results without inference: --eval_only <output dir>/detections.pkl.
+Distributed: `torchrun --nproc_per_node N tools/test_net.py ...` (or --num-gpus N): each process tests its
+share of the images, rank 0 gathers them, writes detections.pkl and evaluates once.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import os
 import sys
 
 from pydetectron.engine.dataset_cfg import DatasetMismatchError
-from pydetectron.evaluation.test_engine import TestOptions, run_test
+from pydetectron.engine.launch import add_launch_args, launch, settings_from_args
+from pydetectron.engine.test_engine import TestOptions, run_test
 from pydetectron.utils.cli import (
     add_config_args,
     add_register_arg,
@@ -52,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval_only", metavar="DETECTIONS_PKL",
                         help="evaluate a detections.pkl written earlier again, without inference (no weights needed)")
     parser.add_argument("--no_cuda", dest="cuda", action="store_false", help="test on the CPU")
+    parser.add_argument("--amp", action="store_true",
+                        help="mixed-precision inference (SOLVER.AMP.ENABLED): float16 on CUDA, bfloat16 on the CPU")
+    add_launch_args(parser)
     args = parser.parse_args(argv)
     check_config_args(parser, args)
     if args.eval_only:
@@ -66,6 +72,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    launch(test_process, settings_from_args(args), (args,))
+
+
+def test_process(args: argparse.Namespace) -> None:
+    """What every process of the run does."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout)
     cfg = load_cfg(args)
     load_ckpt, load_detectron = (None, None) if args.eval_only else weights_of(args, cfg)
@@ -73,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg_file=args.cfg_file, set_cfgs=args.set_cfgs, dataset=args.dataset, register=args.register,
         load_ckpt=load_ckpt, load_detectron=load_detectron, output_dir=args.output_dir,
         range=tuple(args.range) if args.range else None, multi_gpu_testing=args.multi_gpu_testing,
-        num_workers=args.num_workers, vis=args.vis, eval_only=args.eval_only, use_cuda=args.cuda,
+        num_workers=args.num_workers, vis=args.vis, eval_only=args.eval_only, use_cuda=args.cuda, amp=args.amp,
         child_command=[sys.executable, os.path.abspath(__file__)],
     )
     try:

@@ -6,6 +6,14 @@
 The schedule in the config (written for NUM_GPUS x TRAIN.IMS_PER_BATCH images per step) is adapted to the
 batch size and devices you run with; the changes are printed at start. Ctrl-C or SIGTERM saves a checkpoint
 before exiting; `--resume --load_ckpt <ckpt>` continues exactly where it stopped.
+
+Several devices, one process each (DistributedDataParallel; NCCL on GPUs, gloo on the CPU):
+
+    torchrun --nproc_per_node 8 tools/train_net_step.py --dataset coco2017 --cfg ...
+    python tools/train_net_step.py --num-gpus 8 --dataset coco2017 --cfg ...          # detectron2-style
+
+Several machines: torchrun's --nnodes/--node_rank/--master_addr/--master_port, or --num-machines M
+--machine-rank R --dist-url tcp://HOST0:PORT on every machine. Only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -16,8 +24,10 @@ import sys
 from pathlib import Path
 
 from pydetectron.config.checks import canonical_optimizer
+from pydetectron.engine.launch import add_launch_args, launch, settings_from_args
 from pydetectron.engine.training import TrainOptions, run_training
 from pydetectron.utils.cli import add_config_args, add_register_arg, check_config_args, load_cfg
+from pydetectron.utils.distributed import is_main_process
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,15 +61,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output_dir", help="where checkpoints, metrics.json and curves go "
                         "(default Outputs/<cfg name>/<date-time>)")
     parser.add_argument("--seed", type=int, help="RNG_SEED (data order, sampling, initialisation)")
+    parser.add_argument("--keep_checkpoints", type=int, default=3,
+                        help="keep the newest N model_step*.pth in <output_dir>/ckpt (model_final.pth is always kept)")
+    parser.add_argument("--amp", action="store_true",
+                        help="mixed precision (SOLVER.AMP.ENABLED): float16 + GradScaler on CUDA, bfloat16 on the CPU")
+    add_launch_args(parser)
     args = parser.parse_args(argv)
     if args.resume and not args.load_ckpt:
         parser.error("--resume needs --load_ckpt <checkpoint>")
+    if args.keep_checkpoints < 1:
+        parser.error(f"--keep_checkpoints must be >= 1, got {args.keep_checkpoints}")
     check_config_args(parser, args)
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    launch(train, settings_from_args(args), (args,))
+
+
+def train(args: argparse.Namespace) -> None:
+    """What every process of the run does."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout)
     cfg = load_cfg(args)
     options = TrainOptions(
@@ -68,10 +90,12 @@ def main(argv: list[str] | None = None) -> None:
         start_step=args.start_step, load_ckpt=args.load_ckpt, load_detectron=args.load_detectron,
         resume=args.resume, no_save=args.no_save, use_tfboard=args.use_tfboard,
         disp_interval=args.disp_interval, use_cuda=args.cuda, output_dir=args.output_dir, seed=args.seed,
-        cfg_name=Path(args.cfg_file).stem,
+        cfg_name=Path(args.cfg_file).stem, keep_checkpoints=args.keep_checkpoints, amp=args.amp,
     )
-    output_dir = run_training(cfg, options, print)
-    print(f"Done. Checkpoints: {output_dir / 'ckpt'}; metrics: {output_dir / 'metrics.json'}")
+    output_dir = run_training(cfg, options, lambda line: print(line, flush=True))
+    if is_main_process():
+        print(f"Done. Checkpoints: {output_dir / 'ckpt'}; metrics: {output_dir / 'metrics.json'}; "
+              f"log: {output_dir / 'log.txt'}")
 
 
 if __name__ == "__main__":

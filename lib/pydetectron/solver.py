@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -300,3 +300,29 @@ def set_learning_rate(
                     buffer.mul_(old_lr / new_lr)
     for group in optimizer.param_groups:
         group["lr"] = new_lr * group["lr_scale"]
+
+
+GradientClipper = Callable[[Iterable[nn.Parameter]], None]
+
+
+def build_gradient_clipper(cfg: Any) -> GradientClipper | None:
+    """SOLVER.CLIP_GRADIENTS as detectron2 applies it (``maybe_add_gradient_clipping``): each parameter's gradient
+    on its own, before the optimizer step: 'value' clamps every element to [-CLIP_VALUE, CLIP_VALUE], 'norm'
+    rescales a gradient whose NORM_TYPE-norm exceeds CLIP_VALUE. None when disabled."""
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    if not clip.ENABLED:
+        return None
+    value, norm_type, kind = float(clip.CLIP_VALUE), float(clip.NORM_TYPE), clip.CLIP_TYPE
+    if kind not in ("value", "norm"):
+        raise ValueError(f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE {kind!r} is unknown; valid: 'value', 'norm'")
+
+    def clip_each(parameters: Iterable[nn.Parameter]) -> None:
+        for p in parameters:
+            if p.grad is None:
+                continue
+            if kind == "value":
+                torch.nn.utils.clip_grad_value_(p, value)
+            else:
+                torch.nn.utils.clip_grad_norm_(p, value, norm_type)
+
+    return clip_each

@@ -49,7 +49,34 @@ def test_resume_matches_uninterrupted(start):
     sampler = InfiniteGroupedBatchSampler(groups, 21, 2, seed=99)
     sampler.load_state_dict({"seed": 3, "start_iter": start})
     assert _take(sampler, 80 - start) == full[start:]
-    assert sampler.state_dict() == {"seed": 3, "start_iter": start}
+    assert sampler.state_dict() == {"seed": 3, "start_iter": start, "batch_size": 2, "num_replicas": 1}
+
+
+def test_ranks_split_each_global_batch_and_cover_every_image_once_per_epoch():
+    groups = np.array([0] * 13 + [1] * 9)
+    one_process = _take(InfiniteGroupedBatchSampler(groups, 22, 4, seed=3), 30)
+    ranks = [_take(InfiniteGroupedBatchSampler(groups, 22, 2, seed=3, num_replicas=2, rank=r), 30) for r in (0, 1)]
+    # together the ranks see what one process with the global batch sees, rank 0 the first half of each
+    assert [a + b for a, b in zip(*ranks)] == one_process
+    assert all(not set(a) & set(b) for a, b in zip(ranks[0][:5], ranks[1][:5]))
+    # the first epoch (3 global batches of group 0, 2 of group 1) uses no image twice over both ranks
+    first_epoch = [i for rank in ranks for batch in rank[:5] for i in batch]
+    assert len(first_epoch) == len(set(first_epoch)) == 20
+    for rank in ranks:
+        assert all(len({int(groups[i]) for i in batch}) == 1 for batch in rank)
+
+
+@pytest.mark.parametrize("start", [0, 3, 17])
+def test_a_rank_resumes_at_any_step(start):
+    groups = np.array([0] * 13 + [1] * 9)
+    full = _take(InfiniteGroupedBatchSampler(groups, 22, 1, seed=8, num_replicas=3, rank=2), 40)
+    state = InfiniteGroupedBatchSampler(groups, 22, 1, seed=8, start_iter=start, num_replicas=3, rank=2).state_dict()
+    resumed = InfiniteGroupedBatchSampler(groups, 22, 1, seed=0, num_replicas=3, rank=2)
+    resumed.load_state_dict(state)
+    assert _take(resumed, 40 - start) == full[start:]
+    other_world = InfiniteGroupedBatchSampler(groups, 22, 1, num_replicas=2, rank=1)
+    with pytest.raises(ValueError, match="num_replicas 3"):
+        other_world.load_state_dict(state)
 
 
 def test_bad_sampler_arguments():
@@ -57,6 +84,8 @@ def test_bad_sampler_arguments():
         InfiniteGroupedBatchSampler(None, 0, 2)
     with pytest.raises(ValueError, match="batch_size"):
         InfiniteGroupedBatchSampler(None, 4, 0)
+    with pytest.raises(ValueError, match="rank 2 is not in 0 .. 1"):
+        InfiniteGroupedBatchSampler(None, 4, 1, num_replicas=2, rank=2)
 
 
 def _shapes_roidb(root):
@@ -82,6 +111,21 @@ def test_loader_batches_and_resume(tiny_shapes):
         torch.testing.assert_close(a["data"], b["data"])
         torch.testing.assert_close(a["im_info"], b["im_info"])
         assert [e["id"] for e in a["roidb"]] == [e["id"] for e in b["roidb"]]
+
+
+def test_each_rank_loads_its_half_of_the_global_batch_with_the_same_augmentation(tiny_shapes):
+    """Rank r's images, scales and flips are those of the r-th half of one process's global batch."""
+    roidb = _shapes_roidb(tiny_shapes)
+    settings = BlobSettings(scales=(64, 96, 128), max_size=200, pixel_means=(0, 0, 0), stride=32)
+    whole = _take(build_train_loader(roidb, settings, batch_size=2, num_workers=0, seed=6), 4)
+    ranks = [_take(build_train_loader(roidb, settings, batch_size=1, num_workers=0, seed=6, num_replicas=2,
+                                      rank=r), 4) for r in (0, 1)]
+    for step, batch in enumerate(whole):
+        for r in (0, 1):
+            part = ranks[r][step]
+            assert part["roidb"][0]["id"] == batch["roidb"][r]["id"]
+            assert part["roidb"][0]["flipped"] == batch["roidb"][r]["flipped"]
+            torch.testing.assert_close(part["im_info"][0], batch["im_info"][r])
 
 
 def _assert_same_batches(a, b):

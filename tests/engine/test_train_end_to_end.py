@@ -42,7 +42,10 @@ def test_training_runs_checkpoints_evaluates_and_resumes_exactly(tmp_path, tiny_
     full = _train(tmp_path, tiny_dataset, "full")
     printed = capsys.readouterr().out
     assert "[step 4/4]" in printed and "eta" in printed and "copypaste: Task: box" in printed
-    assert sorted(p.name for p in (full / "ckpt").iterdir()) == ["model_step2.pth", "model_step4.pth"]
+    assert sorted(p.name for p in (full / "ckpt").iterdir()) == ["model_final.pth", "model_step2.pth",
+                                                                 "model_step4.pth"]
+    log = (full / "log.txt").read_text()
+    assert "[step 4/4]" in log and "copypaste: Task: box" in log and "Adaptive config changes" in log
     records = [json.loads(line) for line in (full / "metrics.json").read_text().splitlines()]
     assert [r["step"] for r in records if "lr" in r] == [1, 2, 3, 4]
     assert {"loss_rpn_cls_fpn2", "loss_cls", "loss_bbox", "loss_mask"} <= set(records[0])

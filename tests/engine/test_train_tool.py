@@ -12,7 +12,8 @@ from pydetectron.engine.training import TrainOptions, adapt_cfg
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "train_net_step.py"
 FLAGS = ["--dataset", "--cfg", "--set", "--bs", "--nw", "--iter_size", "--o", "--lr", "--lr_decay_gamma",
          "--start_step", "--load_ckpt", "--load_detectron", "--resume", "--no_save", "--use_tfboard",
-         "--disp_interval", "--no_cuda", "--output_dir", "--seed", "--register"]
+         "--disp_interval", "--no_cuda", "--output_dir", "--seed", "--register", "--keep_checkpoints", "--amp",
+         "--num-gpus", "--num-machines", "--machine-rank", "--dist-url", "--dist-timeout"]
 
 
 def test_help_lists_every_flag():

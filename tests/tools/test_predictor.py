@@ -13,7 +13,7 @@ from pydetectron.data.coco import CocoDataset
 from pydetectron.engine.checkpoint import atomic_save
 from pydetectron.engine.predictor import Predictor, weights_flags
 from pydetectron.evaluation.inference import compact
-from pydetectron.evaluation.test_engine import TestOptions, load_detections, run_test
+from pydetectron.engine.test_engine import TestOptions, load_detections, run_test
 from pydetectron.modeling.detector import build_detector
 
 

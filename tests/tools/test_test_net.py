@@ -1,4 +1,4 @@
-"""tools/test_net.py and pydetectron.evaluation.test_engine: ranges, merging, detections.pkl, eval-only,
+"""tools/test_net.py and pydetectron.engine.test_engine: ranges, merging, detections.pkl, eval-only,
 multi-process testing, flags."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 
 from pydetectron.config import get_cfg, merge_cfg_from_file, merge_cfg_from_list
 from pydetectron.data.catalog import get_dataset
-from pydetectron.evaluation.test_engine import (
+from pydetectron.engine.test_engine import (
     TestOptions,
     load_detections,
     merge_detections,
@@ -132,7 +132,7 @@ def test_default_output_dir_is_beside_the_checkpoint(shapes_val, tiny_cfg_file, 
 
 
 def test_weights_outside_a_ckpt_folder_test_into_their_own_folder(tmp_path):
-    from pydetectron.evaluation.test_engine import default_output_dir
+    from pydetectron.engine.test_engine import default_output_dir
 
     pkl = tmp_path / "zoo" / "model_final.pkl"
     assert default_output_dir(TestOptions(load_detectron=str(pkl))) == (tmp_path / "zoo" / "test").resolve()
@@ -180,7 +180,7 @@ def test_multi_process_testing_merges_to_the_single_run(shapes_val, tiny_cfg_fil
 
 
 def test_children_get_one_gpu_each_or_a_share_of_the_cores(monkeypatch):
-    from pydetectron.evaluation import test_engine
+    from pydetectron.engine import test_engine
 
     monkeypatch.setattr(test_engine.torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
@@ -193,7 +193,7 @@ def test_children_get_one_gpu_each_or_a_share_of_the_cores(monkeypatch):
 def test_child_arguments_carry_the_parents_choices(tmp_path):
     options = TestOptions(cfg_file="c.yaml", set_cfgs=["TEST.SCALE", "96"], register=["d:i:a.json"],
                           load_ckpt="m.pth", use_cuda=False, vis=True, child_command=["python", "tool.py"])
-    from pydetectron.evaluation.test_engine import child_arguments
+    from pydetectron.engine.test_engine import child_arguments
 
     args = child_arguments(options, "d", 4, tmp_path, 3, 6)
     assert args[:2] == ["python", "tool.py"]

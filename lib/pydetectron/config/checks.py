@@ -114,6 +114,12 @@ def _check_solver(cfg: CfgNode) -> None:
         _fail(f"SOLVER.BETAS = {s.BETAS} must be two numbers in [0, 1)")
     if not 0.0 < s.LAYER_WISE_LR_DECAY <= 1.0:
         _fail(f"SOLVER.LAYER_WISE_LR_DECAY = {s.LAYER_WISE_LR_DECAY} must be in (0, 1] (1.0 = off)")
+    _one_of(cfg, "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", ("value", "norm"))
+    if s.CLIP_GRADIENTS.CLIP_VALUE <= 0 or s.CLIP_GRADIENTS.NORM_TYPE <= 0:
+        _fail(f"SOLVER.CLIP_GRADIENTS.CLIP_VALUE ({s.CLIP_GRADIENTS.CLIP_VALUE}) and NORM_TYPE "
+              f"({s.CLIP_GRADIENTS.NORM_TYPE}) must be positive")
+    if cfg.TEST.PRECISE_BN.NUM_ITER < 1:
+        _fail(f"TEST.PRECISE_BN.NUM_ITER = {cfg.TEST.PRECISE_BN.NUM_ITER} must be >= 1")
 
 
 def _check_input(cfg: CfgNode) -> None:

@@ -17,6 +17,13 @@ pydetectron's own additions (not in either project)
 - ``SOLVER.LAYER_WISE_LR_DECAY_GROUPS`` what a layer is: 'spark' (SparK's grouping: stem; res2; res3; res4 in
   groups of three blocks; res5; everything else at full lr) or 'per_block' (one layer per residual block).
 - ``TEST.EVAL_PERIOD``            evaluate every N training iterations; 0 = only at the end.
+- ``TEST.PRECISE_BN.ENABLED/NUM_ITER``  detectron2's PreciseBN: before each evaluation, BatchNorm running
+                                  statistics are recomputed as the true average over NUM_ITER training batches.
+- ``SOLVER.CLIP_GRADIENTS.*``     detectron2's gradient clipping (ENABLED, CLIP_TYPE 'value' | 'norm',
+                                  CLIP_VALUE, NORM_TYPE), applied to each parameter's gradient separately.
+- ``SOLVER.AMP.ENABLED``          mixed precision (detectron2's key): float16 autocast + GradScaler on CUDA,
+                                  bfloat16 autocast on the CPU; losses and box decoding stay float32. Used by
+                                  training and by test_net.py's inference (``--amp`` sets it).
 - ``KRCNN.OKS_SIGMAS``            per-keypoint OKS sigmas for evaluation; () = COCO person sigmas.
 - ``FAST_RCNN.ROI_XFORM_ALIGNED``, ``MRCNN.ROI_XFORM_ALIGNED``, ``KRCNN.ROI_XFORM_ALIGNED``
                                   RoIAlign with the half-pixel offset (detectron2 style); False = Caffe2.
@@ -135,6 +142,9 @@ def _test(C: CfgNode) -> None:
     T.PRECOMPUTED_PROPOSALS = True  # inferred: False when the model has an RPN (or is RetinaNet)
     T.CLASS_SPECIFIC_AR = False
     T.EVAL_PERIOD = 0  # pydetectron: periodic evaluation during training; 0 = off
+    P = T.PRECISE_BN = CfgNode()  # detectron2's: recompute BN statistics before each evaluation
+    P.ENABLED = False
+    P.NUM_ITER = 200  # training batches (per process) the statistics are averaged over
     T.BBOX_AUG = _aug({"SCORE_HEUR": "UNION", "COORD_HEUR": "UNION"},
                       {"AREA_TH_LO": 50**2, "AREA_TH_HI": 180**2})
     T.MASK_AUG = _aug({"HEUR": "SOFT_AVG"}, {"AREA_TH": 180**2})  # SOFT_AVG | SOFT_MAX | LOGIT_AVG
@@ -220,6 +230,13 @@ def _solver(C: CfgNode) -> None:
     S.BETAS = (0.9, 0.999)
     S.LAYER_WISE_LR_DECAY = 1.0
     S.LAYER_WISE_LR_DECAY_GROUPS = "spark"  # 'spark' (SparK's lr_factor_func) | 'per_block'
+    G = S.CLIP_GRADIENTS = CfgNode()  # detectron2's keys and meaning: each parameter's gradient clipped alone
+    G.ENABLED = False
+    G.CLIP_TYPE = "value"  # 'value': every element into [-CLIP_VALUE, CLIP_VALUE]; 'norm': the norm to CLIP_VALUE
+    G.CLIP_VALUE = 1.0
+    G.NORM_TYPE = 2.0  # the p of the p-norm for 'norm'
+    A = S.AMP = CfgNode()  # detectron2's key; --amp on train_net_step.py and test_net.py sets it
+    A.ENABLED = False  # autocast float16 + GradScaler on CUDA, bfloat16 autocast on the CPU
 
 
 def _fast_rcnn(C: CfgNode) -> None:

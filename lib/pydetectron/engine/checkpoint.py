@@ -51,8 +51,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return checkpoint
 
 
+FINAL_NAME = "model_final.pth"
+
+
 class CheckpointManager:
-    """Writes `<dir>/model_step<N>.pth` atomically and keeps only the newest `keep` of them."""
+    """Writes `<dir>/model_step<N>.pth` atomically and keeps only the newest `keep` of them (``--keep_checkpoints``);
+    the last step of a finished run is also kept as `<dir>/model_final.pth` (detectron2's name), never deleted."""
 
     def __init__(self, directory: str | os.PathLike, keep: int = 3):
         if keep < 1:
@@ -74,12 +78,29 @@ class CheckpointManager:
         found = self.checkpoints()
         return found[-1][1] if found else None
 
-    def save(self, step: int, state: dict) -> Path:
+    def final_path(self) -> Path:
+        return self.directory / FINAL_NAME
+
+    def save(self, step: int, state: dict, final: bool = False) -> Path:
+        """Write step `step`'s checkpoint; with `final`, model_final.pth too (a hard link to the same file
+        where the file system allows, else a second atomic write)."""
         path = self.path_for(step)
         atomic_save(state, path)
+        if final:
+            self._link_final(path, state)
         for _, old in self.checkpoints()[: -self.keep]:
             old.unlink(missing_ok=True)
         return path
+
+    def _link_final(self, path: Path, state: dict) -> None:
+        final = self.final_path()
+        tmp = final.with_name(f".{final.name}.link")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(path, tmp)
+            os.replace(tmp, final)
+        except OSError:
+            atomic_save(state, final)
 
 
 def capture_rng_state() -> dict:

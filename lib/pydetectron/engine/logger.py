@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import re
 import resource
 import statistics
@@ -25,6 +26,9 @@ class SmoothedValue:
         self.count = 0
 
     def add(self, value: float) -> None:
+        """Record `value`; a non-finite one (an AMP step that was skipped) is left out of the statistics."""
+        if not math.isfinite(value):
+            return
         self.window.append(value)
         self.total += value
         self.count += 1

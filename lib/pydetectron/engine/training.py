@@ -2,16 +2,26 @@
 
 The adaptation follows Detectron.pytorch's train_net_step.py: the config's schedule was written for
 NUM_GPUS x TRAIN.IMS_PER_BATCH images per step; we scale BASE_LR with the batch size we run and STEPS /
-MAX_ITER inversely with the effective batch size (x iter_size), then apply the command-line overrides.
+MAX_ITER inversely with the effective batch size (x iter_size), then apply the command-line overrides. In a
+distributed run every process is one device: the device count is the world size, and the total batch is
+world size x TRAIN.IMS_PER_BATCH x iter_size.
+
+Distributed (``engine/launch.py`` started the processes): the detector is wrapped in DistributedDataParallel
+(one device per process); each rank reads its slice of every global batch (``data/samplers.py``); only rank 0
+writes checkpoints, metrics.json, tensorboard, pictures and ``log.txt``; evaluation is shared by the ranks
+(``engine/test_engine.py``).
 """
 
 from __future__ import annotations
 
 import datetime
+import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from pycocotools.coco import COCO
 
@@ -20,15 +30,18 @@ from pydetectron.data.loader import build_train_loader_from_cfg
 from pydetectron.data.minibatch import BlobSettings, split_per_device
 from pydetectron.data.roidb import combined_roidb_from_cfg
 from pydetectron.engine.checkpoint import CheckpointManager, load_checkpoint
+from pydetectron.engine.console import ConsoleLog
 from pydetectron.engine.dataset_cfg import apply_dataset_meta, select_datasets
+from pydetectron.engine.hooks import PreciseBN, TrainerHook
 from pydetectron.engine.logger import TrainingLogger, read_metrics
-from pydetectron.engine.trainer import Trainer, TrainLoopSettings
-from pydetectron.evaluation.inference import evaluate_detections, inference_on_dataset
+from pydetectron.engine.test_engine import distributed_inference, open_dataset, proposal_file_of
+from pydetectron.engine.trainer import AmpSettings, Trainer, TrainLoopSettings
+from pydetectron.evaluation.inference import evaluate_detections
 from pydetectron.evaluation.proposal_eval import evaluate_rpn_detections
-from pydetectron.evaluation.test_engine import open_dataset, proposal_file_of
 from pydetectron.modeling.detector import build_detector
-from pydetectron.parallel import DataParallel
-from pydetectron.solver import LRSchedule, build_optimizer, scale_schedule
+from pydetectron.parallel import DataParallel, to_device
+from pydetectron.solver import LRSchedule, build_gradient_clipper, build_optimizer, scale_schedule
+from pydetectron.utils.distributed import broadcast_object, get_rank, get_world_size, is_main_process
 from pydetectron.vis import draw_training_curves
 from pydetectron.weights import load_pretrained
 from pydetectron.weights.download import cached_weights_path
@@ -60,17 +73,24 @@ class TrainOptions:
     seed: int | None = None
     cfg_name: str = "model"
     keep_checkpoints: int = 3
+    amp: bool = False
+    hooks: Sequence[TrainerHook] = ()  # extra trainer hooks (distillation, EMA, ...), after the cfg's own
 
 
 def training_device(options: TrainOptions) -> tuple[torch.device, int]:
-    """(device of the master copy, number of devices)."""
-    if options.use_cuda and torch.cuda.is_available():
+    """(device of the master copy, number of devices this process feeds): one GPU per process in a
+    distributed run (LOCAL_RANK), every visible GPU for the DataParallel otherwise, or the CPU."""
+    cuda = options.use_cuda and torch.cuda.is_available()
+    if get_world_size() > 1:
+        return (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")), 1
+    if cuda:
         return torch.device("cuda", 0), torch.cuda.device_count()
     return torch.device("cpu"), 1
 
 
 def adapt_cfg(cfg, options: TrainOptions, num_devices: int, print_fn: Print = print) -> None:
-    """Scale the schedule to the hardware and batch size, then apply the command-line solver overrides."""
+    """Scale the schedule to the hardware and batch size, then apply the command-line solver overrides.
+    `num_devices` counts every device of the run (world size x devices per process)."""
     original_ims_per_batch = cfg.TRAIN.IMS_PER_BATCH
     scaled = scale_schedule(
         cfg.SOLVER.BASE_LR, cfg.SOLVER.STEPS, cfg.SOLVER.MAX_ITER, cfg.NUM_GPUS, cfg.TRAIN.IMS_PER_BATCH,
@@ -96,6 +116,8 @@ def adapt_cfg(cfg, options: TrainOptions, num_devices: int, print_fn: Print = pr
         cfg.SOLVER.GAMMA = options.lr_decay_gamma
     if options.seed is not None:
         cfg.RNG_SEED = options.seed
+    if options.amp:
+        cfg.SOLVER.AMP.ENABLED = True
 
 
 def default_output_dir(cfg_name: str) -> Path:
@@ -134,17 +156,21 @@ def _flatten(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
 
 
 def make_evaluator(model, cfg, device, output_dir: Path, print_fn: Print):
-    """evaluate(step) -> flat metrics on TEST.DATASETS[0], or None when no test dataset is set."""
+    """evaluate(step) -> flat metrics on TEST.DATASETS[0] (on rank 0; None on the other ranks, which infer
+    their share of the images), or None when no test dataset is set."""
     if not cfg.TEST.DATASETS:
         return None
     dataset, entries = open_dataset(cfg.TEST.DATASETS[0], proposal_file_of(cfg, 0), int(cfg.TEST.PROPOSAL_LIMIT))
     settings = BlobSettings.from_cfg(cfg, train=False)
-    coco_gt = COCO(dataset.spec.ann_file)
+    coco_gt = COCO(dataset.spec.ann_file) if is_main_process() else None
     category_ids = [0] + [dataset.meta.contiguous_category_id_to_json_id[c]
                           for c in range(1, dataset.meta.num_classes)]
+    amp = AmpSettings(bool(cfg.SOLVER.AMP.ENABLED), device.type)
 
-    def evaluate(step: int) -> dict[str, float]:
-        detections = inference_on_dataset(model, entries, settings, device, print_fn)
+    def evaluate(step: int) -> dict[str, float] | None:
+        detections = distributed_inference(model, entries, settings, device, print_fn, amp=amp)
+        if detections is None:
+            return None
         if cfg.MODEL.RPN_ONLY:
             return _flatten({"box_proposal": evaluate_rpn_detections(entries, detections, dataset.name, print_fn)})
         metrics = evaluate_detections(coco_gt, detections, category_ids, dataset.name,
@@ -170,54 +196,141 @@ def check_proposal_files(cfg) -> None:
                 "test_net.py writes for an RPN-only model)")
 
 
-def run_training(cfg, options: TrainOptions, print_fn: Print = print) -> Path:
-    """Adapt and freeze `cfg`, train, and return the output directory (checkpoints, metrics, curves)."""
-    device, num_devices = training_device(options)
-    select_datasets(cfg, options.dataset, options.register, train=True)
-    adapt_cfg(cfg, options, num_devices, print_fn)
-    check_proposal_files(cfg)
-    roidb, meta = combined_roidb_from_cfg(cfg)
-    apply_dataset_meta(cfg, meta, print_fn)
-    assert_and_infer_cfg(cfg)
-    output_dir = Path(options.output_dir) if options.output_dir else default_output_dir(options.cfg_name)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(cfg_to_yaml(cfg))
-    print_fn(f"{len(roidb)} training entries from {', '.join(cfg.TRAIN.DATASETS)}; output in {output_dir}")
+def wrap_for_training(model: torch.nn.Module, cfg, device: torch.device, num_devices: int):
+    """(forward(batch) -> outputs, accumulate_context or None) for this process's model.
 
-    torch.manual_seed(cfg.RNG_SEED)
+    Distributed: DistributedDataParallel over the process group, one device per process. Every parameter that
+    requires a gradient receives one in each step of a generalized R-CNN or RetinaNet (a mask or keypoint head
+    without foreground RoIs still runs on one RoI, as in Detectron), so unused-parameter search stays off; the
+    exception is TRAIN.FREEZE_CONV_BODY, whose body outputs are detached (Detectron's StopGradient), so the
+    body's parameters get no gradient and DDP must look for them (find_unused_parameters).
+    One process: the custom DataParallel over this machine's GPUs (or the CPU)."""
+    if get_world_size() > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=None,  # inputs stay where they are: the roidb is read on the CPU
+            find_unused_parameters=bool(cfg.TRAIN.FREEZE_CONV_BODY))
+
+        def ddp_forward(batch: dict) -> dict:
+            return ddp(data=to_device(batch["data"], device), im_info=to_device(batch["im_info"], device),
+                       roidb=batch["roidb"])
+
+        return ddp_forward, ddp.no_sync
+    parallel = DataParallel(model, device_ids=list(range(num_devices)) if device.type == "cuda" else [])
+    stride = BlobSettings.from_cfg(cfg, train=True).stride
+
+    def forward(batch: dict) -> dict:
+        parts = split_per_device(batch, num_devices, stride) if num_devices > 1 else [batch]
+        return parallel(**{key: [part[key] for part in parts] for key in ("data", "im_info", "roidb")})
+
+    return forward, None
+
+
+def _seed_process(seed: int) -> None:
+    """Every generator a rank draws from in training (RoI sampling, dropout) seeded from the seed and its rank."""
+    rank_seed = seed + get_rank()
+    torch.manual_seed(rank_seed)
+    np.random.seed(rank_seed % 2**32)
+    random.seed(rank_seed)
+
+
+def _loader_start(checkpoint: dict | None, start_step: int, options: TrainOptions, print_fn: Print) -> int:
+    """Minibatches already consumed: the checkpoint's data position, else start_step x iter_size."""
+    if checkpoint is None or "data" not in checkpoint:
+        return start_step * options.iter_size
+    data = checkpoint["data"]
+    if int(data.get("num_replicas", 1)) != get_world_size():
+        print_fn(f"The checkpoint's data stream was cut for {data['num_replicas']} processes, this run has "
+                 f"{get_world_size()}: it continues at the same step with this run's global batches")
+    return int(data["start_iter"])
+
+
+def run_training(cfg, options: TrainOptions, print_fn: Print = print) -> Path:
+    """Adapt and freeze `cfg`, train, and return the output directory (checkpoints, metrics, curves, log.txt).
+
+    Runs in each process of a distributed run (``engine/launch.py``); only rank 0 prints and writes."""
+    if not is_main_process():
+        print_fn = _silent
+    output_dir = Path(broadcast_object(str(options.output_dir or default_output_dir(options.cfg_name))))
+    with ConsoleLog(output_dir / "log.txt" if is_main_process() else None):
+        device, local_devices = training_device(options)
+        select_datasets(cfg, options.dataset, options.register, train=True)
+        adapt_cfg(cfg, options, local_devices * get_world_size(), print_fn)
+        check_proposal_files(cfg)
+        roidb, meta = combined_roidb_from_cfg(cfg)
+        apply_dataset_meta(cfg, meta, print_fn)
+        assert_and_infer_cfg(cfg)
+        return _train(cfg, options, roidb, output_dir, device, local_devices, print_fn)
+
+
+def _silent(_: str) -> None:
+    """print_fn of the ranks other than 0."""
+
+
+def _train(cfg, options: TrainOptions, roidb, output_dir: Path, device: torch.device, local_devices: int,
+           print_fn: Print) -> Path:
+    main = is_main_process()
+    if main:
+        (output_dir / "config.yaml").write_text(cfg_to_yaml(cfg))
+    world = get_world_size()
+    print_fn(f"{len(roidb)} training entries from {', '.join(cfg.TRAIN.DATASETS)}; output in {output_dir}")
+    if world > 1:
+        print_fn(f"Distributed: {world} processes ({torch.distributed.get_backend()}), each on one "
+                 f"{device.type.upper()} device, {cfg.TRAIN.IMS_PER_BATCH} images each per pass; total batch "
+                 f"{world} x {cfg.TRAIN.IMS_PER_BATCH} x iter_size {options.iter_size} = "
+                 f"{world * cfg.TRAIN.IMS_PER_BATCH * options.iter_size}")
+
+    torch.manual_seed(cfg.RNG_SEED)  # the same initial weights on every rank
     model = build_detector(cfg).to(device)
-    checkpoint = load_weights(model, cfg, options, print_fn, output_dir)
+    checkpoint = load_weights(model, cfg, options, print_fn, output_dir if main else None)
     optimizer = build_optimizer(model, cfg)
     schedule = LRSchedule.from_cfg(cfg)
+    if world > 1:
+        _seed_process(cfg.RNG_SEED)
+    forward, accumulate = wrap_for_training(model, cfg, device, local_devices)
     batch_size = cfg.TRAIN.IMS_PER_BATCH * cfg.NUM_GPUS
     settings = TrainLoopSettings(
         max_iter=cfg.SOLVER.MAX_ITER, iter_size=options.iter_size, snapshot_iters=cfg.TRAIN.SNAPSHOT_ITERS,
         scale_momentum=cfg.SOLVER.SCALE_MOMENTUM, scale_momentum_threshold=cfg.SOLVER.SCALE_MOMENTUM_THRESHOLD,
         log_lr_change_threshold=cfg.SOLVER.LOG_LR_CHANGE_THRESHOLD, eval_period=cfg.TEST.EVAL_PERIOD,
+        save_checkpoints=not options.no_save, amp=AmpSettings(bool(cfg.SOLVER.AMP.ENABLED), device.type),
+        clip_gradients=build_gradient_clipper(cfg),
         extra_state={"train_size": len(roidb), "batch_size": batch_size, "iter_size": options.iter_size,
-                     "cfg": cfg_to_yaml(cfg)},
+                     "world_size": world, "cfg": cfg_to_yaml(cfg)},
     )
-    logger = TrainingLogger(output_dir, cfg.SOLVER.MAX_ITER, options.disp_interval, options.use_tfboard, print_fn)
-    checkpoints = None if options.no_save else CheckpointManager(output_dir / "ckpt", options.keep_checkpoints)
-    parallel = DataParallel(model, device_ids=list(range(num_devices)) if device.type == "cuda" else [])
-    stride = BlobSettings.from_cfg(cfg, train=True).stride
-
-    def forward(_, batch: dict) -> dict:
-        parts = split_per_device(batch, num_devices, stride) if num_devices > 1 else [batch]
-        return parallel(**{key: [part[key] for part in parts] for key in ("data", "im_info", "roidb")})
-
-    start_step = int(checkpoint["step"]) if checkpoint is not None else options.start_step
-    batches = build_train_loader_from_cfg(cfg, roidb, start_iter=start_step * options.iter_size)
-    trainer = Trainer(model, optimizer, schedule, batches, forward, settings, logger, checkpoints,
-                      make_evaluator(model, cfg, device, output_dir, print_fn), print_fn)
+    logger = TrainingLogger(output_dir if main else None, cfg.SOLVER.MAX_ITER, options.disp_interval,
+                            options.use_tfboard and main, print_fn)
+    checkpoints = CheckpointManager(output_dir / "ckpt", options.keep_checkpoints) if main else None
+    evaluate = make_evaluator(model, cfg, device, output_dir, print_fn)
+    hooks = _cfg_hooks(cfg, model, roidb, device, evaluate, print_fn) + list(options.hooks)
+    trainer = Trainer(model, optimizer, schedule, None, forward, settings, logger, checkpoints, evaluate,
+                      print_fn, hooks, accumulate)
+    start_step = options.start_step
     if checkpoint is not None:
-        trainer.restore(checkpoint)
+        start_step = trainer.restore(checkpoint)
         print_fn(f"Resuming from {options.load_ckpt} at step {start_step}")
+    trainer.batches = build_train_loader_from_cfg(
+        cfg, roidb, start_iter=_loader_start(checkpoint, start_step, options, print_fn),
+        devices_per_process=local_devices, num_replicas=world, rank=get_rank())
     try:
         trainer.train(start_step)
     finally:
         logger.close()
-        if logger.metrics_path and logger.metrics_path.exists():
+        if main and logger.metrics_path and logger.metrics_path.exists():
             draw_training_curves(read_metrics(logger.metrics_path), output_dir / "training_curves.png")
     print_fn(f"Training curves: {output_dir / 'training_curves.png'}")
     return output_dir
+
+
+def _cfg_hooks(cfg, model, roidb, device: torch.device, evaluate, print_fn: Print) -> list[TrainerHook]:
+    """The hooks the cfg asks for: TEST.PRECISE_BN before each evaluation."""
+    if not (cfg.TEST.PRECISE_BN.ENABLED and evaluate):
+        return []
+
+    def fresh_batches(step: int):
+        return iter(build_train_loader_from_cfg(cfg, roidb, devices_per_process=1, num_replicas=get_world_size(),
+                                                rank=get_rank(), seed=int(cfg.RNG_SEED) + 1 + step))
+
+    def run(batch: dict):
+        return model(to_device(batch["data"], device), to_device(batch["im_info"], device), batch["roidb"])
+
+    return [PreciseBN(model, fresh_batches, run, int(cfg.TEST.PRECISE_BN.NUM_ITER), print_fn)]

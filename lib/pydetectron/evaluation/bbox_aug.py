@@ -27,6 +27,7 @@ from pydetectron.data.minibatch import BlobSettings, prepare_test_image, scaled_
 from pydetectron.evaluation.instance_aug import InstanceAugmentation, augmented_heatmaps, augmented_mask_probs
 from pydetectron.evaluation.tta_passes import Transformations, augmented_passes, scale_box_widths
 from pydetectron.modeling.postprocess import BoxInference, box_results_with_nms_and_limit, predict_boxes
+from pydetectron.modeling.roi_heads import float32
 
 HEURISTICS = ("ID", "AVG", "UNION")
 VOTE_SCORING_METHODS = ("ID", "TEMP_AVG", "AVG", "IOU_AVG", "GENERALIZED_AVG", "QUASI_SUM")
@@ -186,7 +187,7 @@ def box_predictions(model: torch.nn.Module, image: np.ndarray, settings: BlobSet
     features = model.body(blob.to(device))
     rois = model.rpn(features, im_info).rois
     roi_feats = [features[i] for i in model.roi_indices]
-    cls_score, bbox_pred = model.box_outputs(model.box_head(roi_feats, rois))
+    cls_score, bbox_pred = float32(*model.box_outputs(model.box_head(roi_feats, rois)))
     probs = F.softmax(cls_score, dim=1)
     boxes = predict_boxes(rois[:, 1:5], bbox_pred, probs.shape[1], im_scale, image.shape[:2], params)
     return _Pass(probs, boxes, features, im_info)

@@ -37,6 +37,58 @@ class AffineChannel2d(nn.Module):
         return f"{self.num_features}"
 
 
+class SyncBatchNorm2d(nn.SyncBatchNorm):
+    """RESNETS.NORM SyncBN: batch statistics over the whole process group in training.
+
+    On GPUs this is torch's SyncBatchNorm (NCCL). torch's kernel refuses CPU tensors, so on the CPU (gloo) the
+    statistics are gathered as detectron2's NaiveSyncBatchNorm gathers them: each rank's per-channel sums of x
+    and x^2 and its element count go through one differentiable all_reduce, and the result is exactly batch
+    norm over the global batch, gradients included (ranks with different batch sizes weigh by their counts).
+    Outside a process group, or in eval mode, it is plain batch norm.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if input.device.type != "cpu" or not (self.training and distributed):
+            if input.device.type == "cpu":  # torch's SyncBatchNorm refuses CPU tensors even without a group
+                return nn.functional.batch_norm(
+                    input, self.running_mean, self.running_var, self.weight, self.bias,
+                    self.training or not self.track_running_stats, self._momentum(), self.eps)
+            return super().forward(input)
+        return self._gathered_batch_norm(input)
+
+    def _momentum(self) -> float:
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            return 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        return 0.0 if self.momentum is None else self.momentum
+
+    def _gathered_batch_norm(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.nn.functional import all_reduce
+
+        channels = x.shape[1]
+        count = torch.tensor([x.numel() / channels], dtype=x.dtype, device=x.device)
+        sums = torch.cat([x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3)), count])
+        sums = all_reduce(sums)  # SUM over the ranks, and its backward sums the gradients back
+        total = sums[-1]
+        mean = sums[:channels] / total
+        var = sums[channels:2 * channels] / total - mean * mean
+        momentum = self._momentum()
+        if self.track_running_stats:
+            with torch.no_grad():
+                unbiased = var * total / (total - 1).clamp(min=1)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
+        scale = torch.rsqrt(var + self.eps)
+        shift = -mean * scale
+        if self.affine:
+            scale = scale * self.weight
+            shift = shift * self.weight + self.bias
+        return x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+
+
 def group_count(dim: int, dim_per_gp: int, num_groups: int) -> int:
     """Number of GroupNorm groups for `dim` channels, as Detectron's ``get_group_gn``.
 
@@ -87,7 +139,7 @@ class NormSpec:
             return nn.GroupNorm(group_count(dim, self.gn_dim_per_gp, self.gn_num_groups), dim, eps=self.gn_eps)
         if self.kind == "BN":
             return nn.BatchNorm2d(dim)
-        return nn.SyncBatchNorm(dim)
+        return SyncBatchNorm2d(dim)
 
 
 # Caffe2's SpatialBN names its running statistics ``<blob>_rm`` / ``<blob>_riv`` (the latter holds the

@@ -317,6 +317,8 @@ class RetinaNet(nn.Module):
         im_info = checked_im_info("RetinaNet", data, im_info, roidb, self.training)
         features = self.body(data)
         logits, deltas = self.head(features)
+        # float32 for the losses and the decoding even when autocast ran the head in float16 / bfloat16
+        logits, deltas = [x.float() for x in logits], [d.float() for d in deltas]
         if self.training:
             with torch.no_grad():
                 targets = retinanet_targets(self.settings, features, roidb)

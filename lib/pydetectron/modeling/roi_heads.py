@@ -45,6 +45,12 @@ NMS_OKS_THRESH = 0.3  # Detectron's keypoint_results
 DEFAULT_ROI_HEADS = "DetectronROIHeads"
 
 
+def float32(*tensors: torch.Tensor) -> tuple:
+    """Head outputs in float32 (a no-op without AMP): under autocast the heads run in float16 / bfloat16, but
+    losses and box decoding keep Detectron's float32 numerics."""
+    return tuple(t.float() for t in tensors)
+
+
 class ROIHeads(ABC):
     """What the detector calls. ``features`` are the maps the heads pool from (finest first), ``proposals``
     ``(P, 5)`` RoIs in network-input pixels, ``im_info`` ``(N, 3)`` as the detector's, ``roidb`` the minibatch's
@@ -170,7 +176,7 @@ class DetectronROIHeads(ROIHeads):
             box_feat, res5 = self.box_head(features, targets.rois, return_res5=True)
         else:
             box_feat = self.box_head(features, targets.rois)
-        cls_score, bbox_pred = self.box_outputs(box_feat)
+        cls_score, bbox_pred = float32(*self.box_outputs(box_feat))
         losses = fast_rcnn_losses(
             cls_score, bbox_pred, targets.labels, targets.bbox_targets,
             targets.bbox_inside_weights, targets.bbox_outside_weights,
@@ -193,7 +199,7 @@ class DetectronROIHeads(ROIHeads):
             logits = self.mask_head.predict(res5[mt.roi_has_mask])
         else:
             logits = self.mask_head(roi_feats, mt.rois)
-        return mask_rcnn_loss(logits, mt.targets, s.loss_weight)
+        return mask_rcnn_loss(logits.float(), mt.targets, s.loss_weight)
 
     def _keypoint_loss(self, roi_feats, targets: FastRCNNTargets, roidb) -> torch.Tensor:
         s = self.keypoint_settings
@@ -201,7 +207,7 @@ class DetectronROIHeads(ROIHeads):
             targets.labelled, roidb, s.heatmap_size, self.sampling.fg_thresh, self.sampling.fg_rois_per_image,
             s.normalizer_denominator, s.min_count, self.generator,
         )
-        heatmaps = self.keypoint_head(roi_feats, kt.rois)
+        heatmaps = self.keypoint_head(roi_feats, kt.rois).float()
         normalizer = None if s.by_visible else kt.normalizer
         return keypoint_rcnn_loss(heatmaps, kt.locations, kt.weights, s.loss_weight, normalizer)
 
@@ -212,7 +218,7 @@ class DetectronROIHeads(ROIHeads):
         if precomputed and self.dedup_scale > 0:
             proposals, cls_score, bbox_pred = self._deduplicated_box_outputs(features, proposals)
         else:
-            cls_score, bbox_pred = self.box_outputs(self.box_head(features, proposals))
+            cls_score, bbox_pred = float32(*self.box_outputs(self.box_head(features, proposals)))
         results = detect_boxes(cls_score, bbox_pred, proposals, im_info, self.box_inference, sizes)
         det_rois = self.detection_rois(results, im_info)
         if self.mask_on:
@@ -233,7 +239,7 @@ class DetectronROIHeads(ROIHeads):
             inverse[rows] = group + index.shape[0]
             index = torch.cat([index, rows[first]])
         unique = proposals[index]
-        cls_score, bbox_pred = self.box_outputs(self.box_head(roi_feats, unique))
+        cls_score, bbox_pred = float32(*self.box_outputs(self.box_head(roi_feats, unique)))
         return unique[inverse], cls_score[inverse], bbox_pred[inverse]
 
     # The cascade's instance steps, public because test-time augmentation (evaluation/bbox_aug.py) runs them on
@@ -253,7 +259,7 @@ class DetectronROIHeads(ROIHeads):
         classes = torch.cat([det["classes"] for det in results])
         if det_rois.shape[0] == 0:
             return det_rois.new_zeros((0, self.mask_settings.resolution, self.mask_settings.resolution))
-        return mask_probs(self.mask_head(roi_feats, det_rois), classes)
+        return mask_probs(self.mask_head(roi_feats, det_rois).float(), classes)
 
     def add_masks(self, results: List[Detections], roi_feats, det_rois: torch.Tensor, sizes) -> None:
         """Detectron's ``im_detect_mask`` + ``segm_results``: ``masks`` ``(D, height, width)`` uint8."""
@@ -277,7 +283,7 @@ class DetectronROIHeads(ROIHeads):
         """Detectron's ``im_detect_keypoints`` + ``keypoint_results``: ``keypoints`` ``(D, K, 3)`` =
         (x, y, heatmap logit) in original pixels. With KRCNN.NMS_OKS, detections whose keypoints overlap a
         better one's (OKS > 0.3) are dropped and the rest ordered by mean keypoint logit, as Detectron does."""
-        heatmaps = self.keypoint_head(roi_feats, det_rois) if det_rois.shape[0] else None
+        heatmaps = self.keypoint_head(roi_feats, det_rois).float() if det_rois.shape[0] else None
         self.decode_keypoints(results, heatmaps)
 
     def decode_keypoints(self, results: List[Detections], heatmaps: torch.Tensor | None) -> None:

@@ -188,6 +188,8 @@ class RPN(nn.Module):
     def forward(self, features: Sequence[Tensor], im_info: Tensor, roidb: Sequence[dict] | None = None) -> RPNOutput:
         maps = [features[i] for i in self.feature_indices]
         logits, deltas = self.head(maps)
+        # float32 for the losses and the decoding even when autocast ran the head in float16 / bfloat16
+        logits, deltas = [x.float() for x in logits], [d.float() for d in deltas]
         anchors = self.anchor_generator([m.shape[-2:] for m in maps], maps[0].device)
         losses: dict[str, Tensor] = {}
         if roidb is not None:

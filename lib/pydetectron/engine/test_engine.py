@@ -8,6 +8,10 @@ Detectron's ``core/test_engine.py`` flow:
     merges the partial pickles;
   * the merged detections go to ``detections.pkl`` and are evaluated with pycocotools;
   * ``--eval_only <detections.pkl>`` evaluates a pickle written earlier, with no model at all.
+
+Under torchrun (or ``--num-gpus``, ``engine/launch.py``) every rank infers its contiguous share of the images
+(``distributed_inference``, also used by the evaluation during training), the detections are gathered on
+rank 0, which alone writes ``detections.pkl`` and evaluates, once.
 """
 
 from __future__ import annotations
@@ -30,12 +34,15 @@ from pydetectron.config import assert_and_infer_cfg, cfg_to_yaml
 from pydetectron.data.coco import CocoDataset
 from pydetectron.data.minibatch import BlobSettings
 from pydetectron.data.proposals import attach_proposals, write_proposal_file
+from pydetectron.engine.console import ConsoleLog
 from pydetectron.engine.dataset_cfg import apply_dataset_meta, check_num_classes, select_datasets
 from pydetectron.engine.inference_model import build_inference_model
+from pydetectron.engine.trainer import AmpSettings
 from pydetectron.evaluation.bbox_aug import detection_function
 from pydetectron.evaluation.coco_eval import copypaste_lines
 from pydetectron.evaluation.inference import evaluate_detections, inference_on_dataset
 from pydetectron.evaluation.proposal_eval import evaluate_rpn_detections
+from pydetectron.utils.distributed import all_gather_object, get_rank, get_world_size, is_main_process
 from pydetectron.vis import draw_detections, save_image
 from pydetectron.weights.download import is_url
 
@@ -64,6 +71,7 @@ class TestOptions:
     vis: bool = False
     eval_only: str | None = None
     use_cuda: bool = True
+    amp: bool = False  # --amp: SOLVER.AMP.ENABLED (autocast inference)
     child_command: Sequence[str] = field(default_factory=list)  # how to launch this tool again (multi-process)
 
 
@@ -121,7 +129,29 @@ def proposal_file_of(cfg, index: int) -> str | None:
 
 
 def inference_device(options: TestOptions) -> torch.device:
-    return torch.device("cuda", 0) if options.use_cuda and torch.cuda.is_available() else torch.device("cpu")
+    """The GPU of this process (LOCAL_RANK under torchrun, else 0), or the CPU."""
+    if options.use_cuda and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if get_world_size() > 1 else 0)
+    return torch.device("cpu")
+
+
+def rank_share(num_images: int, world_size: int, rank: int) -> tuple[int, int]:
+    """Rank `rank`'s contiguous [start, end) of `num_images` (sizes differ by at most one; may be empty)."""
+    bounds = np.linspace(0, num_images, world_size + 1).round().astype(int)
+    return int(bounds[rank]), int(bounds[rank + 1])
+
+
+def distributed_inference(model: torch.nn.Module, entries: Sequence[Mapping], settings: BlobSettings,
+                          device: torch.device, print_fn: Print = print, detect_fn=None,
+                          amp: AmpSettings | None = None) -> dict[int, dict] | None:
+    """Detections of every entry: each rank runs its share, rank 0 gets them all (the others get None).
+    In one process it is plain inference. `amp` runs the model under autocast (boxes decoded in float32)."""
+    start, end = rank_share(len(entries), get_world_size(), get_rank())
+    with (amp or AmpSettings()).autocast():
+        detections = inference_on_dataset(model, entries[start:end], settings, device, print_fn,
+                                          **({"detect_fn": detect_fn} if detect_fn is not None else {}))
+    parts = all_gather_object(detections)
+    return merge_detections(parts) if is_main_process() else None
 
 
 # ------------------------------------------------------------------------------------------- detections
@@ -245,17 +275,22 @@ def visualise(entries: Sequence[Mapping], detections: Mapping[int, dict], class_
 
 
 def run_inference(cfg, options: TestOptions, dataset: CocoDataset, entries: Sequence[Mapping], output_dir: Path,
-                  print_fn: Print = print) -> dict[int, dict]:
-    """Detections of this process's part of `dataset` (all of its roidb `entries`, or --range)."""
+                  print_fn: Print = print) -> dict[int, dict] | None:
+    """Detections of this process's part of `dataset` (all of its roidb `entries`, or --range); in a
+    distributed run each rank infers its share and rank 0 returns them all (the others None)."""
     start, end = check_range(options.range, len(entries)) if options.range else (0, len(entries))
     device = inference_device(options)
     model = build_inference_model(cfg, options.load_ckpt, options.load_detectron, device)
-    print_fn(f"Testing on {dataset.name}: images {start}..{end - 1} of {len(entries)}, on {device}")
+    world = get_world_size()
+    print_fn(f"Testing on {dataset.name}: images {start}..{end - 1} of {len(entries)}, on {device}"
+             + (f" and the devices of {world - 1} other processes" if world > 1 else ""))
     tic = time.perf_counter()
     # TEST.BBOX_AUG / BBOX_VOTE / MASK_AUG / KPS_AUG, else the model's own inference
     detect = detection_function(cfg, dataset.meta.keypoint_flip_permutation())
-    detections = inference_on_dataset(model, entries[start:end], BlobSettings.from_cfg(cfg, train=False), device,
-                                      print_fn, **({"detect_fn": detect} if detect is not None else {}))
+    detections = distributed_inference(model, entries[start:end], BlobSettings.from_cfg(cfg, train=False), device,
+                                       print_fn, detect, AmpSettings(bool(cfg.SOLVER.AMP.ENABLED), device.type))
+    if detections is None:
+        return None
     elapsed = time.perf_counter() - tic
     print_fn(f"Inference: {end - start} images in {elapsed:.1f} s, {(end - start) / max(elapsed, 1e-9):.2f} images/s")
     if options.vis and cfg.MODEL.RPN_ONLY:
@@ -298,6 +333,8 @@ def child_arguments(options: TestOptions, dataset_name: str, num_classes: int, o
         args.append("--no_cuda")
     if options.vis:
         args.append("--vis")
+    if options.amp:
+        args.append("--amp")
     args += ["--set", *options.set_cfgs, "MODEL.NUM_CLASSES", str(num_classes)]
     return args + (["TEST.PROPOSAL_FILES", repr((proposal_file,))] if proposal_file else [])
 
@@ -347,7 +384,8 @@ def _workers(options: TestOptions) -> int:
 def run_on_dataset(cfg, options: TestOptions, dataset_name: str, output_dir: Path, proposal_file: str | None = None,
                    print_fn: Print = print) -> dict[str, dict[str, float]] | None:
     """Detect (in this process, one --range, or several processes), save, and evaluate one dataset.
-    Returns the metrics, or None for a --range child (which only writes its partial pickle)."""
+    Returns the metrics, or None for a --range child (which only writes its partial pickle) and for the
+    ranks other than 0 of a distributed run."""
     dataset, entries = open_dataset(dataset_name, proposal_file, int(cfg.TEST.PROPOSAL_LIMIT))
     workers = _workers(options)
     if options.range is not None:
@@ -366,6 +404,8 @@ def run_on_dataset(cfg, options: TestOptions, dataset_name: str, output_dir: Pat
                  f"{num_images / max(elapsed, 1e-9):.2f} images/s (including start-up)")
     else:
         detections = run_inference(cfg, options, dataset, entries, output_dir, print_fn)
+        if detections is None:  # a rank other than 0 of a distributed test: rank 0 saves and evaluates
+            return None
     path = output_dir / DETECTIONS_FILE
     save_detections(path, dataset_name, detections, cfg_to_yaml(cfg))
     print_fn(f"Wrote detections to {path}")
@@ -377,12 +417,26 @@ def run_test(cfg, options: TestOptions, print_fn: Print = print) -> dict[str, di
 
     Results go to the output dir (one sub-folder per dataset when there are several). Returns
     {dataset: {task: {AP name: value}}} (empty for a --range child)."""
+    if get_world_size() > 1 and (options.range or options.eval_only or _workers(options) > 1):
+        raise ValueError("under torchrun / --num-gpus every process tests its share of the images: --range, "
+                         "--eval_only, --multi-gpu-testing and --num_workers are for a single process")
+    if options.amp:
+        cfg.SOLVER.AMP.ENABLED = True
     saved = load_detections(options.eval_only) if options.eval_only else None
     if saved is not None and not options.dataset:
         cfg.TEST.DATASETS = (saved[0],)
-    prepare_test_cfg(cfg, options, print_fn)
+    if not is_main_process():
+        print_fn = _silent
     output_dir = default_output_dir(options)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    # the console also goes to <output_dir>/log.txt (rank 0; a --range child's parent keeps its log)
+    with ConsoleLog(output_dir / "log.txt" if is_main_process() and options.range is None else None):
+        return _test_datasets(cfg, options, saved, output_dir, print_fn)
+
+
+def _test_datasets(cfg, options: TestOptions, saved, output_dir: Path, print_fn: Print):
+    prepare_test_cfg(cfg, options, print_fn)
+    if is_main_process():
+        output_dir.mkdir(parents=True, exist_ok=True)
     if saved is not None:  # --eval_only: no model, evaluate the saved detections again
         name, detections = saved
         print_fn(f"Evaluating the detections of {len(detections)} images from {options.eval_only} on {name}")
@@ -395,3 +449,7 @@ def run_test(cfg, options: TestOptions, print_fn: Print = print) -> dict[str, di
         if metrics is not None:
             results[name] = metrics
     return results
+
+
+def _silent(_: str) -> None:
+    """print_fn of the ranks other than 0."""
