@@ -10,31 +10,20 @@ from __future__ import annotations
 import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from pydetectron.weights.files import write_object
+
 _NAME = re.compile(r"^model_step(\d+)\.pth$")
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to `path` through a temp file + fsync + rename (atomic on POSIX)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
+    """torch.save to `path` through a temp file + fsync + rename (atomic on POSIX; ``weights.files``)."""
+    write_object(obj, path, "torch")
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
