@@ -369,3 +369,34 @@ def test_detectron2_c4_detector_gives_res5_from_its_box_head(tmp_path):
     report = load_pretrained(body, path, _cfg(), print_fn=lambda _: None)
     assert report.missing == [] and report.unused == []
     torch.testing.assert_close(body.res5[2].branch2c.conv.weight, net.layer4[2].conv3.weight, rtol=0, atol=0)
+
+
+def _randomize_gn(net: nn.Module, seed: int) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.GroupNorm):
+                m.weight.copy_(torch.rand(m.num_channels, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.num_channels, generator=gen) * 0.2)
+    return net.eval()
+
+
+def test_timm_groupnorm_resnet_loads_into_a_gn_body_only(tmp_path):
+    """timm's resnet50_gn names its GroupNorms 'bn1', 'bn2'... (no running statistics): a GN body computes the
+    source network; a batch-norm body would have taken the GN affine parameters for folded BN ones."""
+    torch.manual_seed(11)
+    net = _randomize_gn(timm.create_model("resnet50_gn", pretrained=False), 11)
+    path = tmp_path / "resnet50_gn.pth"
+    torch.save(net.state_dict(), path)
+    mean, std = TV_MEAN * 255, TV_STD * 255
+    cfg = _cfg("RGB", mean, std)
+    body = _body(50, cfg, "GN")
+    report = load_pretrained(body, path, cfg, print_fn=lambda _: None)
+    assert report.missing == [] and report.unused == []
+    image = _image(11)
+    with torch.no_grad():
+        want = net.forward_features(_source_input(image, "RGB", mean, std))
+    assert _rel_err(_our_output(body, cfg, image), want) < 1e-4
+    for norm in ("AffineChannel", "BN"):
+        with pytest.raises(WeightMismatchError, match=r"resnet50_gn.pth.*\n.*missing from the file.*bn1.weight"):
+            load_pretrained(_body(50, cfg, norm), path, cfg, print_fn=lambda _: None)
