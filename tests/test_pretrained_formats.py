@@ -400,3 +400,23 @@ def test_timm_groupnorm_resnet_loads_into_a_gn_body_only(tmp_path):
     for norm in ("AffineChannel", "BN"):
         with pytest.raises(WeightMismatchError, match=r"resnet50_gn.pth.*\n.*missing from the file.*bn1.weight"):
             load_pretrained(_body(50, cfg, norm), path, cfg, print_fn=lambda _: None)
+
+
+@pytest.mark.parametrize("file_norm, cfg_text, body_norm", [
+    ("GN", "RESNETS:\n  USE_GN: true\n", "AffineChannel"),
+    ("GN", "RESNETS:\n  TRANS_FUNC: bottleneck_gn_transformation\n", "BN"),
+    ("AffineChannel", "RESNETS:\n  NORM: AffineChannel\n", "GN"),
+])
+def test_pydetectron_checkpoint_of_another_norm_kind_is_refused(tmp_path, file_norm, cfg_text, body_norm):
+    """GroupNorm and AffineChannel state dicts have the same keys: the checkpoint's cfg says which it is, and a
+    GN body never takes AffineChannel parameters (nor the other way round)."""
+    source = ResNet(18, norm=NormSpec(file_norm))
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": {f"body.{k}": v for k, v in source.state_dict().items()}, "cfg": cfg_text}, path)
+    with pytest.raises(WeightMismatchError, match=r"model_final.pth.*matches only part of the backbone(.|\n)*"
+                                                  r"missing from the file.*stem.conv1.norm.weight"):
+        load_pretrained(_body(18, _cfg(), body_norm), path, _cfg(), print_fn=lambda _: None)
+    same = _body(18, _cfg(), file_norm)
+    report = load_pretrained(same, path, _cfg(), print_fn=lambda _: None)
+    assert report.missing == [] and report.unused == []
+    torch.testing.assert_close(same.res3[1].branch2a.norm.weight, source.res3[1].branch2a.norm.weight, rtol=0, atol=0)
