@@ -420,3 +420,17 @@ def test_pydetectron_checkpoint_of_another_norm_kind_is_refused(tmp_path, file_n
     report = load_pretrained(same, path, _cfg(), print_fn=lambda _: None)
     assert report.missing == [] and report.unused == []
     torch.testing.assert_close(same.res3[1].branch2a.norm.weight, source.res3[1].branch2a.norm.weight, rtol=0, atol=0)
+
+
+def test_a_resnet_variant_without_a_detectron_counterpart_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "resnet18d.pth"
+    torch.save(timm.create_model("resnet18d", pretrained=False).state_dict(), path)
+    with pytest.raises(UnknownWeightsFormat, match=r"resnet18d.pth \(torchvision / timm.*conv1.0.weight.*deep-stem"):
+        load_pretrained(_body(18, _cfg()), path, _cfg())
+
+
+def test_a_wrapped_file_without_a_resnet_names_the_keys_inside_the_wrapper(tmp_path):
+    path = tmp_path / "vgg_checkpoint.pth"
+    torch.save({"epoch": 3, "state_dict": torchvision.models.vgg11(weights=None).state_dict()}, path)
+    with pytest.raises(UnknownWeightsFormat, match=r"vgg_checkpoint.pth holds no ResNet.*'state_dict'.*features.0.w"):
+        load_pretrained(_body(18, _cfg()), path, _cfg())

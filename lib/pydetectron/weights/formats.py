@@ -36,6 +36,7 @@ from pydetectron.weights.detectron2 import DETECTRON2_ANCHOR, blob_to_detectron2
 from pydetectron.weights.detectron_pkl import check_color_order, model_weight_mapping
 from pydetectron.weights.files import read_object_and_serializer
 from pydetectron.weights.torchvision import (
+    CHECKPOINT_WEIGHT_KEYS,
     TORCHVISION_ANCHOR,
     blob_to_torchvision_key,
     find_network,
@@ -138,7 +139,10 @@ class WeightFile:
             blobs, self._names, left_out = detectron2_to_blobs(self.weights)
             self.left_out = sorted(set(self.left_out) | {self.prefix + k for k in left_out})
         elif self.format == "torchvision":
-            blobs, self._names = torchvision_resnet_to_blobs(self.weights)
+            try:
+                blobs, self._names = torchvision_resnet_to_blobs(self.weights)
+            except KeyError as err:  # a ResNet variant without a Detectron counterpart (deep stem, SE blocks)
+                raise UnknownWeightsFormat(f"{self.path} ({self.description}): {err.args[0]}") from None
         else:
             if model is None:
                 raise ValueError(f"{self.path}: naming a pydetectron state dict's tensors needs the model")
@@ -255,8 +259,20 @@ def recognise(obj: Any, path: str) -> WeightFile:
     raise UnknownWeightsFormat(
         f"{path} holds no ResNet in any format pydetectron reads (Detectron .pkl blobs such as 'conv1_w', "
         f"detectron2 '{DETECTRON2_ANCHOR}', torchvision '{TORCHVISION_ANCHOR}', pydetectron "
-        f"'{PYDETECTRON_ANCHOR}', under any prefix or in 'state_dict' / 'model' / 'teacher'); top-level keys: "
-        f"{sorted(map(str, obj))[:12]}")
+        f"'{PYDETECTRON_ANCHOR}', under any prefix or in 'state_dict' / 'model' / 'teacher'); {_key_listing(obj)}")
+
+
+def _key_listing(obj: Mapping[str, Any]) -> str:
+    """The file's top-level keys and those inside the wrappers checkpoints keep their weights in."""
+    parts = [f"top-level keys: {sorted(map(str, obj))[:12]}"]
+    node, path = obj, []
+    for _ in CHECKPOINT_WEIGHT_KEYS:
+        inner = next((k for k in CHECKPOINT_WEIGHT_KEYS if isinstance(node.get(k), Mapping)), None)
+        if inner is None:
+            break
+        node, path = node[inner], path + [inner]
+        parts.append(f"keys in '{'/'.join(path)}': {sorted(map(str, node))[:12]}")
+    return "; ".join(parts)
 
 
 def read_weights(path: str | os.PathLike) -> WeightFile:
