@@ -175,3 +175,18 @@ def test_inspect_and_convert_refuse_files_without_a_resnet(tmp_path):
     torch.save({"state_dict": torchvision.models.vgg11().state_dict()}, path)
     with pytest.raises(SystemExit, match="vgg.pth holds no ResNet"):
         convert_weights.main(["inspect", str(path)])
+
+
+def test_inspect_gives_detectron_gn_files_the_stride_in_the_3x3_conv(tmp_path, capsys):
+    """Detectron's R-50-GN.pkl / R-101-GN.pkl were trained with STRIDE_1X1 False (its gn_baselines configs);
+    the MSRA R-50.pkl with True."""
+    from pydetectron.weights.detectron_pkl import detectron_blobs
+
+    for norm, stride in (("GN", "False"), ("AffineChannel", "True")):
+        path = tmp_path / f"R-50-{norm}.pkl"
+        with open(path, "wb") as f:
+            pickle.dump(detectron_blobs(ResNet(50, norm=NormSpec(norm))), f)
+        convert_weights.main(["inspect", str(path)])
+        text = capsys.readouterr().out
+        assert "Detectron's own ImageNet models: MODEL.INPUT_COLOR_ORDER BGR" in text
+        assert f"PIXEL_STDS [[[1.0, 1.0, 1.0]]], RESNETS.STRIDE_1X1 {stride}" in text

@@ -103,12 +103,13 @@ def input_lines(fmt: str, color_order: str | None, facts: BackboneFacts | None, 
         return ", ".join(f"{k} {v}" for k, v in settings.items())
 
     if fmt == "detectron":
-        stride = "False" if facts is not None and facts.groups > 1 else "True"
+        # MSRA's ResNets have the stride in the 1x1 conv; Detectron's ResNeXt and GN (R-50-GN.pkl) models in the 3x3
+        stride = "False" if facts is not None and (facts.groups > 1 or facts.norm == "GN") else "True"
         caffe = dict(CAFFE_INPUT, **{"RESNETS.STRIDE_1X1": stride})
         return ["Detectron file: BGR (conv1 is reversed on load for MODEL.INPUT_COLOR_ORDER RGB; give PIXEL_MEANS / "
                 "PIXEL_STDS in that order)",
                 f"  Detectron's own ImageNet models: {render(caffe)}"
-                + (" (ResNeXt: stride in the 3x3 conv)" if stride == "False" else ""),
+                + (" (ResNeXt and GN models: stride in the 3x3 conv)" if stride == "False" else ""),
                 "  a file converted from another source: that source's mean/std and stride placement"]
     if fmt == "pydetectron" and isinstance(cfg_yaml, str):
         return ["pydetectron checkpoint: use the PIXEL_MEANS, PIXEL_STDS, MODEL.INPUT_COLOR_ORDER and "
