@@ -190,3 +190,26 @@ def test_inspect_gives_detectron_gn_files_the_stride_in_the_3x3_conv(tmp_path, c
         text = capsys.readouterr().out
         assert "Detectron's own ImageNet models: MODEL.INPUT_COLOR_ORDER BGR" in text
         assert f"PIXEL_STDS [[[1.0, 1.0, 1.0]]], RESNETS.STRIDE_1X1 {stride}" in text
+
+
+def test_converting_a_detectron2_detector_says_what_it_leaves_out(tmp_path, capsys):
+    """detectron2 names cover the ResNet body: a d2 detector's heads are not converted, and the summary says so."""
+    net = _randomized(torchvision.models.resnet18(), 4)
+    model = {}
+    for key, value in net.state_dict().items():
+        key = key if "layer" in key else "stem." + key
+        for t in (1, 2, 3, 4):
+            key = key.replace(f"layer{t}", f"res{t + 1}")
+        for t in (1, 2):
+            key = key.replace(f"bn{t}", f"conv{t}.norm")
+        key = key.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
+        model["backbone.bottom_up." + key] = value
+    model["roi_heads.box_predictor.cls_score.weight"] = torch.zeros(5, 8)
+    src = tmp_path / "model_final.pth"
+    torch.save({"model": model, "iteration": 100}, src)
+    convert_weights.main(["convert", str(src), str(tmp_path / "body.pth"), "--to", "pydetectron"])
+    assert "left out 1 entries that are not this network (first: roi_heads.box_predictor.cls_score.weight)" in (
+        capsys.readouterr().out)
+    convert_weights.main(["inspect", str(src)])
+    text = capsys.readouterr().out
+    assert "ResNet-18" in text and "conv4_body" not in text  # the C4 head's res5 has 3 blocks, ResNet-18's 2

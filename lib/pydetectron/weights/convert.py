@@ -139,7 +139,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, input_order
             obj["cfg"] = _cfg_of(weights)
         write_object(obj, dst, "torch")
         written = obj["model"]
-    return f"{src} ({weights.description}, {facts}) -> {dst} ({to}, {len(written)} tensors)"
+    summary = f"{src} ({weights.description}, {facts}) -> {dst} ({to}, {len(written)} tensors)"
+    if weights.left_out:  # e.g. a detectron2 detector's heads, MoCo's key encoder: said, never dropped unnoticed
+        summary += (f"; left out {len(weights.left_out)} entries that are not this network "
+                    f"(first: {', '.join(weights.left_out[:5])})")
+    return summary
 
 
 def _tensor_entries(weights: Mapping[str, Any]) -> Dict[str, Any]:

@@ -84,7 +84,10 @@ def backbone_facts(blobs: Mapping[str, Any]) -> BackboneFacts | None:
 def architecture_lines(facts: BackboneFacts) -> List[str]:
     """cfg lines that build a body with this file's shape and a word on the norm choices it allows."""
     depth = facts.depth or "<depth>"
-    lines = [f"MODEL.CONV_BODY: FPN.add_fpn_ResNet{depth}_conv5_body (or ResNet{depth}_conv4_body for C4)"]
+    # the C4 box head (ResNet_roi_conv5_head) builds Detectron's 3-block res5: ResNet-18's has 2
+    c4 = (f" (or ResNet{depth}_conv4_body for C4)"
+          if len(facts.stage_blocks) == 4 and facts.stage_blocks[3] == 3 else "")
+    lines = [f"MODEL.CONV_BODY: FPN.add_fpn_ResNet{depth}_conv5_body{c4}"]
     if facts.groups > 1 or facts.width_per_group != 64:
         lines += [f"RESNETS.NUM_GROUPS: {facts.groups}", f"RESNETS.WIDTH_PER_GROUP: {facts.width_per_group}"]
     lines.append({
