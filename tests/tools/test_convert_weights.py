@@ -213,3 +213,17 @@ def test_converting_a_detectron2_detector_says_what_it_leaves_out(tmp_path, caps
     convert_weights.main(["inspect", str(src)])
     text = capsys.readouterr().out
     assert "ResNet-18" in text and "conv4_body" not in text  # the C4 head's res5 has 3 blocks, ResNet-18's 2
+
+
+def test_inspect_of_a_caffe2_named_resnext_gives_detectron2s_fair_model_its_std(tmp_path, capsys):
+    """detectron2's FAIR/X-101-32x8d.pkl has Detectron's blob names but was trained with a std (its configs)."""
+    from pydetectron.weights.detectron_pkl import detectron_blobs
+
+    path = tmp_path / "X-50-32x4d.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(detectron_blobs(ResNet(50, groups=32, width_per_group=4)), f)
+    convert_weights.main(["inspect", str(path)])
+    text = capsys.readouterr().out
+    assert "RESNETS.NUM_GROUPS: 32" in text and "PIXEL_STDS [[[1.0, 1.0, 1.0]]], RESNETS.STRIDE_1X1 False" in text
+    assert "FAIR/X-101-32x8d.pkl: MODEL.INPUT_COLOR_ORDER BGR, PIXEL_MEANS [[[103.53, 116.28, 123.675]]], " \
+           "PIXEL_STDS [[[57.375, 57.12, 58.395]]], RESNETS.STRIDE_1X1 False" in text

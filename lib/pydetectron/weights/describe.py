@@ -32,6 +32,13 @@ CAFFE_INPUT = {  # Detectron's MSRA ResNets and Detectron.pytorch's resnet*_caff
     "RESNETS.STRIDE_1X1": "True",
 }
 
+D2_FAIR_RESNEXT_INPUT = {  # detectron2's mask_rcnn_X_101_32x8d_FPN_3x.yaml (its PIXEL_MEAN default, BGR)
+    "MODEL.INPUT_COLOR_ORDER": "BGR",
+    "PIXEL_MEANS": "[[[103.53, 116.28, 123.675]]]",
+    "PIXEL_STDS": "[[[57.375, 57.12, 58.395]]]",
+    "RESNETS.STRIDE_1X1": "False",
+}
+
 
 @dataclass(frozen=True)
 class BackboneFacts:
@@ -109,11 +116,13 @@ def input_lines(fmt: str, color_order: str | None, facts: BackboneFacts | None, 
         # MSRA's ResNets have the stride in the 1x1 conv; Detectron's ResNeXt and GN (R-50-GN.pkl) models in the 3x3
         stride = "False" if facts is not None and (facts.groups > 1 or facts.norm == "GN") else "True"
         caffe = dict(CAFFE_INPUT, **{"RESNETS.STRIDE_1X1": stride})
-        return ["Detectron file: BGR (conv1 is reversed on load for MODEL.INPUT_COLOR_ORDER RGB; give PIXEL_MEANS / "
-                "PIXEL_STDS in that order)",
-                f"  Detectron's own ImageNet models: {render(caffe)}"
-                + (" (ResNeXt and GN models: stride in the 3x3 conv)" if stride == "False" else ""),
-                "  a file converted from another source: that source's mean/std and stride placement"]
+        lines = ["Detectron file: BGR (conv1 is reversed on load for MODEL.INPUT_COLOR_ORDER RGB; give PIXEL_MEANS / "
+                 "PIXEL_STDS in that order)",
+                 f"  Detectron's own ImageNet models: {render(caffe)}"
+                 + (" (ResNeXt and GN models: stride in the 3x3 conv)" if stride == "False" else "")]
+        if facts is not None and facts.groups > 1:  # same Caffe2 names, trained with a std (its d2 configs)
+            lines.append(f"  detectron2's ImageNetPretrained/FAIR/X-101-32x8d.pkl: {render(D2_FAIR_RESNEXT_INPUT)}")
+        return lines + ["  a file converted from another source: that source's mean/std and stride placement"]
     if fmt == "pydetectron" and isinstance(cfg_yaml, str):
         return ["pydetectron checkpoint: use the PIXEL_MEANS, PIXEL_STDS, MODEL.INPUT_COLOR_ORDER and "
                 "RESNETS.STRIDE_1X1 of the cfg stored in it"]
