@@ -227,3 +227,19 @@ def test_inspect_of_a_caffe2_named_resnext_gives_detectron2s_fair_model_its_std(
     assert "RESNETS.NUM_GROUPS: 32" in text and "PIXEL_STDS [[[1.0, 1.0, 1.0]]], RESNETS.STRIDE_1X1 False" in text
     assert "FAIR/X-101-32x8d.pkl: MODEL.INPUT_COLOR_ORDER BGR, PIXEL_MEANS [[[103.53, 116.28, 123.675]]], " \
            "PIXEL_STDS [[[57.375, 57.12, 58.395]]], RESNETS.STRIDE_1X1 False" in text
+
+
+def test_split_of_a_file_merged_by_mgds_script_keeps_its_author(tmp_path):
+    """MGD's merge-models-into-one.py writes '__author__': 'TORCHVISION' (RGB); split keeps it, so the student
+    still says its channel order."""
+    student = {"stem.conv1.weight": np.zeros((64, 3, 7, 7), np.float32),
+               "res2.0.conv1.weight": np.zeros((64, 64, 1, 1), np.float32)}
+    model = {f"s_net.backbone.bottom_up.{k}": v for k, v in student.items()}
+    model["t_net.backbone.bottom_up.res2.0.conv1.weight"] = np.ones((64, 64, 1, 1), np.float32)
+    merged = tmp_path / "T50-S18.pkl"
+    with open(merged, "wb") as f:
+        pickle.dump({"model": model, "__author__": "TORCHVISION", "matching_heuristics": True}, f)
+    convert_weights.main(["split", str(merged), str(tmp_path / "s.pkl"), "--part", "student"])
+    part = read_weights(tmp_path / "s.pkl")
+    assert part.format == "detectron2" and part.prefix == "backbone.bottom_up." and part.color_order == "RGB"
+    np.testing.assert_array_equal(part.weights["res2.0.conv1.weight"], student["res2.0.conv1.weight"])

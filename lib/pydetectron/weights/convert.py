@@ -203,8 +203,10 @@ def split(merged: str | os.PathLike, out: str | os.PathLike, part: str) -> str:
     tensors = {k[len(prefix):]: v for k, v in weights.weights.items() if k.startswith(prefix)}
     if not tensors:
         raise ValueError(f"{merged} holds no {part} tensors (no '{prefix}' keys)")
-    if info is None:  # merged by MGD's script: the part as a detectron2-style file
-        obj, serializer = {"model": tensors, "__author__": "pydetectron", "matching_heuristics": True}, "pickle"
+    if info is None:  # merged by MGD's script: the part as a detectron2-style file, its author kept (MGD's
+        # 'TORCHVISION' says the RGB input its students and teachers are trained on)
+        author = weights.container.get("__author__", "pydetectron")
+        obj, serializer = {"model": tensors, "__author__": author, "matching_heuristics": True}, "pickle"
     else:
         obj, serializer = copy.deepcopy(info["container"]), info["serializer"]
         node = obj
