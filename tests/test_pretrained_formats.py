@@ -369,3 +369,68 @@ def test_detectron2_c4_detector_gives_res5_from_its_box_head(tmp_path):
     report = load_pretrained(body, path, _cfg(), print_fn=lambda _: None)
     assert report.missing == [] and report.unused == []
     torch.testing.assert_close(body.res5[2].branch2c.conv.weight, net.layer4[2].conv3.weight, rtol=0, atol=0)
+
+
+def _randomize_gn(net: nn.Module, seed: int) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.GroupNorm):
+                m.weight.copy_(torch.rand(m.num_channels, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.num_channels, generator=gen) * 0.2)
+    return net.eval()
+
+
+def test_timm_groupnorm_resnet_loads_into_a_gn_body_only(tmp_path):
+    """timm's resnet50_gn names its GroupNorms 'bn1', 'bn2'... (no running statistics): a GN body computes the
+    source network; a batch-norm body would have taken the GN affine parameters for folded BN ones."""
+    torch.manual_seed(11)
+    net = _randomize_gn(timm.create_model("resnet50_gn", pretrained=False), 11)
+    path = tmp_path / "resnet50_gn.pth"
+    torch.save(net.state_dict(), path)
+    mean, std = TV_MEAN * 255, TV_STD * 255
+    cfg = _cfg("RGB", mean, std)
+    body = _body(50, cfg, "GN")
+    report = load_pretrained(body, path, cfg, print_fn=lambda _: None)
+    assert report.missing == [] and report.unused == []
+    image = _image(11)
+    with torch.no_grad():
+        want = net.forward_features(_source_input(image, "RGB", mean, std))
+    assert _rel_err(_our_output(body, cfg, image), want) < 1e-4
+    for norm in ("AffineChannel", "BN"):
+        with pytest.raises(WeightMismatchError, match=r"resnet50_gn.pth.*\n.*missing from the file.*bn1.weight"):
+            load_pretrained(_body(50, cfg, norm), path, cfg, print_fn=lambda _: None)
+
+
+@pytest.mark.parametrize("file_norm, cfg_text, body_norm", [
+    ("GN", "RESNETS:\n  USE_GN: true\n", "AffineChannel"),
+    ("GN", "RESNETS:\n  TRANS_FUNC: bottleneck_gn_transformation\n", "BN"),
+    ("AffineChannel", "RESNETS:\n  NORM: AffineChannel\n", "GN"),
+])
+def test_pydetectron_checkpoint_of_another_norm_kind_is_refused(tmp_path, file_norm, cfg_text, body_norm):
+    """GroupNorm and AffineChannel state dicts have the same keys: the checkpoint's cfg says which it is, and a
+    GN body never takes AffineChannel parameters (nor the other way round)."""
+    source = ResNet(18, norm=NormSpec(file_norm))
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": {f"body.{k}": v for k, v in source.state_dict().items()}, "cfg": cfg_text}, path)
+    with pytest.raises(WeightMismatchError, match=r"model_final.pth.*matches only part of the backbone(.|\n)*"
+                                                  r"missing from the file.*stem.conv1.norm.weight"):
+        load_pretrained(_body(18, _cfg(), body_norm), path, _cfg(), print_fn=lambda _: None)
+    same = _body(18, _cfg(), file_norm)
+    report = load_pretrained(same, path, _cfg(), print_fn=lambda _: None)
+    assert report.missing == [] and report.unused == []
+    torch.testing.assert_close(same.res3[1].branch2a.norm.weight, source.res3[1].branch2a.norm.weight, rtol=0, atol=0)
+
+
+def test_a_resnet_variant_without_a_detectron_counterpart_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "resnet18d.pth"
+    torch.save(timm.create_model("resnet18d", pretrained=False).state_dict(), path)
+    with pytest.raises(UnknownWeightsFormat, match=r"resnet18d.pth \(torchvision / timm.*conv1.0.weight.*deep-stem"):
+        load_pretrained(_body(18, _cfg()), path, _cfg())
+
+
+def test_a_wrapped_file_without_a_resnet_names_the_keys_inside_the_wrapper(tmp_path):
+    path = tmp_path / "vgg_checkpoint.pth"
+    torch.save({"epoch": 3, "state_dict": torchvision.models.vgg11(weights=None).state_dict()}, path)
+    with pytest.raises(UnknownWeightsFormat, match=r"vgg_checkpoint.pth holds no ResNet.*'state_dict'.*features.0.w"):
+        load_pretrained(_body(18, _cfg()), path, _cfg())

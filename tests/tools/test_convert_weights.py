@@ -175,3 +175,71 @@ def test_inspect_and_convert_refuse_files_without_a_resnet(tmp_path):
     torch.save({"state_dict": torchvision.models.vgg11().state_dict()}, path)
     with pytest.raises(SystemExit, match="vgg.pth holds no ResNet"):
         convert_weights.main(["inspect", str(path)])
+
+
+def test_inspect_gives_detectron_gn_files_the_stride_in_the_3x3_conv(tmp_path, capsys):
+    """Detectron's R-50-GN.pkl / R-101-GN.pkl were trained with STRIDE_1X1 False (its gn_baselines configs);
+    the MSRA R-50.pkl with True."""
+    from pydetectron.weights.detectron_pkl import detectron_blobs
+
+    for norm, stride in (("GN", "False"), ("AffineChannel", "True")):
+        path = tmp_path / f"R-50-{norm}.pkl"
+        with open(path, "wb") as f:
+            pickle.dump(detectron_blobs(ResNet(50, norm=NormSpec(norm))), f)
+        convert_weights.main(["inspect", str(path)])
+        text = capsys.readouterr().out
+        assert "Detectron's own ImageNet models: MODEL.INPUT_COLOR_ORDER BGR" in text
+        assert f"PIXEL_STDS [[[1.0, 1.0, 1.0]]], RESNETS.STRIDE_1X1 {stride}" in text
+
+
+def test_converting_a_detectron2_detector_says_what_it_leaves_out(tmp_path, capsys):
+    """detectron2 names cover the ResNet body: a d2 detector's heads are not converted, and the summary says so."""
+    net = _randomized(torchvision.models.resnet18(), 4)
+    model = {}
+    for key, value in net.state_dict().items():
+        key = key if "layer" in key else "stem." + key
+        for t in (1, 2, 3, 4):
+            key = key.replace(f"layer{t}", f"res{t + 1}")
+        for t in (1, 2):
+            key = key.replace(f"bn{t}", f"conv{t}.norm")
+        key = key.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
+        model["backbone.bottom_up." + key] = value
+    model["roi_heads.box_predictor.cls_score.weight"] = torch.zeros(5, 8)
+    src = tmp_path / "model_final.pth"
+    torch.save({"model": model, "iteration": 100}, src)
+    convert_weights.main(["convert", str(src), str(tmp_path / "body.pth"), "--to", "pydetectron"])
+    assert "left out 1 entries that are not this network (first: roi_heads.box_predictor.cls_score.weight)" in (
+        capsys.readouterr().out)
+    convert_weights.main(["inspect", str(src)])
+    text = capsys.readouterr().out
+    assert "ResNet-18" in text and "conv4_body" not in text  # the C4 head's res5 has 3 blocks, ResNet-18's 2
+
+
+def test_inspect_of_a_caffe2_named_resnext_gives_detectron2s_fair_model_its_std(tmp_path, capsys):
+    """detectron2's FAIR/X-101-32x8d.pkl has Detectron's blob names but was trained with a std (its configs)."""
+    from pydetectron.weights.detectron_pkl import detectron_blobs
+
+    path = tmp_path / "X-50-32x4d.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(detectron_blobs(ResNet(50, groups=32, width_per_group=4)), f)
+    convert_weights.main(["inspect", str(path)])
+    text = capsys.readouterr().out
+    assert "RESNETS.NUM_GROUPS: 32" in text and "PIXEL_STDS [[[1.0, 1.0, 1.0]]], RESNETS.STRIDE_1X1 False" in text
+    assert "FAIR/X-101-32x8d.pkl: MODEL.INPUT_COLOR_ORDER BGR, PIXEL_MEANS [[[103.53, 116.28, 123.675]]], " \
+           "PIXEL_STDS [[[57.375, 57.12, 58.395]]], RESNETS.STRIDE_1X1 False" in text
+
+
+def test_split_of_a_file_merged_by_mgds_script_keeps_its_author(tmp_path):
+    """MGD's merge-models-into-one.py writes '__author__': 'TORCHVISION' (RGB); split keeps it, so the student
+    still says its channel order."""
+    student = {"stem.conv1.weight": np.zeros((64, 3, 7, 7), np.float32),
+               "res2.0.conv1.weight": np.zeros((64, 64, 1, 1), np.float32)}
+    model = {f"s_net.backbone.bottom_up.{k}": v for k, v in student.items()}
+    model["t_net.backbone.bottom_up.res2.0.conv1.weight"] = np.ones((64, 64, 1, 1), np.float32)
+    merged = tmp_path / "T50-S18.pkl"
+    with open(merged, "wb") as f:
+        pickle.dump({"model": model, "__author__": "TORCHVISION", "matching_heuristics": True}, f)
+    convert_weights.main(["split", str(merged), str(tmp_path / "s.pkl"), "--part", "student"])
+    part = read_weights(tmp_path / "s.pkl")
+    assert part.format == "detectron2" and part.prefix == "backbone.bottom_up." and part.color_order == "RGB"
+    np.testing.assert_array_equal(part.weights["res2.0.conv1.weight"], student["res2.0.conv1.weight"])

@@ -139,7 +139,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, input_order
             obj["cfg"] = _cfg_of(weights)
         write_object(obj, dst, "torch")
         written = obj["model"]
-    return f"{src} ({weights.description}, {facts}) -> {dst} ({to}, {len(written)} tensors)"
+    summary = f"{src} ({weights.description}, {facts}) -> {dst} ({to}, {len(written)} tensors)"
+    if weights.left_out:  # e.g. a detectron2 detector's heads, MoCo's key encoder: said, never dropped unnoticed
+        summary += (f"; left out {len(weights.left_out)} entries that are not this network "
+                    f"(first: {', '.join(weights.left_out[:5])})")
+    return summary
 
 
 def _tensor_entries(weights: Mapping[str, Any]) -> Dict[str, Any]:
@@ -199,8 +203,10 @@ def split(merged: str | os.PathLike, out: str | os.PathLike, part: str) -> str:
     tensors = {k[len(prefix):]: v for k, v in weights.weights.items() if k.startswith(prefix)}
     if not tensors:
         raise ValueError(f"{merged} holds no {part} tensors (no '{prefix}' keys)")
-    if info is None:  # merged by MGD's script: the part as a detectron2-style file
-        obj, serializer = {"model": tensors, "__author__": "pydetectron", "matching_heuristics": True}, "pickle"
+    if info is None:  # merged by MGD's script: the part as a detectron2-style file, its author kept (MGD's
+        # 'TORCHVISION' says the RGB input its students and teachers are trained on)
+        author = weights.container.get("__author__", "pydetectron")
+        obj, serializer = {"model": tensors, "__author__": author, "matching_heuristics": True}, "pickle"
     else:
         obj, serializer = copy.deepcopy(info["container"]), info["serializer"]
         node = obj

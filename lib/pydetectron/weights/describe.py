@@ -32,6 +32,13 @@ CAFFE_INPUT = {  # Detectron's MSRA ResNets and Detectron.pytorch's resnet*_caff
     "RESNETS.STRIDE_1X1": "True",
 }
 
+D2_FAIR_RESNEXT_INPUT = {  # detectron2's mask_rcnn_X_101_32x8d_FPN_3x.yaml (its PIXEL_MEAN default, BGR)
+    "MODEL.INPUT_COLOR_ORDER": "BGR",
+    "PIXEL_MEANS": "[[[103.53, 116.28, 123.675]]]",
+    "PIXEL_STDS": "[[[57.375, 57.12, 58.395]]]",
+    "RESNETS.STRIDE_1X1": "False",
+}
+
 
 @dataclass(frozen=True)
 class BackboneFacts:
@@ -84,7 +91,10 @@ def backbone_facts(blobs: Mapping[str, Any]) -> BackboneFacts | None:
 def architecture_lines(facts: BackboneFacts) -> List[str]:
     """cfg lines that build a body with this file's shape and a word on the norm choices it allows."""
     depth = facts.depth or "<depth>"
-    lines = [f"MODEL.CONV_BODY: FPN.add_fpn_ResNet{depth}_conv5_body (or ResNet{depth}_conv4_body for C4)"]
+    # the C4 box head (ResNet_roi_conv5_head) builds Detectron's 3-block res5: ResNet-18's has 2
+    c4 = (f" (or ResNet{depth}_conv4_body for C4)"
+          if len(facts.stage_blocks) == 4 and facts.stage_blocks[3] == 3 else "")
+    lines = [f"MODEL.CONV_BODY: FPN.add_fpn_ResNet{depth}_conv5_body{c4}"]
     if facts.groups > 1 or facts.width_per_group != 64:
         lines += [f"RESNETS.NUM_GROUPS: {facts.groups}", f"RESNETS.WIDTH_PER_GROUP: {facts.width_per_group}"]
     lines.append({
@@ -103,13 +113,16 @@ def input_lines(fmt: str, color_order: str | None, facts: BackboneFacts | None, 
         return ", ".join(f"{k} {v}" for k, v in settings.items())
 
     if fmt == "detectron":
-        stride = "False" if facts is not None and facts.groups > 1 else "True"
+        # MSRA's ResNets have the stride in the 1x1 conv; Detectron's ResNeXt and GN (R-50-GN.pkl) models in the 3x3
+        stride = "False" if facts is not None and (facts.groups > 1 or facts.norm == "GN") else "True"
         caffe = dict(CAFFE_INPUT, **{"RESNETS.STRIDE_1X1": stride})
-        return ["Detectron file: BGR (conv1 is reversed on load for MODEL.INPUT_COLOR_ORDER RGB; give PIXEL_MEANS / "
-                "PIXEL_STDS in that order)",
-                f"  Detectron's own ImageNet models: {render(caffe)}"
-                + (" (ResNeXt: stride in the 3x3 conv)" if stride == "False" else ""),
-                "  a file converted from another source: that source's mean/std and stride placement"]
+        lines = ["Detectron file: BGR (conv1 is reversed on load for MODEL.INPUT_COLOR_ORDER RGB; give PIXEL_MEANS / "
+                 "PIXEL_STDS in that order)",
+                 f"  Detectron's own ImageNet models: {render(caffe)}"
+                 + (" (ResNeXt and GN models: stride in the 3x3 conv)" if stride == "False" else "")]
+        if facts is not None and facts.groups > 1:  # same Caffe2 names, trained with a std (its d2 configs)
+            lines.append(f"  detectron2's ImageNetPretrained/FAIR/X-101-32x8d.pkl: {render(D2_FAIR_RESNEXT_INPUT)}")
+        return lines + ["  a file converted from another source: that source's mean/std and stride placement"]
     if fmt == "pydetectron" and isinstance(cfg_yaml, str):
         return ["pydetectron checkpoint: use the PIXEL_MEANS, PIXEL_STDS, MODEL.INPUT_COLOR_ORDER and "
                 "RESNETS.STRIDE_1X1 of the cfg stored in it"]

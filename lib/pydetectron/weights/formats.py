@@ -15,13 +15,15 @@ channel order where the format says it, and how to turn the entries into Caffe2 
   ``module.``, ``module.encoder_q.``, ``backbone.``, DINO's ``teacher``). Channel order unknown: the same keys
   hold torchvision's RGB models and Detectron.pytorch's BGR Caffe ``resnet50_caffe.pth``.
 - ``pydetectron``: our own state dict (``stem.conv1.conv.weight``, ...), a training checkpoint or a converted
-  backbone; channel order from its ``cfg`` or ``pydetectron`` metadata.
+  backbone; channel order and body norm kind (GroupNorm and AffineChannel have the same keys) from its ``cfg``
+  or ``pydetectron`` metadata.
 - ``merged``: a teacher and a student in one file (``t_net.`` / ``s_net.`` keys, MGD's layout).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Tuple
 
@@ -34,6 +36,7 @@ from pydetectron.weights.detectron2 import DETECTRON2_ANCHOR, blob_to_detectron2
 from pydetectron.weights.detectron_pkl import check_color_order, model_weight_mapping
 from pydetectron.weights.files import read_object_and_serializer
 from pydetectron.weights.torchvision import (
+    CHECKPOINT_WEIGHT_KEYS,
     TORCHVISION_ANCHOR,
     blob_to_torchvision_key,
     find_network,
@@ -46,6 +49,8 @@ PYDETECTRON_ANCHOR = "stem.conv1.conv.weight"
 DETECTRON_STEM_BLOBS = ("conv1_w", "res_conv1_bn_s", "conv1_gn_s")
 C4_HEAD_PREFIX = "roi_heads."
 MERGED_PARTS = {"teacher": "t_net.", "student": "s_net."}
+# A body norm tensor's blob: conv1's (res_conv1_bn_* / conv1_gn_*) or a block conv's (<conv>_bn_* / <conv>_gn_*).
+_BODY_NORM_BLOB = re.compile(r"^(?:res_conv1_bn|conv1_gn|(res\d_\d+_branch(?:1|2a|2b|2c))_(?:bn|gn))_(s|b|rm|riv)$")
 FORMAT_NAMES = {
     "detectron": "Detectron .pkl (Caffe2 blob names)",
     "detectron2": "detectron2-style ResNet (stem.*, resN.i.*)",
@@ -65,15 +70,36 @@ def _parse_order(value: Any) -> str | None:
     return check_color_order(str(value)) if value else None
 
 
-def _order_from_cfg(cfg_yaml: Any) -> str | None:
-    """MODEL.INPUT_COLOR_ORDER of a checkpoint's cfg (our default, BGR, when the cfg leaves it out)."""
+def _cfg_section(cfg_yaml: Any, section: str) -> Mapping[str, Any] | None:
+    """One section of a checkpoint's cfg YAML ({} when the cfg leaves it out), None without a readable cfg."""
     if not isinstance(cfg_yaml, str):
         return None
     try:
         cfg = yaml.safe_load(cfg_yaml) or {}
     except yaml.YAMLError:
         return None
-    return _parse_order((cfg.get("MODEL") or {}).get("INPUT_COLOR_ORDER", "BGR")) if isinstance(cfg, dict) else None
+    if not isinstance(cfg, dict):
+        return None
+    value = cfg.get(section) or {}
+    return value if isinstance(value, Mapping) else None
+
+
+def _order_from_cfg(cfg_yaml: Any) -> str | None:
+    """MODEL.INPUT_COLOR_ORDER of a checkpoint's cfg (our default, BGR, when the cfg leaves it out)."""
+    model = _cfg_section(cfg_yaml, "MODEL")
+    return None if model is None else _parse_order(model.get("INPUT_COLOR_ORDER", "BGR"))
+
+
+def _body_norm_from_cfg(cfg_yaml: Any) -> str | None:
+    """The body's norm kind in a checkpoint's cfg (RESNETS.NORM; GroupNorm when RESNETS.USE_GN or a '*_gn_*'
+    TRANS_FUNC / STEM_FUNC / SHORTCUT_FUNC says so, as the body builder reads them)."""
+    resnets = _cfg_section(cfg_yaml, "RESNETS")
+    if resnets is None:
+        return None
+    funcs = (str(resnets.get(key, "")) for key in ("TRANS_FUNC", "STEM_FUNC", "SHORTCUT_FUNC"))
+    if resnets.get("USE_GN") or any("_gn_" in func for func in funcs):
+        return "GN"
+    return str(resnets.get("NORM", "AffineChannel"))
 
 
 @dataclass
@@ -90,6 +116,7 @@ class WeightFile:
     prefix: str = ""  # the network's key prefix in that dict
     left_out: List[str] = field(default_factory=list)  # entries of that dict outside the network
     serializer: str = "pickle"  # how the file was written: 'pickle' | 'torch'
+    body_norm: str | None = None  # ``pydetectron``: the body's RESNETS.NORM kind, from the file's cfg / metadata
     _names: Dict[str, str] = field(default_factory=dict)
 
     @property
@@ -112,11 +139,14 @@ class WeightFile:
             blobs, self._names, left_out = detectron2_to_blobs(self.weights)
             self.left_out = sorted(set(self.left_out) | {self.prefix + k for k in left_out})
         elif self.format == "torchvision":
-            blobs, self._names = torchvision_resnet_to_blobs(self.weights)
+            try:
+                blobs, self._names = torchvision_resnet_to_blobs(self.weights)
+            except KeyError as err:  # a ResNet variant without a Detectron counterpart (deep stem, SE blocks)
+                raise UnknownWeightsFormat(f"{self.path} ({self.description}): {err.args[0]}") from None
         else:
             if model is None:
                 raise ValueError(f"{self.path}: naming a pydetectron state dict's tensors needs the model")
-            blobs, self._names = own_state_to_blobs(self.weights, self.prefix, model)
+            blobs, self._names = own_state_to_blobs(self.weights, self.prefix, model, self.body_norm)
         return blobs
 
     def file_name(self, blob: str, model_key: str | None = None) -> str:
@@ -136,17 +166,39 @@ def _anchor_prefix(keys, anchor: str) -> str | None:
     return next((k[: -len(anchor)] for k in keys if k == anchor or k.endswith("." + anchor)), None)
 
 
+def _file_norm_blob(blob: str, module: str, norms_with_stats: set, body_norm: str | None) -> str:
+    """`blob` (the model's name of a body norm tensor) as the file's own norm names it: a batch norm when the
+    file has statistics for `module`, else its body norm kind (GroupNorm and AffineChannel state dicts have the
+    same keys; only the file's cfg or metadata tells them apart). Unknown kind: the model's name."""
+    match = _BODY_NORM_BLOB.match(blob)
+    if match is None:
+        return blob
+    if module in norms_with_stats:
+        is_gn = False
+    elif body_norm is None:
+        return blob
+    else:
+        is_gn = body_norm == "GN"
+    conv, suffix = match.group(1) or "conv1", match.group(2)
+    if conv == "conv1":
+        return f"{'conv1_gn' if is_gn else 'res_conv1_bn'}_{suffix}"
+    return f"{conv}_{'gn' if is_gn else 'bn'}_{suffix}"
+
+
 def own_state_to_blobs(
-    state: Mapping[str, Any], prefix: str, model: nn.Module
+    state: Mapping[str, Any], prefix: str, model: nn.Module, body_norm: str | None = None
 ) -> Tuple[Dict[str, Any], Dict[str, str]]:
     """A pydetectron state dict named by `model`'s Caffe2 mapping; `prefix` (where the file's ResNet stem sits)
     is replaced by the model's, so a detector's body loads into a bare body and the other way round. A batch
     norm's statistics are named ``<blob>_rm`` / ``<blob>_riv`` even when the model's norm (a frozen
-    AffineChannel) has none, so the loader can fold them. Tensors without a blob keep their key."""
+    AffineChannel) has none, so the loader can fold them. Body norms are named as the file's own kind
+    (`body_norm`, the file's RESNETS.NORM), so a GroupNorm file never fills an AffineChannel or batch-norm body.
+    Tensors without a blob keep their key."""
     mapping = model_weight_mapping(model)
     target_prefix = _anchor_prefix(model.state_dict().keys(), PYDETECTRON_ANCHOR)
     norm_blob = {k[: -len(".weight")]: b[:-2] for k, b in mapping.items()
                  if b and k.endswith(".weight") and b.endswith("_s")}
+    norms_with_stats = {k.rsplit(".", 1)[0] for k in state if k.endswith(".running_mean")}
     blobs: Dict[str, Any] = {}
     names: Dict[str, str] = {}
     for key, value in state.items():
@@ -154,10 +206,11 @@ def own_state_to_blobs(
         if target_prefix is not None and key.startswith(prefix):
             translated = target_prefix + key[len(prefix):]
         blob = mapping.get(translated)
+        module, _, leaf = translated.rpartition(".")
         if blob is None:
-            module, _, leaf = translated.rpartition(".")
             blob = norm_blob[module] + RUNNING_STAT_SUFFIXES[leaf] if (
                 leaf in RUNNING_STAT_SUFFIXES and module in norm_blob) else translated
+        blob = _file_norm_blob(blob, key.rpartition(".")[0], norms_with_stats, body_norm)
         blobs[blob] = to_numpy(value)
         names[blob] = key
     return blobs, names
@@ -181,7 +234,8 @@ def recognise(obj: Any, path: str) -> WeightFile:
         weights, prefix, location = found
         meta = obj.get(METADATA_KEY) if isinstance(obj.get(METADATA_KEY), Mapping) else {}
         order = _parse_order(meta.get("input_color_order")) or _order_from_cfg(obj.get("cfg"))
-        return WeightFile(path, "pydetectron", weights, order, obj, location, prefix)
+        norm = (meta.get("body") or {}).get("norm") or _body_norm_from_cfg(obj.get("cfg"))
+        return WeightFile(path, "pydetectron", weights, order, obj, location, prefix, body_norm=norm)
     found = find_network(obj, DETECTRON2_ANCHOR, path)
     if found is not None:
         weights, prefix, location = found
@@ -205,8 +259,20 @@ def recognise(obj: Any, path: str) -> WeightFile:
     raise UnknownWeightsFormat(
         f"{path} holds no ResNet in any format pydetectron reads (Detectron .pkl blobs such as 'conv1_w', "
         f"detectron2 '{DETECTRON2_ANCHOR}', torchvision '{TORCHVISION_ANCHOR}', pydetectron "
-        f"'{PYDETECTRON_ANCHOR}', under any prefix or in 'state_dict' / 'model' / 'teacher'); top-level keys: "
-        f"{sorted(map(str, obj))[:12]}")
+        f"'{PYDETECTRON_ANCHOR}', under any prefix or in 'state_dict' / 'model' / 'teacher'); {_key_listing(obj)}")
+
+
+def _key_listing(obj: Mapping[str, Any]) -> str:
+    """The file's top-level keys and those inside the wrappers checkpoints keep their weights in."""
+    parts = [f"top-level keys: {sorted(map(str, obj))[:12]}"]
+    node, path = obj, []
+    for _ in CHECKPOINT_WEIGHT_KEYS:
+        inner = next((k for k in CHECKPOINT_WEIGHT_KEYS if isinstance(node.get(k), Mapping)), None)
+        if inner is None:
+            break
+        node, path = node[inner], path + [inner]
+        parts.append(f"keys in '{'/'.join(path)}': {sorted(map(str, node))[:12]}")
+    return "; ".join(parts)
 
 
 def read_weights(path: str | os.PathLike) -> WeightFile:

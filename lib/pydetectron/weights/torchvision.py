@@ -4,7 +4,9 @@ torchvision's layout (``conv1``/``bn1``, ``layer1.0.conv1``..., ``downsample.0/1
 same names) maps one to one onto Caffe2's (``conv1_w``, ``res_conv1_bn``, ``res2_0_branch2a``...,
 ``branch1``). Batch norms come out unfolded in Caffe2's SpatialBN names (``_bn_s`` = gamma, ``_bn_b`` = beta,
 ``_bn_rm`` = running mean, ``_bn_riv`` = running variance); the loader folds them only into a frozen
-AffineChannel. Nothing else changes: conv1 stays as trained (its channel order and the input normalisation
+AffineChannel. A norm without running statistics is a GroupNorm (timm's ``resnet50_gn`` keeps torchvision's
+``bn1``... names for its GroupNorms) and gets Detectron's GN names (``_gn_s``/``_gn_b``, stem ``conv1_gn``), so it
+loads into a GN body only. Nothing else changes: conv1 stays as trained (its channel order and the input normalisation
 are not in the file; the cfg states them, see README "Fine-tune your own backbone").
 """
 
@@ -59,8 +61,9 @@ def torchvision_resnet_to_blobs(state_dict: Mapping[str, Any]) -> Tuple[Dict[str
     """(``{blob: array}``, ``{blob: the file's key}``) from a torchvision / timm ResNet state_dict.
 
     Values are copied unchanged (conv1 in the file's channel order, batch norms unfolded); the classifier
-    ``fc`` and ``num_batches_tracked`` are left out.
+    ``fc`` and ``num_batches_tracked`` are left out. A norm without running statistics is named as a GroupNorm.
     """
+    norms_with_stats = {k.rsplit(".", 1)[0] for k in state_dict if k.endswith(".running_mean")}
     blobs: Dict[str, np.ndarray] = {}
     names: Dict[str, str] = {}
     for key, value in state_dict.items():
@@ -76,7 +79,10 @@ def torchvision_resnet_to_blobs(state_dict: Mapping[str, Any]) -> Tuple[Dict[str
         else:
             if param not in _BN_SUFFIX:
                 raise KeyError(f"unexpected batch-norm entry {key!r}")
-            blob = f"{prefix}_bn{_BN_SUFFIX[param]}"
+            is_bn = key.rsplit(".", 1)[0] in norms_with_stats
+            if prefix == "res_conv1" and not is_bn:
+                prefix = "conv1"  # Detectron's GN stem: conv1_gn_*
+            blob = f"{prefix}_{'bn' if is_bn else 'gn'}{_BN_SUFFIX[param]}"
         blobs[blob] = to_numpy(value)
         names[blob] = key
     return blobs, names
@@ -121,7 +127,7 @@ def resnet_state_dict(checkpoint: Mapping[str, Any], source: str = "the checkpoi
             if k.startswith(prefix) and _RESNET_KEY.match(k[len(prefix):])}
 
 
-_BODY_BLOB = re.compile(r"^(?:res(\d)_(\d+)_branch(1|2a|2b|2c)|(conv1)|(res_conv1)_bn)(?:_bn)?_(w|s|b|rm|riv)$")
+_BODY_BLOB = re.compile(r"^(?:res(\d)_(\d+)_branch(1|2a|2b|2c)|(conv1)|(res_conv1)_bn)(_bn|_gn)?_(w|s|b|rm|riv)$")
 _PARAM_OF_SUFFIX = {suffix[1:]: param for param, suffix in _BN_SUFFIX.items()}
 
 
@@ -130,11 +136,13 @@ def blob_to_torchvision_key(blob: str) -> str | None:
     match = _BODY_BLOB.match(blob)
     if match is None:
         return None
-    stage, block, branch, stem_conv, stem_bn, suffix = match.groups()
+    stage, block, branch, stem_conv, stem_bn, norm, suffix = match.groups()
     is_bn = suffix != "w"
     param = _PARAM_OF_SUFFIX.get(suffix, "weight")
     if stem_conv:
-        return None if is_bn else "conv1.weight"
+        if norm == "_gn" and is_bn:
+            return f"bn1.{param}"
+        return None if is_bn or norm else "conv1.weight"
     if stem_bn:
         return f"bn1.{param}" if is_bn else None
     head = f"layer{int(stage) - 1}.{block}"
