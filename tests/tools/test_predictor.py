@@ -12,8 +12,8 @@ from pydetectron.config import assert_and_infer_cfg, get_cfg, merge_cfg_from_fil
 from pydetectron.data.coco import CocoDataset
 from pydetectron.engine.checkpoint import atomic_save
 from pydetectron.engine.predictor import Predictor, weights_flags
-from pydetectron.evaluation.inference import compact
 from pydetectron.engine.test_engine import TestOptions, load_detections, run_test
+from pydetectron.evaluation.inference import compact
 from pydetectron.modeling.detector import build_detector
 
 
