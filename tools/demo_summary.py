@@ -41,8 +41,8 @@ def summary_lines(elapsed_s: float, evaluation: dict) -> list[str]:
         figures = [f"{label} AP {tasks[task]['AP']:.3f}" for task, (label, _) in PROMISED_AP.items()]
         short = [f"{label} AP {tasks[task]['AP']:.3f} < {floor:.2f}"
                  for task, (label, floor) in PROMISED_AP.items() if tasks[task]["AP"] < floor]
-        verdict = f"BELOW the demo's promise: {', '.join(short)}" if short else "(promised: box >= 0.50, mask >= 0.45)"
-        lines.append(f"{dataset}: {', '.join(figures)} {verdict}")
+        verdict = f"BELOW the demo's promise: {', '.join(short)}" if short else "promised: box >= 0.50, mask >= 0.45"
+        lines.append(f"{dataset}: {', '.join(figures)}; {verdict}")
     return lines
 
 
