@@ -35,6 +35,7 @@ DEMO_TRAIN_FLAGS ?=
 DEMO_CKPT = "$$(ls -v $(DEMO_DIR)/ckpt/model_step*.pth | tail -1)"
 
 demo: install  ## make the shapes dataset, train Mask R-CNN on it (CPU), evaluate it, draw its detections
+	rm -rf $(DEMO_DIR)/ckpt $(DEMO_DIR)/metrics.json && mkdir -p $(DEMO_DIR) && date +%s > $(DEMO_DIR)/started
 	@test -f data/shapes/annotations/instances_val.json || $(PYTHON) tools/make_shapes_dataset.py
 	$(PYTHON) tools/train_net_step.py --dataset shapes --cfg $(DEMO_CFG) --no_cuda --output_dir $(DEMO_DIR) \
 	  $(DEMO_TRAIN_FLAGS)
@@ -42,7 +43,8 @@ demo: install  ## make the shapes dataset, train Mask R-CNN on it (CPU), evaluat
 	$(PYTHON) tools/infer_simple.py --dataset shapes --cfg $(DEMO_CFG) --load_ckpt $(DEMO_CKPT) \
 	  --images $$(ls data/shapes/val/* | head -6) --output_dir $(DEMO_DIR)/pictures --output_ext png
 	@echo "Model: $(DEMO_DIR)/ckpt   metrics: $(DEMO_DIR)/metrics.json   curves: $(DEMO_DIR)/training_curves.png"
-	@echo "AP: printed above by test_net.py;   detections drawn on val images: $(DEMO_DIR)/pictures"
+	@echo "Detections drawn on val images: $(DEMO_DIR)/pictures"
+	@$(PYTHON) tools/demo_summary.py $(DEMO_DIR)
 
 bench: install
 	$(PYTHON) tools/benchmark_ops.py

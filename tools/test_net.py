@@ -4,8 +4,8 @@
     python tools/test_net.py --dataset coco2017 --cfg configs/baselines/e2e_mask_rcnn_R-50-FPN_1x.yaml \\
         --load_detectron model_final.pkl
 
-Writes detections.pkl, the COCO result jsons (bbox, segm as RLE, keypoints) and the metrics to the output
-dir (default: <checkpoint dir>/../test), and prints the 12-line summary per task, Detectron's copypaste
+Writes detections.pkl, the COCO result jsons (bbox, segm as RLE, keypoints) and the metrics (evaluation.json) to
+the output dir (default: <checkpoint dir>/../test), and prints the 12-line summary per task, Detectron's copypaste
 lines and images/second. Parallel testing: --multi-gpu-testing (one process per GPU) or --num_workers N
 split the dataset into N ranges, run this tool once per range (--range START END), and merge.
 Re-evaluate earlier results without inference: --eval_only <output dir>/detections.pkl.

@@ -123,6 +123,8 @@ def test_eval_only_reproduces_the_metrics(shapes_val, tiny_cfg_file, grid_checkp
     again = _run(tiny_cfg_file, lines, eval_only=str(copy))  # dataset from the pickle, no weights
     assert again == first
     assert (tmp_path / "b" / f"segmentations_{shapes_val}_results.json").is_file()
+    for folder in ("a", "b"):  # the figures the copypaste lines print, as json for scripts
+        assert json.loads((tmp_path / folder / "evaluation.json").read_text()) == first
     assert any("Evaluating the detections of 6 images" in line for line in lines)
 
 

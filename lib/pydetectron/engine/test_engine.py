@@ -16,6 +16,7 @@ rank 0, which alone writes ``detections.pkl`` and evaluates, once.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import subprocess
@@ -48,6 +49,7 @@ from pydetectron.weights.download import is_url
 
 Print = Callable[[str], None]
 DETECTIONS_FILE = "detections.pkl"
+EVALUATION_FILE = "evaluation.json"  # {dataset: {task: {AP name: value}}}, what the copypaste lines print
 RPN_PROPOSALS_FILE = "rpn_proposals.pkl"
 _PKL_VERSION = 1
 
@@ -248,10 +250,14 @@ def evaluate_rpn_proposals(cfg, dataset_name: str, detections: Mapping[int, dict
 
 def evaluate_results(cfg, dataset_name: str, detections: Mapping[int, dict], output_dir: Path,
                      print_fn: Print = print) -> dict[str, dict[str, float]]:
-    """Proposal recall for an RPN-only model, COCO metrics for every other."""
-    if cfg.MODEL.RPN_ONLY:
-        return evaluate_rpn_proposals(cfg, dataset_name, detections, output_dir, print_fn)
-    return evaluate_dataset(cfg, dataset_name, detections, output_dir, print_fn)
+    """Proposal recall for an RPN-only model, COCO metrics for every other; also written to EVALUATION_FILE
+    in `output_dir`, so scripts (make demo's summary) read the figures rather than parse the log."""
+    evaluate = evaluate_rpn_proposals if cfg.MODEL.RPN_ONLY else evaluate_dataset
+    metrics = evaluate(cfg, dataset_name, detections, output_dir, print_fn)
+    path = Path(output_dir) / EVALUATION_FILE
+    path.write_text(json.dumps({dataset_name: metrics}, indent=2) + "\n")
+    print_fn(f"Wrote the metrics to {path}")
+    return metrics
 
 
 # -------------------------------------------------------------------------------------------- inference
