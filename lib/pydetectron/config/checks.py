@@ -25,6 +25,7 @@ LR_POLICIES = ("step", "steps_with_decay", "steps_with_lrs", "cosine_decay")  # 
 WARM_UP_METHODS = ("constant", "linear")
 ROI_XFORM_METHODS = ("RoIPoolF", "RoIPool", "RoIAlign")
 COLOR_ORDERS = ("BGR", "RGB")
+CONVENTIONS = ("detectron", "detectron2")
 _DEFAULT_FREEZE_AT = 2
 DISTILL_METHODS = ("", "mgd", "feature_l2")
 DISTILL_STAGES = ("C2", "C3", "C4", "C5")  # DISTILL.LOSS_FACTORS / IGNORE_INDS order
@@ -124,6 +125,7 @@ def _check_solver(cfg: CfgNode) -> None:
 
 def _check_input(cfg: CfgNode) -> None:
     _one_of(cfg, "MODEL.INPUT_COLOR_ORDER", COLOR_ORDERS)
+    _one_of(cfg, "MODEL.CONVENTIONS", CONVENTIONS)
     if (cfg.PIXEL_STDS <= 0).any():
         _fail(f"PIXEL_STDS = {cfg.PIXEL_STDS.ravel().tolist()} must be positive")
     scales = cfg.TRAIN.SCALES

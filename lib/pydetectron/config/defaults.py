@@ -179,6 +179,10 @@ def _model(C: CfgNode) -> None:
     # pydetectron
     M.INPUT_COLOR_ORDER = "BGR"
     M.ROI_HEADS_NAME = "DetectronROIHeads"  # the box / mask / keypoint cascade (registry kind 'roi_heads')
+    # 'detectron' | 'detectron2': whose numerics the model, data and evaluation follow (boxes with or without +1,
+    # anchors, matching, sampling, proposals, losses, inference). A detectron2 YAML (--config-file) sets
+    # 'detectron2'; a Detectron-style YAML may set it too.
+    M.CONVENTIONS = "detectron"
 
 
 def _retinanet(C: CfgNode) -> None:
