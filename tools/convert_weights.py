@@ -33,7 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     merge.add_argument("--teacher", required=True)
     merge.add_argument("--student", required=True)
     merge.add_argument("out")
-    split = commands.add_parser("split", help="one part of a merged file back out")
+    split = commands.add_parser("split", help="one part of a merged file back out, or the student of a "
+                                "distillation checkpoint")
     split.add_argument("merged")
     split.add_argument("out")
     split.add_argument("--part", required=True, choices=convert.PARTS)

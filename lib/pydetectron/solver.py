@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -237,20 +237,35 @@ def parameter_groups(
     return list(groups.values())
 
 
-def build_optimizer(model: nn.Module, cfg: Any, optimizer_name: str | None = None) -> torch.optim.Optimizer:
+def _merge_groups(groups: Sequence[dict], more: Sequence[dict], prefix: str) -> list[dict]:
+    """`groups` with `more`'s parameters added to the group of the same (lr_scale, weight_decay), names prefixed."""
+    merged = {(g["lr_scale"], g["weight_decay"]): g for g in groups}
+    for group in more:
+        target = merged.setdefault((group["lr_scale"], group["weight_decay"]),
+                                   {"params": [], "names": [], "lr_scale": group["lr_scale"],
+                                    "weight_decay": group["weight_decay"]})
+        target["params"] += group["params"]
+        target["names"] += [f"{prefix}.{n}" for n in group["names"]]
+    return list(merged.values())
+
+
+def build_optimizer(model: nn.Module, cfg: Any, optimizer_name: str | None = None,
+                    extra: Mapping[str, nn.Module] | None = None) -> torch.optim.Optimizer:
     """SOLVER.TYPE (SGD as Detectron, Adam, AdamW; any case) over `parameter_groups`, lr set to step 0 of the
-    schedule."""
+    schedule. `extra` modules (a distillation method's norms and adapters, by name) train along with the model
+    under the same rules (no layer-wise decay: they are not backbone layers)."""
     s = cfg.SOLVER
     name = canonical_optimizer(optimizer_name or s.TYPE)
-    groups = parameter_groups(
-        model,
+    rules = dict(
         weight_decay=s.WEIGHT_DECAY,
         weight_decay_norm=s.WEIGHT_DECAY_GN,
         bias_lr_factor=2.0 if (s.BIAS_DOUBLE_LR and name == "SGD") else 1.0,
         bias_weight_decay=s.BIAS_WEIGHT_DECAY,
-        layer_decay=s.LAYER_WISE_LR_DECAY,
-        layer_grouping=s.LAYER_WISE_LR_DECAY_GROUPS,
     )
+    groups = parameter_groups(model, **rules, layer_decay=s.LAYER_WISE_LR_DECAY,
+                              layer_grouping=s.LAYER_WISE_LR_DECAY_GROUPS)
+    for prefix, module in (extra or {}).items():
+        groups = _merge_groups(groups, parameter_groups(module, **rules), prefix)
     if not groups:
         raise ValueError("the model has no trainable parameters (check RESNETS.FREEZE_AT and the norm layers)")
     lr = LRSchedule.from_cfg(cfg)(0)

@@ -30,6 +30,7 @@ pydetectron's own additions (not in either project)
 - ``RESNETS.NORM``                'AffineChannel' (frozen BN, Detectron) | 'GN' | 'BN' | 'SyncBN' (trainable).
                                   ``RESNETS.USE_GN`` and '*_gn_*' ``TRANS_FUNC``/``STEM_FUNC``/``SHORTCUT_FUNC``
                                   names imply 'GN' (reconciled by ``assert_and_infer_cfg``).
+- ``RESNETS.ENABLE_STAGE_LAST_NORM`` MGD's student body: trainable GroupNorm(32) in each stage's last block.
 - ``DISTILL.*``                   teacher/student distillation: ``METHOD`` ('' | 'mgd' | 'feature_l2'),
                                   ``TEACHER_CFG``, ``TEACHER_WEIGHTS``, per-stage ``LOSS_FACTORS`` (C2..C5
                                   divisors), ``IGNORE_INDS``, and ``MGD.REDUCER`` / ``UPDATE_FREQ`` /
@@ -353,6 +354,8 @@ def _backbone(C: CfgNode) -> None:
     R.USE_GN = False
     # pydetectron
     R.NORM = "AffineChannel"
+    # MGD's student: the last block of each stage gets trainable GroupNorm(32) norms (MGD's d2 key name)
+    R.ENABLE_STAGE_LAST_NORM = False
 
     G = C.GROUP_NORM = CfgNode()
     G.DIM_PER_GP = -1  # exactly one of DIM_PER_GP / NUM_GROUPS is -1

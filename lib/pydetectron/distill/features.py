@@ -14,11 +14,15 @@ from typing import Dict, List, Sequence
 import torch
 from torch import nn
 
-from pydetectron.modeling.backbones.resnet import BasicBlock, BottleneckBlock, ResNet
-from pydetectron.modeling.layers import ConvNorm
+from pydetectron.modeling.backbones.resnet import (  # noqa: F401  (re-exported: the distill API)
+    MGD_STAGE_NORM_GROUPS,
+    BasicBlock,
+    BottleneckBlock,
+    ResNet,
+    enable_stage_last_norms,
+)
 
 STAGE_LEVELS = (2, 3, 4, 5)  # C2..C5; MGD's feature index i is level i + 2
-MGD_STAGE_NORM_GROUPS = 32  # detectron2's get_norm('GN', C) = GroupNorm(32, C)
 
 
 def stage_name(level: int) -> str:
@@ -108,35 +112,3 @@ class PreReluCapture:
             relu.inplace = inplace
         self._handles = []
         self._features = {}
-
-
-def enable_stage_last_norms(body: ResNet) -> List[str]:
-    """Make every norm of the last block of each student stage a trainable GroupNorm(32, C), as MGD's d2
-    ``build_resnet_backbone`` does with ``RESNETS.ENABLE_STAGE_LAST_NORM`` (``make_stage`` gives that block
-    norm 'GN': branch2a/b(/c) and the shortcut alike), except in the stage numbered ``FREEZE_AT`` (their
-    ``stage_idx == freeze_at``). Stages below ``FREEZE_AT`` get the GroupNorms frozen, as their
-    ``ResNet.freeze`` leaves them. Each GroupNorm starts from the replaced norm's scale and shift (weights
-    loaded later land in it by the same names). Returns the names of the replaced norm modules.
-    """
-    replaced = []
-    for level in body.stage_dims:
-        if level == body.freeze_at:
-            continue
-        block_name = f"res{level}.{len(getattr(body, f'res{level}')) - 1}"
-        trainable = level > body.freeze_at
-        for name, conv_norm in stage_end_block(body, level).named_children():
-            if not isinstance(conv_norm, ConvNorm):
-                continue
-            old = conv_norm.norm
-            dim = old.weight.numel()
-            if dim % MGD_STAGE_NORM_GROUPS:
-                raise ValueError(f"{block_name}.{name}: {dim} channels are not divisible into "
-                                 f"{MGD_STAGE_NORM_GROUPS} GroupNorm groups")
-            new = nn.GroupNorm(MGD_STAGE_NORM_GROUPS, dim).to(old.weight.device)
-            with torch.no_grad():
-                new.weight.copy_(old.weight)
-                new.bias.copy_(old.bias)
-            new.requires_grad_(trainable)
-            conv_norm.norm = new
-            replaced.append(f"{block_name}.{name}.norm")
-    return replaced

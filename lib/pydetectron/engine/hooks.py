@@ -2,8 +2,8 @@
 
 A hook overrides any of the methods of :class:`TrainerHook`; the trainer calls them in every process, in the
 order the hooks were given. ``after_forward`` may return extra losses, which join the model's before the
-total is taken: a distillation hook runs its teacher on ``batch`` there (forward hooks it registered on the
-student in ``before_train`` give it the student's features) and returns e.g. ``{"loss_distill": ...}``. Every
+total is taken: a distillation hook (``engine/distillation.py``) runs its teacher on ``batch`` there (forward
+hooks it registered on the student give it the student's features) and returns ``{"loss_distill_c2": ...}``. Every
 rank must return the same loss names. ``state_dict`` is saved in each checkpoint (under ``hooks``, by the
 hook's ``name``) and handed back to ``load_state_dict`` on resume.
 """
@@ -36,6 +36,10 @@ class TrainerHook:
                       outputs: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor] | None:
         """Extra losses to add to the model's outputs (under autocast when AMP is on), or None."""
         return None
+
+    def after_backward(self, trainer: Trainer, step: int) -> None:
+        """After the last backward pass of `step`, before its gradients are clipped and applied (e.g. to
+        average over the ranks the gradients of parameters outside the DistributedDataParallel wrapper)."""
 
     def after_step(self, trainer: Trainer, step: int, losses: Mapping[str, float]) -> None:
         """After the optimizer step (skipped or not) of 0-based `step`; `losses` averaged over the ranks."""

@@ -245,6 +245,8 @@ class Trainer:
                 (self.scaler.scale(total) if self.scaler is not None else total).backward()
             for name, value in {"loss": total * iter_size, **outputs}.items():
                 summed[name] = summed.get(name, 0.0) + float(value.detach()) / iter_size
+        for hook in self.hooks:
+            hook.after_backward(self, step)
         return summed, data_time, self._apply_gradients(step)
 
     def _apply_gradients(self, step: int) -> bool:

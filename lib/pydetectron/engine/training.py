@@ -32,6 +32,7 @@ from pydetectron.data.roidb import combined_roidb_from_cfg
 from pydetectron.engine.checkpoint import CheckpointManager, load_checkpoint
 from pydetectron.engine.console import ConsoleLog
 from pydetectron.engine.dataset_cfg import apply_dataset_meta, select_datasets
+from pydetectron.engine.distillation import Distillation, build_distillation, student_weights_part
 from pydetectron.engine.hooks import PreciseBN, TrainerHook
 from pydetectron.engine.logger import TrainingLogger, read_metrics
 from pydetectron.engine.test_engine import distributed_inference, open_dataset, proposal_file_of
@@ -128,6 +129,7 @@ def default_output_dir(cfg_name: str) -> Path:
 def load_weights(model: torch.nn.Module, cfg, options: TrainOptions, print_fn: Print = print,
                  output_dir: Path | None = None) -> dict | None:
     """--load_detectron / --load_ckpt (model only unless --resume), else TRAIN.WEIGHTS or the ImageNet backbone.
+    A distillation's merged TRAIN.WEIGHTS gives the student its student part (``distillation.py``).
 
     Every file goes through `weights.load_pretrained` (any format, the report printed and written to
     `output_dir`). Returns the checkpoint when resuming.
@@ -144,9 +146,10 @@ def load_weights(model: torch.nn.Module, cfg, options: TrainOptions, print_fn: P
                              "is empty: name the weights file, or set the first key False to train from scratch")
         sources = [(cfg.RESNETS.IMAGENET_PRETRAINED_WEIGHTS, "RESNETS.IMAGENET_PRETRAINED_WEIGHTS")]
     for path, origin in sources:
-        print_fn(f"Initial weights from {origin}:")
+        part = student_weights_part(cfg) if origin == "TRAIN.WEIGHTS" else None
+        print_fn(f"Initial weights from {origin}" + (f" (its {part} part)" if part else "") + ":")
         load_pretrained(model, cached_weights_path(path, cfg.DOWNLOAD_CACHE, origin), cfg, training=True,
-                        output_dir=output_dir, print_fn=print_fn)
+                        output_dir=output_dir, print_fn=print_fn, part=part)
     return None
 
 
@@ -282,7 +285,8 @@ def _train(cfg, options: TrainOptions, roidb, output_dir: Path, device: torch.de
     torch.manual_seed(cfg.RNG_SEED)  # the same initial weights on every rank
     model = build_detector(cfg).to(device)
     checkpoint = load_weights(model, cfg, options, print_fn, output_dir if main else None)
-    optimizer = build_optimizer(model, cfg)
+    distillation = _distillation(cfg, model, roidb, device, local_devices, print_fn, output_dir if main else None)
+    optimizer = build_optimizer(model, cfg, extra={"distill": distillation.method} if distillation else None)
     schedule = LRSchedule.from_cfg(cfg)
     if world > 1:
         _seed_process(cfg.RNG_SEED)
@@ -301,7 +305,8 @@ def _train(cfg, options: TrainOptions, roidb, output_dir: Path, device: torch.de
                             options.use_tfboard and main, print_fn)
     checkpoints = CheckpointManager(output_dir / "ckpt", options.keep_checkpoints) if main else None
     evaluate = make_evaluator(model, cfg, device, output_dir, print_fn)
-    hooks = _cfg_hooks(cfg, model, roidb, device, evaluate, print_fn) + list(options.hooks)
+    hooks = [distillation.hook] if distillation else []
+    hooks += _cfg_hooks(cfg, model, roidb, device, evaluate, print_fn) + list(options.hooks)
     trainer = Trainer(model, optimizer, schedule, None, forward, settings, logger, checkpoints, evaluate,
                       print_fn, hooks, accumulate)
     start_step = options.start_step
@@ -319,6 +324,24 @@ def _train(cfg, options: TrainOptions, roidb, output_dir: Path, device: torch.de
             draw_training_curves(read_metrics(logger.metrics_path), output_dir / "training_curves.png")
     print_fn(f"Training curves: {output_dir / 'training_curves.png'}")
     return output_dir
+
+
+def _distillation(cfg, model, roidb, device: torch.device, local_devices: int, print_fn: Print,
+                  output_dir: Path | None) -> Distillation | None:
+    """DISTILL.METHOD: the teacher, the method and its hook (``engine/distillation.py``); None when off. The
+    matching's batches come from a second loader seeded by the step, so the training stream is untouched."""
+    if not cfg.DISTILL.METHOD:
+        return None
+    if local_devices > 1:
+        raise ValueError(f"DISTILL.METHOD = {cfg.DISTILL.METHOD!r} with the single-process DataParallel over "
+                         f"{local_devices} GPUs is not supported (the student's features would come from every "
+                         "replica at once): run one process per GPU, tools/train_net_step.py --num-gpus N")
+
+    def tracking_batches(step: int):
+        return iter(build_train_loader_from_cfg(cfg, roidb, devices_per_process=1, num_replicas=get_world_size(),
+                                                rank=get_rank(), seed=int(cfg.RNG_SEED) + 1 + step))
+
+    return build_distillation(cfg, model, device, tracking_batches, print_fn, output_dir)
 
 
 def _cfg_hooks(cfg, model, roidb, device: torch.device, evaluate, print_fn: Print) -> list[TrainerHook]:

@@ -23,7 +23,7 @@ from pydetectron.weights.describe import BackboneFacts, architecture_lines, back
 from pydetectron.weights.detectron2 import blobs_to_detectron2
 from pydetectron.weights.detectron_pkl import check_color_order, detectron_blobs, save_detectron_weights
 from pydetectron.weights.files import write_object
-from pydetectron.weights.formats import MERGED_PARTS, METADATA_KEY, WeightFile, read_weights
+from pydetectron.weights.formats import MERGED_PARTS, METADATA_KEY, WeightFile, merged_part, read_weights
 from pydetectron.weights.pretrained import load_pretrained
 
 TARGETS = ("pydetectron", "detectron", "detectron2")
@@ -191,30 +191,30 @@ def merge(teacher: str | os.PathLike, student: str | os.PathLike, out: str | os.
     return f"{teacher} + {student} -> {out} ({len(model)} tensors)"
 
 
+DISTILLATION_HOOK = "Distillation"  # engine/distillation.py's hook name, the key of its state in a checkpoint
+
+
+def _distilled_student(weights: WeightFile, part: str) -> Tuple[Any, str, int]:
+    """The student of a distillation run's checkpoint (it holds no teacher): its model and cfg, without the
+    optimizer, random and method states."""
+    if part != "student":
+        raise ValueError(f"{weights.path} is a distillation checkpoint: it holds the student only (the teacher is "
+                         "rebuilt from DISTILL.TEACHER_CFG and its weights); take --part student")
+    container = weights.container
+    obj = {key: container[key] for key in ("model", "cfg", METADATA_KEY) if key in container}
+    return obj, weights.serializer, len(_tensor_entries(container["model"]))
+
+
 def split(merged: str | os.PathLike, out: str | os.PathLike, part: str) -> str:
-    """One part of a merged file back out, in its original container and serializer."""
-    if part not in PARTS:
-        raise ValueError(f"--part must be one of {', '.join(PARTS)}, got {part!r}")
+    """One part of a merged file back out, in its original container and serializer; or the student of a
+    distillation run's checkpoint (MGD's ``convert-output-to-d2.py`` step), ready for ``tools/test_net.py``."""
     weights = read_weights(merged)
-    if weights.format != "merged":
-        raise ValueError(f"{merged} ({weights.description}) is not a merged teacher + student file")
-    info = weights.container.get("parts", {}).get(part)
-    prefix = info["prefix"] if info else MERGED_PARTS[part]
-    tensors = {k[len(prefix):]: v for k, v in weights.weights.items() if k.startswith(prefix)}
-    if not tensors:
-        raise ValueError(f"{merged} holds no {part} tensors (no '{prefix}' keys)")
-    if info is None:  # merged by MGD's script: the part as a detectron2-style file, its author kept (MGD's
-        # 'TORCHVISION' says the RGB input its students and teachers are trained on)
-        author = weights.container.get("__author__", "pydetectron")
-        obj, serializer = {"model": tensors, "__author__": author, "matching_heuristics": True}, "pickle"
+    if weights.format == "pydetectron" and DISTILLATION_HOOK in (weights.container.get("hooks") or {}):
+        obj, serializer, count = _distilled_student(weights, part)
     else:
-        obj, serializer = copy.deepcopy(info["container"]), info["serializer"]
-        node = obj
-        for key in info["location"]:
-            node = node[key]
-        node.update(tensors)
+        obj, serializer, count = merged_part(weights, part)
     write_object(obj, out, serializer)
-    return f"{merged} --part {part} -> {out} ({len(tensors)} tensors)"
+    return f"{merged} --part {part} -> {out} ({count} tensors)"
 
 
 def inspect(path: str | os.PathLike) -> List[str]:

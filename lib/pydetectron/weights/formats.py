@@ -22,6 +22,7 @@ channel order where the format says it, and how to turn the entries into Caffe2 
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from dataclasses import dataclass, field
@@ -275,10 +276,41 @@ def _key_listing(obj: Mapping[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def read_weights(path: str | os.PathLike) -> WeightFile:
-    """Open and recognise a weights file (see the module docstring for the formats)."""
+def merged_part(weights: WeightFile, part: str) -> Tuple[Any, str, int]:
+    """``(object, serializer, tensor count)`` of the `part` ('teacher' | 'student') of a merged file: the part's
+    own container (cfg, metadata) with its tensors put back, as it was before ``merge``; a part merged by
+    MGD's script becomes a detectron2-style file keeping MGD's ``__author__`` (its 'TORCHVISION' says the RGB
+    input its students and teachers are trained on)."""
+    if part not in MERGED_PARTS:
+        raise ValueError(f"the part of a merged file must be one of {', '.join(MERGED_PARTS)}, got {part!r}")
+    if weights.format != "merged":
+        raise ValueError(f"{weights.path} ({weights.description}) is not a merged teacher + student file")
+    info = weights.container.get("parts", {}).get(part)
+    prefix = info["prefix"] if info else MERGED_PARTS[part]
+    tensors = {k[len(prefix):]: v for k, v in weights.weights.items() if k.startswith(prefix)}
+    if not tensors:
+        raise ValueError(f"{weights.path} holds no {part} tensors (no '{prefix}' keys)")
+    if info is None:
+        author = weights.container.get("__author__", "pydetectron")
+        return {"model": tensors, "__author__": author, "matching_heuristics": True}, "pickle", len(tensors)
+    obj = copy.deepcopy(info["container"])
+    node = obj
+    for key in info["location"]:
+        node = node[key]
+    node.update(tensors)
+    return obj, info["serializer"], len(tensors)
+
+
+def read_weights(path: str | os.PathLike, part: str | None = None) -> WeightFile:
+    """Open and recognise a weights file (see the module docstring for the formats); `part` ('teacher' |
+    'student') takes that part of a merged file, recognised as the file it was merged from."""
     path = os.fspath(path)
     obj, serializer = read_object_and_serializer(path)
     weights = recognise(obj, path)
+    weights.serializer = serializer
+    if part is None:
+        return weights
+    obj, serializer, _ = merged_part(weights, part)
+    weights = recognise(obj, f"{path} [{part} part]")
     weights.serializer = serializer
     return weights

@@ -147,6 +147,7 @@ def load_pretrained(
     training: bool = True,
     output_dir: str | os.PathLike | None = None,
     print_fn: Callable[[str], None] = print,
+    part: str | None = None,
 ) -> LoadReport:
     """Load the weights file at `path` (any format, recognised by content: see ``weights.formats``) into
     `model` (a detector, or a body from ``registry.build("body", ...)``) with the module docstring's semantics.
@@ -157,8 +158,10 @@ def load_pretrained(
     with a message. Otherwise (testing) every tensor must load and every entry be used, with the same shapes.
     A shape mismatch names the blob. The report is printed and, with `output_dir`, appended to
     ``<output_dir>/weights_report.txt``. Reads ``MODEL.INPUT_COLOR_ORDER`` and ``MODEL.NUM_CLASSES``.
+    `part` ('teacher' | 'student') loads that part of a merged teacher + student file (a distillation run);
+    then nothing of the part may be left unused, in training too.
     """
-    weights = read_weights(path)
+    weights = read_weights(path, part)
     blobs = weights.blobs_for(model)
     input_order = cfg.MODEL.INPUT_COLOR_ORDER
     num_classes = int(cfg.MODEL.NUM_CLASSES)
@@ -172,6 +175,11 @@ def load_pretrained(
         raise _strict_failure(weights, err.report, model, err.mismatches, hint) from None
     if training:
         failure = _training_failure(weights, report, model, blobs)
+        if failure is None and part is not None and report.unused:
+            failure = WeightMismatchError(
+                f"{weights.path} ({weights.description}) has tensors the {part} model does not use ("
+                f"{len(report.unused)}): {_first([weights.file_name(b) for b in report.unused])}; the {part} "
+                "cfg does not build the network this part was merged from")
     elif report.missing or report.unused or report.unmapped:
         failure = _strict_failure(weights, report, model, [], hint)
     else:

@@ -29,6 +29,7 @@ BASIC_BLOCK_DEPTHS = (18, 34)
 BLOCK_KINDS = ("bottleneck", "basic")
 DEFAULT_NORM = NormSpec()  # AffineChannel, Detectron's frozen BN
 _GN_FUNCS = ("bottleneck_gn_transformation", "basic_gn_stem", "basic_gn_shortcut")
+MGD_STAGE_NORM_GROUPS = 32  # detectron2's get_norm('GN', C) = GroupNorm(32, C), in MGD's stage-last norms
 
 
 class BottleneckBlock(nn.Module):
@@ -267,6 +268,40 @@ class ResNet(nn.Module):
         return compose_weight_mapping(self)
 
 
+def enable_stage_last_norms(body: ResNet) -> List[str]:
+    """Make every norm of the last block of each stage a trainable GroupNorm(32, C), as MGD's d2
+    ``build_resnet_backbone`` does for its students with ``RESNETS.ENABLE_STAGE_LAST_NORM`` (``make_stage``
+    gives that block norm 'GN': branch2a/b(/c) and the shortcut alike), except in the stage numbered
+    ``FREEZE_AT`` (their ``stage_idx == freeze_at``). Stages below ``FREEZE_AT`` get the GroupNorms frozen, as
+    their ``ResNet.freeze`` leaves them. Each GroupNorm starts from the replaced norm's scale and shift and keeps
+    its blob name, so weights loaded later land in it (a BN file's gamma/beta, as detectron2 loads them).
+    Returns the names of the replaced norm modules.
+    """
+    replaced = []
+    for level in body.stage_dims:
+        if level == body.freeze_at:
+            continue
+        stage = getattr(body, f"res{level}")
+        block_name = f"res{level}.{len(stage) - 1}"
+        trainable = level > body.freeze_at
+        for name, conv_norm in stage[-1].named_children():
+            if not isinstance(conv_norm, ConvNorm):
+                continue
+            old = conv_norm.norm
+            dim = old.weight.numel()
+            if dim % MGD_STAGE_NORM_GROUPS:
+                raise ValueError(f"{block_name}.{name}: {dim} channels are not divisible into "
+                                 f"{MGD_STAGE_NORM_GROUPS} GroupNorm groups")
+            new = nn.GroupNorm(MGD_STAGE_NORM_GROUPS, dim).to(old.weight.device)
+            with torch.no_grad():
+                new.weight.copy_(old.weight)
+                new.bias.copy_(old.bias)
+            new.requires_grad_(trainable)
+            conv_norm.norm = new
+            replaced.append(f"{block_name}.{name}.norm")
+    return replaced
+
+
 # --------------------------------------------------------------------------------------------------
 # cfg -> plain values
 # --------------------------------------------------------------------------------------------------
@@ -332,12 +367,13 @@ def make_res_stage(
 
 
 def resnet_from_cfg(cfg, depth: int, num_stages: int) -> ResNet:
-    """A ``ResNet<depth>_conv<num_stages>_body`` with the RESNETS.*, GROUP_NORM.* and TRAIN.FREEZE_AT options."""
+    """A ``ResNet<depth>_conv<num_stages>_body`` with the RESNETS.*, GROUP_NORM.* and TRAIN.FREEZE_AT options
+    (``RESNETS.ENABLE_STAGE_LAST_NORM``: MGD's student, see :func:`enable_stage_last_norms`)."""
     if _block_kind_from_cfg(cfg) == "basic" and depth not in BASIC_BLOCK_DEPTHS:
         raise ValueError(
             f"RESNETS.TRANS_FUNC='basic_transformation' is for ResNet-18/34 bodies, not ResNet-{depth}"
         )
-    return ResNet(
+    body = ResNet(
         depth,
         num_stages=num_stages,
         norm=norm_spec_from_cfg(cfg),
@@ -347,6 +383,9 @@ def resnet_from_cfg(cfg, depth: int, num_stages: int) -> ResNet:
         res5_dilation=cfg.RESNETS.RES5_DILATION,
         freeze_at=cfg.TRAIN.FREEZE_AT,
     )
+    if cfg.RESNETS.ENABLE_STAGE_LAST_NORM:
+        enable_stage_last_norms(body)
+    return body
 
 
 def _register_resnet_bodies() -> None:
