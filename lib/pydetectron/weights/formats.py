@@ -284,7 +284,9 @@ def merged_part(weights: WeightFile, part: str) -> Tuple[Any, str, int]:
     if part not in MERGED_PARTS:
         raise ValueError(f"the part of a merged file must be one of {', '.join(MERGED_PARTS)}, got {part!r}")
     if weights.format != "merged":
-        raise ValueError(f"{weights.path} ({weights.description}) is not a merged teacher + student file")
+        raise ValueError(f"{weights.path} ({weights.description}) is not a merged teacher + student file, so it "
+                         f"has no {part} part (tools/convert_weights.py merge --teacher T --student S OUT writes one; "
+                         "a distillation without one names its teacher's weights in DISTILL.TEACHER_WEIGHTS)")
     info = weights.container.get("parts", {}).get(part)
     prefix = info["prefix"] if info else MERGED_PARTS[part]
     tensors = {k[len(prefix):]: v for k, v in weights.weights.items() if k.startswith(prefix)}
