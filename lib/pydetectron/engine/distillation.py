@@ -189,9 +189,11 @@ def build_distillation(cfg, student: nn.Module, device: torch.device,
                        tracking_batches: Callable[[int], Iterator[dict]], print_fn: Print = print,
                        output_dir=None) -> Distillation:
     """``DISTILL.*`` -> teacher, method and hook, for a `student` whose weights are already loaded (MGD reads
-    its margins from the loaded teacher)."""
-    teacher = build_teacher(cfg, device, print_fn, output_dir)
-    method = build_distill_method(cfg, teacher, student).to(device)
+    its margins from the loaded teacher). The random draws of building them (the teacher's initialisation, the
+    L2 adapters) do not shift the training's: the run sees the random stream the student trained alone would."""
+    with torch.random.fork_rng(devices=[]):
+        teacher = build_teacher(cfg, device, print_fn, output_dir)
+        method = build_distill_method(cfg, teacher, student).to(device)
     print_fn(f"Distillation: {cfg.DISTILL.METHOD} from {cfg.DISTILL.TEACHER_CFG}, stages "
              f"{', '.join(f'C{lvl}' for lvl in method.levels)}")
     hook = DistillationHook(student, teacher, method, device, tracking_batches, print_fn)
