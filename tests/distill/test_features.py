@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from pydetectron.config import assert_and_infer_cfg, get_cfg, merge_cfg_from_list
 from pydetectron.distill import (
     PreReluCapture,
     enable_stage_last_norms,
@@ -17,8 +18,10 @@ from pydetectron.distill import (
     stage_end_bn_from_torchvision,
     stage_end_norm,
 )
+from pydetectron.modeling import registry
 from pydetectron.modeling.backbones import FPN, ResNet
 from pydetectron.modeling.layers import AffineChannel2d, NormSpec
+from pydetectron.weights import load_pretrained
 
 
 def _randomize_norms(body: nn.Module) -> None:
@@ -125,6 +128,31 @@ def test_enable_stage_last_norms(freeze_at, replaced, frozen):
         assert all(p.requires_grad == (level not in frozen) for n in norms for p in n.parameters()), level
         assert torch.equal(block.branch2a.norm.weight, old[level].weight)  # starts from the replaced affine
         assert isinstance(getattr(body, f"res{level}")[0].branch2a.norm, AffineChannel2d)  # only the last block
+
+
+def test_stage_last_norms_built_from_cfg_take_a_torchvision_bn_unfolded(tmp_path):
+    """RESNETS.ENABLE_STAGE_LAST_NORM (MGD's student) builds the GroupNorms, and a torchvision file gives them its
+    BN gamma/beta as detectron2 does for MGD, while the other (AffineChannel) norms get the exact fold."""
+    tv = torchvision.models.resnet18()
+    _randomize_norms(tv)
+    with torch.no_grad():
+        for m in tv.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_var.uniform_(0.25, 4.0)
+                m.running_mean.normal_()
+    torch.save(tv.state_dict(), tmp_path / "r18.pth")
+    cfg = get_cfg()
+    merge_cfg_from_list(cfg, ["TRAIN.FREEZE_AT", 1, "RESNETS.ENABLE_STAGE_LAST_NORM", True,
+                              "RESNETS.STRIDE_1X1", False])
+    assert_and_infer_cfg(cfg)
+    body = registry.build("body", "ResNet18_conv5_body", cfg)
+    load_pretrained(body, tmp_path / "r18.pth", cfg, training=True, print_fn=lambda _: None)
+    last, first = body.res4[1].branch2a.norm, body.res4[0].branch2a.norm
+    assert isinstance(last, nn.GroupNorm) and isinstance(first, AffineChannel2d)
+    bn = tv.layer3[1].bn1
+    assert torch.equal(last.weight, bn.weight) and torch.equal(last.bias, bn.bias)
+    bn = tv.layer3[0].bn1
+    torch.testing.assert_close(first.weight, bn.weight / torch.sqrt(bn.running_var + 1e-5))
 
 
 def test_bn_affine_from_the_teacher_norms_or_its_torchvision_file():

@@ -176,8 +176,10 @@ def _resolve_norms(
 ) -> set:
     """Fit the file's norm layers to the model's, in place in `blobs`; returns the blob names consumed.
 
-    A frozen AffineChannel (or any norm without running statistics) fed from a file with statistics gets the
-    exact fold ``s = gamma / sqrt(var + eps)``, ``b = beta - mean * s`` (computed in float64). A batch norm
+    A frozen AffineChannel fed from a file with statistics gets the exact fold ``s = gamma / sqrt(var + eps)``,
+    ``b = beta - mean * s`` (computed in float64); a GroupNorm in a batch norm's place (MGD's stage-last norms,
+    which keep the BN's blob names) gets gamma and beta as they are, as detectron2 loads them, the statistics
+    having no counterpart. A batch norm
     fed from a folded file (Detectron's ``_bn_s``/``_bn_b`` only) gets mean 0 and variance ``1 - eps``, so
     its eval output is the file's affine map. Everything else is copied as it is.
     """
@@ -187,7 +189,9 @@ def _resolve_norms(
         src = _source_name(prefix + "_s", blobs)[:-2]
         stats = (src + "_rm", src + "_riv")
         has_stats = all(name in blobs for name in stats)
-        if prefix + "_rm" not in targets and has_stats and src + "_s" in blobs and src + "_b" in blobs:
+        if has_stats and isinstance(model.get_submodule(weight_key[: -len(".weight")]), nn.GroupNorm):
+            consumed.update(stats)  # a GroupNorm in a BN's place (MGD's stage-last norms): gamma/beta as they are
+        elif prefix + "_rm" not in targets and has_stats and src + "_s" in blobs and src + "_b" in blobs:
             if src not in report.folded:
                 gamma, beta, mean, var = (np.asarray(blobs[src + sfx], np.float64)
                                           for sfx in ("_s", "_b", "_rm", "_riv"))
