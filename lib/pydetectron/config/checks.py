@@ -30,6 +30,8 @@ _DEFAULT_FREEZE_AT = 2
 DISTILL_METHODS = ("", "mgd", "feature_l2")
 DISTILL_STAGES = ("C2", "C3", "C4", "C5")  # DISTILL.LOSS_FACTORS / IGNORE_INDS order
 MGD_REDUCERS = ("amp", "sp", "rd", "sm")
+RETINANET_NORMS = ("", "GN")
+RETINANET_BOX_LOSSES = ("smooth_l1", "giou")  # detectron2's 'diou' / 'ciou' are not built
 
 
 def _fail(message: str) -> None:
@@ -192,6 +194,27 @@ def _check_distill(cfg: CfgNode) -> None:
             _fail(f"DISTILL.MGD.{key} = {m[key]!r} must be a non-negative integer")
 
 
+def _check_retinanet(cfg: CfgNode) -> None:
+    """RETINANET.NORM and USE_GN (one answer: NORM), the box loss type and the box coder weights."""
+    r = cfg.RETINANET
+    if r.NORM in ("BN", "SyncBN"):
+        _fail(f"RETINANET.NORM = {r.NORM!r} is not supported: detectron2 gives its RetinaNet head one {r.NORM} per "
+              "FPN level (CycleBatchNormList), which pydetectron does not build; use '' or 'GN'")
+    if r.NORM not in RETINANET_NORMS:
+        _fail(f"RETINANET.NORM = {r.NORM!r} is not one of {RETINANET_NORMS} (detectron2's shared FrozenBN / other "
+              "norms in the RetinaNet towers are not built)")
+    if r.USE_GN:
+        r.NORM = "GN"
+    r.USE_GN = r.NORM == "GN"
+    _one_of(cfg, "RETINANET.BBOX_REG_LOSS_TYPE", RETINANET_BOX_LOSSES)
+    if r.BBOX_REG_LOSS_TYPE != "smooth_l1" and cfg.MODEL.CONVENTIONS != "detectron2":
+        _fail(f"RETINANET.BBOX_REG_LOSS_TYPE = {r.BBOX_REG_LOSS_TYPE!r} needs MODEL.CONVENTIONS 'detectron2' "
+              "(Detectron's RetinaNet has the smooth-L1 box loss only)")
+    weights = list(r.BBOX_REG_WEIGHTS)
+    if len(weights) != 4 or not all(isinstance(w, (int, float)) and w > 0 for w in weights):
+        _fail(f"RETINANET.BBOX_REG_WEIGHTS = {r.BBOX_REG_WEIGHTS!r} must be four positive numbers (wx, wy, ww, wh)")
+
+
 def assert_and_infer_cfg(cfg: CfgNode, make_immutable: bool = True) -> CfgNode:
     """Fill in the inferred keys, check the values, and (by default) freeze ``cfg``. Returns ``cfg``.
 
@@ -206,6 +229,7 @@ def assert_and_infer_cfg(cfg: CfgNode, make_immutable: bool = True) -> CfgNode:
     _check_input(cfg)
     _check_heads(cfg)
     _check_distill(cfg)
+    _check_retinanet(cfg)
     if make_immutable:
         cfg.freeze()
     return cfg

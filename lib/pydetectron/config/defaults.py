@@ -206,6 +206,14 @@ def _retinanet(C: CfgNode) -> None:
     R.INFERENCE_TH = 0.05
     # pydetectron (detectron2's RETINANET.NORM 'GN'): GroupNorm after each tower conv, MSRA-initialised convs
     R.USE_GN = False
+    # pydetectron, for detectron2 mode (issue 15). The norm after each tower conv: '' (Detectron's head) or 'GN'
+    # (= USE_GN; in detectron2 mode the tower convs keep detectron2's Gaussian(0.01) init). detectron2's BN /
+    # SyncBN (one norm per level) and shared FrozenBN heads are refused.
+    R.NORM = ""
+    # The box loss: 'smooth_l1' (BBOX_REG_BETA; Detectron's) or 'giou' (detectron2 mode only).
+    R.BBOX_REG_LOSS_TYPE = "smooth_l1"
+    # (wx, wy, ww, wh) of the box coder (detectron2's RETINANET.BBOX_REG_WEIGHTS; Detectron's are all 1).
+    R.BBOX_REG_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
 
 
 def _solver(C: CfgNode) -> None:
