@@ -37,10 +37,18 @@ def smooth_l1_loss(
         raise ValueError(f"smooth_l1_loss beta must be > 0, got {beta}")
     if normalizer is None:
         normalizer = pred.shape[0] if pred.dim() > 0 else 1
-    diff = inside_weights * (pred - target)
-    abs_diff = diff.abs()
-    per_elem = torch.where(abs_diff < beta, 0.5 * diff * diff / beta, abs_diff - 0.5 * beta)
+    per_elem = smooth_l1(inside_weights * (pred - target), beta)
     return (outside_weights * per_elem).sum() / max(float(normalizer), 1.0)
+
+
+def smooth_l1(diff: Tensor, beta: float) -> Tensor:
+    """Elementwise smooth-L1 of differences ``diff`` (fvcore's / detectron2's formula, which Detectron's
+    operator shares): ``0.5 x^2 / beta`` where ``|x| < beta`` else ``|x| - 0.5 beta``; plain ``|x|`` when
+    ``beta < 1e-5`` (detectron2's L1 case, also the limit of the formula)."""
+    abs_diff = diff.abs()
+    if beta < 1e-5:
+        return abs_diff
+    return torch.where(abs_diff < beta, 0.5 * abs_diff**2 / beta, abs_diff - 0.5 * beta)
 
 
 def sigmoid_cross_entropy_loss(logits: Tensor, labels: Tensor, normalizer: float | None = None) -> Tensor:
