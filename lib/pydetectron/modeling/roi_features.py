@@ -109,7 +109,11 @@ class RoIFeatureExtractor(nn.Module):
 def build_roi_feature_extractor(cfg, head_cfg, spatial_scales: Sequence[float]) -> RoIFeatureExtractor:
     """The extractor a head asks for: `head_cfg` is the head's cfg node holding ``ROI_XFORM_METHOD``,
     ``ROI_XFORM_RESOLUTION``, ``ROI_XFORM_SAMPLING_RATIO`` and ``ROI_XFORM_ALIGNED`` (``cfg.FAST_RCNN``,
-    ``cfg.MRCNN``, ``cfg.KRCNN``); the FPN level heuristic comes from ``cfg.FPN``."""
+    ``cfg.MRCNN``, ``cfg.KRCNN``); the FPN level heuristic comes from ``cfg.FPN``, and its rule from
+    ``MODEL.CONVENTIONS`` (detectron2's ``ROIPooler`` rule in 'detectron2' mode, for every head)."""
+    from pydetectron.modeling.detectron2.pooler import assign_boxes_to_levels
+
+    d2 = cfg.MODEL.CONVENTIONS == "detectron2"
     return RoIFeatureExtractor(
         method=head_cfg.ROI_XFORM_METHOD,
         resolution=head_cfg.ROI_XFORM_RESOLUTION,
@@ -118,4 +122,5 @@ def build_roi_feature_extractor(cfg, head_cfg, spatial_scales: Sequence[float]) 
         canonical_scale=cfg.FPN.ROI_CANONICAL_SCALE,
         canonical_level=cfg.FPN.ROI_CANONICAL_LEVEL,
         aligned=bool(head_cfg.ROI_XFORM_ALIGNED),
+        level_assigner=assign_boxes_to_levels if d2 else map_rois_to_fpn_levels,
     )

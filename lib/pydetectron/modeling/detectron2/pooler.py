@@ -1,19 +1,17 @@
 """detectron2's ``ROIPooler``: RoI features from one map or an FPN pyramid, with d2's level assignment.
 
 The pooling itself is ``roi_features.RoIFeatureExtractor`` (RoIAlign with ``aligned=True`` is d2's
-``ROIAlignV2``; sampling ratio ``*.ROI_XFORM_SAMPLING_RATIO``, 0 = adaptive). Only the level of each RoI
-differs from Detectron: ``floor(canonical_level + log2(sqrt(area) / canonical_size + 1e-8))`` with the area
+``ROIAlignV2``; sampling ratio ``*.ROI_XFORM_SAMPLING_RATIO``, 0 = adaptive), which uses this level rule in
+``MODEL.CONVENTIONS: 'detectron2'`` (``build_roi_feature_extractor``). Only the level of each RoI differs
+from Detectron: ``floor(canonical_level + log2(sqrt(area) / canonical_size + 1e-8))`` with the area
 ``(x2 - x1) * (y2 - y1)`` (no +1), computed in the boxes' own dtype as d2 does.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
 from pydetectron.boxes import box_area
-from pydetectron.modeling.roi_features import RoIFeatureExtractor
 
 LEVEL_EPS = 1e-8  # d2's assign_boxes_to_levels
 
@@ -29,18 +27,3 @@ def assign_boxes_to_levels(
     levels = torch.floor(canonical_level + torch.log2(sizes / canonical_scale + LEVEL_EPS))
     return levels.clamp(min=k_min, max=k_max).to(torch.int64)
 
-
-def build_d2_pooler(cfg, head_cfg, spatial_scales: Sequence[float]) -> RoIFeatureExtractor:
-    """The pooler of a d2-mode head: `head_cfg` is ``cfg.FAST_RCNN`` / ``cfg.MRCNN`` / ``cfg.KRCNN`` (its
-    ``ROI_XFORM_METHOD``, ``ROI_XFORM_RESOLUTION``, ``ROI_XFORM_SAMPLING_RATIO``, ``ROI_XFORM_ALIGNED``: d2's
-    ``POOLER_TYPE`` ROIAlignV2 is RoIAlign + aligned), levels by d2's rule with ``FPN.ROI_CANONICAL_*``."""
-    return RoIFeatureExtractor(
-        method=head_cfg.ROI_XFORM_METHOD,
-        resolution=head_cfg.ROI_XFORM_RESOLUTION,
-        sampling_ratio=head_cfg.ROI_XFORM_SAMPLING_RATIO,
-        spatial_scales=spatial_scales,
-        canonical_scale=cfg.FPN.ROI_CANONICAL_SCALE,
-        canonical_level=cfg.FPN.ROI_CANONICAL_LEVEL,
-        aligned=bool(head_cfg.ROI_XFORM_ALIGNED),
-        level_assigner=assign_boxes_to_levels,
-    )
