@@ -66,6 +66,9 @@ def _train(C: CfgNode) -> None:
     T.BG_THRESH_LO = 0.0
     T.USE_FLIPPED = True
     T.BBOX_THRESH = 0.5  # IoU needed for a RoI to be a box-regression example
+    # pydetectron (detectron2's ROI_HEADS.PROPOSAL_APPEND_GT): the gt boxes join the RoI candidates (Detectron
+    # always does it); False is detectron2 mode only
+    T.PROPOSAL_APPEND_GT = True
     T.SNAPSHOT_ITERS = 80000
     T.PROPOSAL_FILES = ()  # precomputed proposals, one file per dataset
     T.ASPECT_GROUPING = True  # batch images of similar aspect ratio together
@@ -264,6 +267,12 @@ def _fast_rcnn(C: CfgNode) -> None:
     F.ROI_XFORM_SAMPLING_RATIO = 0
     F.ROI_XFORM_RESOLUTION = 14
     F.ROI_XFORM_ALIGNED = False  # pydetectron
+    # pydetectron (detectron2's ROI_BOX_HEAD keys; defaults = Detectron's behaviour)
+    F.NUM_FC = 2  # fcs of MLP_HEAD_DIM in FastRCNNConvFCHead (after NUM_STACKED_CONVS convs of CONV_HEAD_DIM)
+    F.NORM = ""  # FastRCNNConvFCHead conv norm: '' | 'GN' | 'BN' | 'SyncBN' | 'FrozenBN' (d2's get_norm)
+    F.SMOOTH_L1_BETA = 1.0  # box-regression smooth-L1 beta (Detectron 1.0; d2's default 0.0 = L1)
+    F.BBOX_REG_LOSS_TYPE = "smooth_l1"  # 'smooth_l1' | 'giou' (giou: detectron2 mode only)
+    F.BBOX_REG_LOSS_WEIGHT = 1.0  # multiplies the box-regression loss
 
 
 def _rpn(C: CfgNode) -> None:
@@ -322,6 +331,9 @@ def _mrcnn(C: CfgNode) -> None:
     M.WEIGHT_LOSS_MASK = 1.0
     M.THRESH_BINARIZE = 0.5
     M.MEMORY_EFFICIENT_LOSS = True  # Detectron.pytorch
+    # pydetectron (detectron2's ROI_MASK_HEAD keys)
+    M.NUM_CONV = 4  # MaskRCNNConvUpsampleHead: 3x3 convs of DIM_REDUCED before the deconv (0 on Res5ROIHeads)
+    M.NORM = ""  # MaskRCNNConvUpsampleHead conv norm: '' | 'GN' | 'BN' | 'SyncBN' | 'FrozenBN'
 
 
 def _krcnn(C: CfgNode) -> None:
