@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -278,3 +279,26 @@ def test_d2_head_init_and_weight_names():
     assert mapping["head.bbox_pred.bias"] == "retnet_bbox_pred_fpn3_b"
     assert mapping["loss_normalizer.value"] is None
     assert set(model.state_dict()) == set(mapping)
+
+
+def test_loss_normalizer_is_one_value_over_the_ranks(tmp_path):
+    """Under DistributedDataParallel each update takes the ranks' mean count (of max(n, 1)), so every rank holds
+    the value a checkpoint saves: ranks with 10 and 0, then 3 and 7 foreground anchors give 5.5, then 5."""
+    from pydetectron.engine.launch import LaunchSettings, launch
+
+    sys.path.insert(0, os.path.dirname(__file__))  # the spawned ranks import the worker by name too
+    import retinanet_dist_worker
+
+    launch(retinanet_dist_worker.loss_normalizer_updates, LaunchSettings(num_gpus=2, use_cuda=False, timeout_s=60),
+           (str(tmp_path),))
+    first = 100 * 0.9 + 5.5 * 0.1
+    for rank in (0, 1):
+        assert torch.load(tmp_path / f"normalizer_rank{rank}.pt") == pytest.approx([first, first * 0.9 + 5 * 0.1])
+
+
+def test_loss_normalizer_refuses_dataparallel_replicas():
+    """torch's replicate() marks replicas; an update on one would be lost, so it is refused by name."""
+    normalizer = LossNormalizer()
+    normalizer._is_replica = True
+    with pytest.raises(RuntimeError, match="one GPU per process"):
+        normalizer.update(3)

@@ -5,6 +5,7 @@ same image tensor; head outputs, losses on a given gt, and inference scores / cl
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -119,9 +120,18 @@ def test_head_outputs_match(models):
         _close(mine, theirs)
 
 
-def test_losses_match(models):
+@pytest.mark.parametrize("loss_type, beta", [("smooth_l1", 0.1), ("smooth_l1", 0.0), ("giou", 0.1)])
+def test_losses_match(models, loss_type, beta):
+    """On detectron2's defaults (SMOOTH_L1_LOSS_BETA 0.1), its Base-RetinaNet.yaml's L1 (beta 0) and GIoU; both
+    loss normalisers start at 100."""
     ours, d2_model, image = models
     ours.train(), d2_model.train()
+    ours.settings = ours.d2_rules.settings = dataclasses.replace(ours.settings, bbox_loss_type=loss_type,
+                                                                 bbox_beta=beta)
+    d2_model.box_reg_loss_type, d2_model.smooth_l1_beta = loss_type, beta
+    ours.loss_normalizer.value.fill_(100.0)
+    if hasattr(d2_model, "loss_normalizer"):
+        del d2_model.loss_normalizer
     roidb = [{"boxes": torch.tensor(GT_BOXES), "gt_classes": torch.tensor(GT_CLASSES) + 1,
               "is_crowd": torch.zeros(len(GT_BOXES), dtype=torch.bool)}]
     instances = Instances((HEIGHT, WIDTH), gt_boxes=Boxes(torch.tensor(GT_BOXES)),
