@@ -24,6 +24,11 @@
 Detectron labels a square field of anchors sized for ``TRAIN.MAX_SIZE`` and crops it to the padded image;
 here the anchors are those of the padded image's feature maps, which differs only in which anchor is a gt's
 best when that best lies beyond the padded image.
+
+``MODEL.CONVENTIONS: detectron2`` keeps this body and head (the towers' convs Gaussian(0.01) with GN too, as
+detectron2's) and takes anchors, labels, losses (``loss_cls``, ``loss_box_reg``, over the loss normaliser) and
+inference from ``modeling/detectron2/retinanet.py``. The box coder weights are ``RETINANET.BBOX_REG_WEIGHTS``
+in both conventions.
 """
 
 from __future__ import annotations
