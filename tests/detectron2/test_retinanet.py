@@ -231,6 +231,8 @@ def test_config_keys_are_checked():
         cfg_with(*D2, "RETINANET.BBOX_REG_LOSS_TYPE", "ciou")
     with pytest.raises(ConfigError, match="RETINANET.BBOX_REG_WEIGHTS"):
         cfg_with("RETINANET.BBOX_REG_WEIGHTS", "(1.0, 1.0, 1.0)")
+    with pytest.raises(ConfigError, match="RETINANET.NEGATIVE_OVERLAP"):
+        cfg_with(*D2, "RETINANET.NEGATIVE_OVERLAP", "0.6")
 
 
 def test_d2_model_trains_resumes_exactly_and_infers():

@@ -241,6 +241,9 @@ def _check_retinanet(cfg: CfgNode) -> None:
     weights = list(r.BBOX_REG_WEIGHTS)
     if len(weights) != 4 or not all(isinstance(w, (int, float)) and w > 0 for w in weights):
         _fail(f"RETINANET.BBOX_REG_WEIGHTS = {r.BBOX_REG_WEIGHTS!r} must be four positive numbers (wx, wy, ww, wh)")
+    if cfg.MODEL.CONVENTIONS == "detectron2" and not 0 < r.NEGATIVE_OVERLAP <= r.POSITIVE_OVERLAP:
+        _fail(f"RETINANET.NEGATIVE_OVERLAP = {r.NEGATIVE_OVERLAP} and POSITIVE_OVERLAP = {r.POSITIVE_OVERLAP} are "
+              "detectron2's IOU_THRESHOLDS [bg, fg]: they need 0 < bg <= fg")
 
 
 def assert_and_infer_cfg(cfg: CfgNode, make_immutable: bool = True) -> CfgNode:
