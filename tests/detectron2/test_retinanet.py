@@ -174,16 +174,16 @@ def _logit(p: float) -> float:
 
 
 def test_inference_threshold_topk_per_level_nms_per_class_and_postprocess():
-    """Level A (1 x 3, stride 8) and B (1 x 2, stride 16), A = 1, K = 2. Scores above 0.05 are candidates, each
+    """Level A (1 x 3, stride 8) and B (1 x 3, stride 16), A = 1, K = 2. Scores above 0.05 are candidates, each
     level keeps its best 3, NMS (0.5) works within a class, then the best DETECTIONS_PER_IM, then the boxes go
     from the 100 x 80 input to a 200 x 120 original (scale_y 2, scale_x 1.5), clipped, empty ones dropped."""
     level_a = torch.tensor([[0, 0, 20, 20], [2, 0, 22, 20], [70, 0, 90, 20]], dtype=torch.float32)
-    level_b = torch.tensor([[100, 100, 140, 140], [0, 60, 20, 80]], dtype=torch.float32)
+    level_b = torch.tensor([[100, 100, 140, 140], [0, 60, 20, 80], [40, 40, 60, 60]], dtype=torch.float32)
     scores_a = [[0.9, 0.04], [0.8, 0.3], [0.7, 0.02]]  # candidates .9 .8 .3 .7 -> top 3: .9 .8 .7
-    scores_b = [[0.6, 0.01], [0.55, 0.65]]
+    scores_b = [[0.6, 0.01], [0.55, 0.65], [0.03, 0.02]]  # the coarsest level keeps the threshold (not Detectron's 0)
     logits = [torch.tensor([[_logit(p) for p in column] for column in zip(*s)]).reshape(1, 2, 1, -1)
               for s in (scores_a, scores_b)]
-    deltas = [torch.zeros(1, 4, 1, 3), torch.zeros(1, 4, 1, 2)]
+    deltas = [torch.zeros(1, 4, 1, 3), torch.zeros(1, 4, 1, 3)]
     deltas[1][0, 0, 0, 0] = 0.5  # b0 moves right by half its width: [120, 100, 160, 140]
     rules = _rules(scales_per_octave=1, aspect_ratios=(1.0,), min_level=3, max_level=4, pre_nms_top_n=3,
                    detections_per_im=5, inference_th=0.05, nms=0.5)
