@@ -222,7 +222,7 @@ def retinanet_targets(settings: RetinaNetSettings, features: Sequence[torch.Tens
             foreground = labels >= 1
             fg_num += float(foreground.sum()) + 1.0
             targets[foreground] = encode_boxes(all_anchors[foreground], gt_boxes[best_gt[foreground]],
-                                                    settings.box_weights)
+                                               settings.box_weights)
             labels[best_iou < settings.negative_overlap] = 0
         else:
             labels.zero_()
@@ -290,8 +290,7 @@ def retinanet_detections(settings: RetinaNetSettings, logits: Sequence[torch.Ten
         stride = 2.0**level
         anchors = cell_anchors(settings, level).to(x.device)[a]
         anchors = anchors + torch.stack([xs, y, xs, y], dim=1).to(anchors.dtype) * stride
-        pred = decode_boxes(anchors, d[image].reshape(num_a, 4, h, w)[a, :, y, xs],
-                                   settings.box_weights) \
+        pred = decode_boxes(anchors, d[image].reshape(num_a, 4, h, w)[a, :, y, xs], settings.box_weights) \
             if settings.bbox_reg else anchors
         boxes.append(clip_boxes(pred / im_scale, height, width))
         scores.append(probs[index])
