@@ -27,6 +27,7 @@ ROI_XFORM_METHODS = ("RoIPoolF", "RoIPool", "RoIAlign")
 COLOR_ORDERS = ("BGR", "RGB")
 CONVENTIONS = ("detectron", "detectron2")
 RPN_BOX_LOSS_TYPES = ("smooth_l1", "giou")  # RPN.BBOX_REG_LOSS_TYPE
+FPN_NORMS = ("", "GN", "BN", "SyncBN", "FrozenBN")  # FPN.NORM (detectron2's names)
 _DEFAULT_FREEZE_AT = 2
 DISTILL_METHODS = ("", "mgd", "feature_l2")
 DISTILL_STAGES = ("C2", "C3", "C4", "C5")  # DISTILL.LOSS_FACTORS / IGNORE_INDS order
@@ -97,6 +98,17 @@ def _infer_norm(cfg: CfgNode) -> None:
     if gn_reasons and r.NORM != "GN":
         _fail(f"RESNETS.NORM = {r.NORM!r} contradicts {', '.join(gn_reasons)} (which select GroupNorm)")
     r.USE_GN = r.NORM == "GN"
+
+
+def _infer_fpn_norm(cfg: CfgNode) -> None:
+    """One answer to 'which norm do the FPN convs use': FPN.NORM, with FPN.USE_GN meaning 'GN'."""
+    f = cfg.FPN
+    _one_of(cfg, "FPN.NORM", FPN_NORMS)
+    if f.USE_GN and f.NORM not in ("", "GN"):
+        _fail(f"FPN.NORM = {f.NORM!r} contradicts FPN.USE_GN = True (which selects GroupNorm)")
+    if f.USE_GN:
+        f.NORM = "GN"
+    f.USE_GN = f.NORM == "GN"
 
 
 def _check_solver(cfg: CfgNode) -> None:
@@ -230,6 +242,7 @@ def assert_and_infer_cfg(cfg: CfgNode, make_immutable: bool = True) -> CfgNode:
     _infer_heads(cfg)
     _infer_freeze_at(cfg)
     _infer_norm(cfg)
+    _infer_fpn_norm(cfg)
     _check_solver(cfg)
     _check_input(cfg)
     _check_heads(cfg)

@@ -295,6 +295,9 @@ def _fpn(C: CfgNode) -> None:
     F.RPN_COLLECT_SCALE = 1  # Detectron.pytorch, set by the trainer
     F.EXTRA_CONV_LEVELS = False
     F.USE_GN = False
+    # pydetectron (detectron2's FPN.NORM): norm of the lateral / output convs, which then lose their bias:
+    # '' | 'GN' | 'BN' | 'SyncBN' | 'FrozenBN' (= AffineChannel). USE_GN True means 'GN'; both conventions.
+    F.NORM = ""
 
 
 def _mrcnn(C: CfgNode) -> None:
