@@ -95,32 +95,37 @@ def test_fpn_body_equals_detectron2s_resnet_fpn(body_norm, fpn_norm, stride_1x1)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * scale, msg=f"P{level + 2}")
 
 
-def _rpn_pair(training_topk=(2000, 1000), test_topk=(1000, 1000), beta=0.0, loss_type="smooth_l1"):
-    """Our d2-mode FPN RPN and detectron2's, P2..P6 of 16 channels, same head weights."""
+def _rpn_pair(training_topk=(2000, 1000), test_topk=(1000, 1000), beta=0.0, loss_type="smooth_l1", c4=False,
+              boundary=-1):
+    """Our d2-mode RPN and detectron2's, same head weights: FPN on P2..P6 of 16 channels, or C4 on one
+    stride-16 map (5 sizes x 3 ratios)."""
     cfg = get_cfg()
     cfg.MODEL.CONVENTIONS = "detectron2"
     cfg.MODEL.FASTER_RCNN = True
-    cfg.FPN.FPN_ON = cfg.FPN.MULTILEVEL_RPN = True
-    cfg.TRAIN.RPN_STRADDLE_THRESH = -1
+    cfg.FPN.FPN_ON = cfg.FPN.MULTILEVEL_RPN = not c4
+    cfg.RPN.SIZES = (32, 64, 128, 256, 512)
+    cfg.TRAIN.RPN_STRADDLE_THRESH = boundary
     cfg.TRAIN.RPN_PRE_NMS_TOP_N, cfg.TRAIN.RPN_POST_NMS_TOP_N = training_topk
     cfg.TEST.RPN_PRE_NMS_TOP_N, cfg.TEST.RPN_POST_NMS_TOP_N = test_topk
     cfg.RPN.SMOOTH_L1_BETA = beta
     cfg.RPN.BBOX_REG_LOSS_TYPE = loss_type
     assert_and_infer_cfg(cfg)
     torch.manual_seed(0)
-    ours = build_rpn(cfg, 16, [1 / 4, 1 / 8, 1 / 16, 1 / 32, 1 / 64])
+    ours = build_rpn(cfg, 16, [1 / 16] if c4 else [1 / 4, 1 / 8, 1 / 16, 1 / 32, 1 / 64])
     with torch.no_grad():
         for p in ours.parameters():
             p.normal_(std=0.3)  # large enough for varied scores and boxes
 
     c = d2_get_cfg()
-    c.MODEL.RPN.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
-    c.MODEL.ANCHOR_GENERATOR.SIZES = [[32], [64], [128], [256], [512]]
+    c.MODEL.RPN.IN_FEATURES = ["res4"] if c4 else ["p2", "p3", "p4", "p5", "p6"]
+    c.MODEL.ANCHOR_GENERATOR.SIZES = [[32, 64, 128, 256, 512]] if c4 else [[32], [64], [128], [256], [512]]
+    c.MODEL.RPN.BOUNDARY_THRESH = boundary
     c.MODEL.RPN.PRE_NMS_TOPK_TRAIN, c.MODEL.RPN.POST_NMS_TOPK_TRAIN = training_topk
     c.MODEL.RPN.PRE_NMS_TOPK_TEST, c.MODEL.RPN.POST_NMS_TOPK_TEST = test_topk
     c.MODEL.RPN.SMOOTH_L1_BETA = beta
     c.MODEL.RPN.BBOX_REG_LOSS_TYPE = loss_type
-    shapes = {f"p{lvl}": ShapeSpec(channels=16, stride=2**lvl) for lvl in range(2, 7)}
+    shapes = ({"res4": ShapeSpec(channels=16, stride=16)} if c4 else
+              {f"p{lvl}": ShapeSpec(channels=16, stride=2**lvl) for lvl in range(2, 7)})
     theirs = D2RPN(c, shapes)
     _copy_into_detectron2(ours, theirs, {"proposal_generator.": ""})
     return ours, theirs
@@ -129,9 +134,10 @@ def _rpn_pair(training_topk=(2000, 1000), test_topk=(1000, 1000), beta=0.0, loss
 SIZES = [(120, 160), (96, 128)]  # (h, w) of two images padded to 128 x 160
 
 
-def _inputs():
+def _inputs(c4=False):
     g = torch.Generator().manual_seed(2)
-    features = [torch.randn(2, 16, 128 // 2**lvl, 160 // 2**lvl, generator=g) for lvl in range(2, 7)]
+    levels = [4] if c4 else range(2, 7)
+    features = [torch.randn(2, 16, 128 // 2**lvl, 160 // 2**lvl, generator=g) for lvl in levels]
     im_info = torch.tensor([[h, w, 1.0] for h, w in SIZES])
     gt = [torch.tensor([[10.0, 12.0, 70.0, 90.0], [60.0, 20.0, 150.0, 110.0], [5.0, 5.0, 20.0, 15.0]]),
           torch.tensor([[30.0, 30.0, 100.0, 80.0]])]
@@ -140,7 +146,8 @@ def _inputs():
 
 def _d2_call(theirs, features, gt=None):
     images = ImageList(torch.zeros(2, 3, 128, 160), SIZES)
-    feats = {f"p{lvl}": f for lvl, f in zip(range(2, 7), features)}
+    names = ["res4"] if len(features) == 1 else [f"p{lvl}" for lvl in range(2, 7)]
+    feats = dict(zip(names, features))
     instances = None if gt is None else [Instances(s, gt_boxes=Boxes(b)) for s, b in zip(SIZES, gt)]
     return theirs(images, feats, instances)
 
@@ -153,10 +160,10 @@ def _assert_same_proposals(out, proposals):
         torch.testing.assert_close(out.scores[mine], inst.objectness_logits, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("test_topk", [(1000, 1000), (50, 30)])
-def test_inference_proposals_equal_detectron2s(test_topk):
-    ours, theirs = _rpn_pair(test_topk=test_topk)
-    features, im_info, _ = _inputs()
+@pytest.mark.parametrize("test_topk,c4", [((1000, 1000), False), ((50, 30), False), ((6000, 1000), True)])
+def test_inference_proposals_equal_detectron2s(test_topk, c4):
+    ours, theirs = _rpn_pair(test_topk=test_topk, c4=c4)
+    features, im_info, _ = _inputs(c4)
     ours.eval(), theirs.eval()
     with torch.no_grad():
         out = ours(features, im_info)
@@ -164,10 +171,13 @@ def test_inference_proposals_equal_detectron2s(test_topk):
     _assert_same_proposals(out, proposals)
 
 
-@pytest.mark.parametrize("beta,loss_type", [(0.0, "smooth_l1"), (1 / 9, "smooth_l1"), (0.0, "giou")])
-def test_training_losses_and_proposals_equal_detectron2s(beta, loss_type):
-    ours, theirs = _rpn_pair(training_topk=(300, 100), beta=beta, loss_type=loss_type)
-    features, im_info, gt = _inputs()
+@pytest.mark.parametrize("beta,loss_type,c4,boundary", [
+    (0.0, "smooth_l1", False, -1), (1 / 9, "smooth_l1", False, 0), (0.0, "giou", False, -1),
+    (0.0, "smooth_l1", True, 0),
+])
+def test_training_losses_and_proposals_equal_detectron2s(beta, loss_type, c4, boundary):
+    ours, theirs = _rpn_pair(training_topk=(300, 100), beta=beta, loss_type=loss_type, c4=c4, boundary=boundary)
+    features, im_info, gt = _inputs(c4)
     roidb = [{"boxes": b, "gt_classes": torch.ones(len(b), dtype=torch.int64),
               "is_crowd": torch.zeros(len(b), dtype=torch.bool)} for b in gt]
     ours.train(), theirs.train()
