@@ -27,6 +27,7 @@ ROI_XFORM_METHODS = ("RoIPoolF", "RoIPool", "RoIAlign")
 COLOR_ORDERS = ("BGR", "RGB")
 CONVENTIONS = ("detectron", "detectron2")
 RPN_BOX_LOSS_TYPES = ("smooth_l1", "giou")  # RPN.BBOX_REG_LOSS_TYPE
+FPN_NORMS = ("", "GN", "BN", "SyncBN", "FrozenBN")  # FPN.NORM (detectron2's names)
 _DEFAULT_FREEZE_AT = 2
 DISTILL_METHODS = ("", "mgd", "feature_l2")
 DISTILL_STAGES = ("C2", "C3", "C4", "C5")  # DISTILL.LOSS_FACTORS / IGNORE_INDS order
@@ -91,6 +92,8 @@ def _infer_freeze_at(cfg: CfgNode) -> None:
 def _infer_norm(cfg: CfgNode) -> None:
     """One answer to 'which normalisation does the ResNet use': RESNETS.NORM."""
     r = cfg.RESNETS
+    if r.NORM == "FrozenBN":  # detectron2's name of the frozen batch norm: our AffineChannel (after the exact fold)
+        r.NORM = "AffineChannel"
     _one_of(cfg, "RESNETS.NORM", NORMS)
     gn_funcs = [key for key in ("TRANS_FUNC", "STEM_FUNC", "SHORTCUT_FUNC") if "_gn_" in f"_{r[key]}_"]
     gn_reasons = [f"RESNETS.{key} = {r[key]!r}" for key in gn_funcs] + (["RESNETS.USE_GN = True"] if r.USE_GN else [])
@@ -99,6 +102,17 @@ def _infer_norm(cfg: CfgNode) -> None:
     if gn_reasons and r.NORM != "GN":
         _fail(f"RESNETS.NORM = {r.NORM!r} contradicts {', '.join(gn_reasons)} (which select GroupNorm)")
     r.USE_GN = r.NORM == "GN"
+
+
+def _infer_fpn_norm(cfg: CfgNode) -> None:
+    """One answer to 'which norm do the FPN convs use': FPN.NORM, with FPN.USE_GN meaning 'GN'."""
+    f = cfg.FPN
+    _one_of(cfg, "FPN.NORM", FPN_NORMS)
+    if f.USE_GN and f.NORM not in ("", "GN"):
+        _fail(f"FPN.NORM = {f.NORM!r} contradicts FPN.USE_GN = True (which selects GroupNorm)")
+    if f.USE_GN:
+        f.NORM = "GN"
+    f.USE_GN = f.NORM == "GN"
 
 
 def _check_solver(cfg: CfgNode) -> None:
@@ -256,6 +270,7 @@ def assert_and_infer_cfg(cfg: CfgNode, make_immutable: bool = True) -> CfgNode:
     _infer_heads(cfg)
     _infer_freeze_at(cfg)
     _infer_norm(cfg)
+    _infer_fpn_norm(cfg)
     _check_solver(cfg)
     _check_input(cfg)
     _check_heads(cfg)

@@ -312,6 +312,9 @@ def _fpn(C: CfgNode) -> None:
     F.RPN_COLLECT_SCALE = 1  # Detectron.pytorch, set by the trainer
     F.EXTRA_CONV_LEVELS = False
     F.USE_GN = False
+    # pydetectron (detectron2's FPN.NORM): norm of the lateral / output convs, which then lose their bias:
+    # '' | 'GN' | 'BN' | 'SyncBN' | 'FrozenBN' (= AffineChannel). USE_GN True means 'GN'; both conventions.
+    F.NORM = ""
 
 
 def _mrcnn(C: CfgNode) -> None:
@@ -381,7 +384,7 @@ def _backbone(C: CfgNode) -> None:
     R.IMAGENET_PRETRAINED_WEIGHTS = ""  # relative paths are taken from ROOT_DIR
     R.USE_GN = False
     # pydetectron
-    R.NORM = "AffineChannel"
+    R.NORM = "AffineChannel"  # | "GN" | "BN" | "SyncBN"; detectron2's "FrozenBN" is read as AffineChannel
 
     G = C.GROUP_NORM = CfgNode()
     G.DIM_PER_GP = -1  # exactly one of DIM_PER_GP / NUM_GROUPS is -1
