@@ -373,3 +373,54 @@ def test_d2_heads_refuse_what_they_cannot_build():
         build_detector(load_cfg("baselines/e2e_mask_rcnn_R-50-FPN_1x.yaml", D2 + D2_MASK + ["MRCNN.RESOLUTION", "14"]))
     with pytest.raises(ValueError, match="class layout"):
         build_detector(load_cfg("baselines/e2e_mask_rcnn_R-50-FPN_1x.yaml", D2))
+
+
+# --------------------------------------------------------------------------------------------------- config keys
+
+
+def _checked(**keys):
+    from pydetectron.config import assert_and_infer_cfg
+
+    cfg = get_cfg()
+    for key, value in keys.items():
+        node, leaf = key.split("__")
+        setattr(cfg[node], leaf, value)
+    return assert_and_infer_cfg(cfg)
+
+
+@pytest.mark.parametrize("keys,match", [
+    ({"FAST_RCNN__BBOX_REG_LOSS_TYPE": "giou"}, "detectron2 mode only"),
+    ({"FAST_RCNN__SMOOTH_L1_BETA": 0.0}, "must be > 0"),
+    ({"TRAIN__PROPOSAL_APPEND_GT": False}, "detectron2 mode only"),
+    ({"FAST_RCNN__NUM_FC": 1, "FAST_RCNN__ROI_BOX_HEAD": "fast_rcnn_heads.add_roi_2mlp_head"}, "FastRCNNConvFCHead"),
+    ({"MRCNN__NORM": "GN"}, "MaskRCNNConvUpsampleHead"),
+    ({"MODEL__ROI_HEADS_NAME": "StandardROIHeads"}, "CONVENTIONS"),
+    ({"FAST_RCNN__NORM": "LN"}, "FAST_RCNN.NORM"),
+])
+def test_detectron_mode_refuses_d2_only_values(keys, match):
+    from pydetectron.config.merge import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        _checked(**keys)
+
+
+def test_d2_mode_accepts_them_and_defaults_to_a_d2_cascade():
+    cfg = _checked(MODEL__CONVENTIONS="detectron2", FAST_RCNN__BBOX_REG_LOSS_TYPE="giou", FAST_RCNN__SMOOTH_L1_BETA=0.0,
+                   TRAIN__PROPOSAL_APPEND_GT=False)
+    assert cfg.MODEL.ROI_HEADS_NAME == "Res5ROIHeads"
+    assert _checked(MODEL__CONVENTIONS="detectron2", FPN__FPN_ON=True).MODEL.ROI_HEADS_NAME == "StandardROIHeads"
+    assert _checked(FAST_RCNN__NUM_FC=1, FAST_RCNN__ROI_BOX_HEAD="FastRCNNConvFCHead").FAST_RCNN.NUM_FC == 1
+
+
+def test_detectron_cascade_reads_beta_and_box_loss_weight():
+    from pydetectron.modeling.box_head import fast_rcnn_losses as detectron_losses
+
+    pred, target = torch.tensor([[0.5, 2.0]]), torch.zeros(1, 2)
+    ones = torch.ones(1, 2)
+    loss = detectron_losses(torch.zeros(1, 2), pred, torch.tensor([1]), target, ones, ones, beta=1.0)["loss_bbox"]
+    assert loss.item() == pytest.approx(0.5 * 0.25 + 1.5)
+    loss = detectron_losses(torch.zeros(1, 2), pred, torch.tensor([1]), target, ones, ones, beta=0.25)["loss_bbox"]
+    assert loss.item() == pytest.approx(0.5 - 0.125 + 2.0 - 0.125)
+    cfg = load_cfg("baselines/e2e_faster_rcnn_R-50-C4_1x.yaml", ["FAST_RCNN.BBOX_REG_LOSS_WEIGHT", "3.0"])
+    heads = build_detector(cfg).roi_heads
+    assert (heads.smooth_l1_beta, heads.box_loss_weight) == (1.0, 3.0)

@@ -30,6 +30,17 @@ _DEFAULT_FREEZE_AT = 2
 DISTILL_METHODS = ("", "mgd", "feature_l2")
 DISTILL_STAGES = ("C2", "C3", "C4", "C5")  # DISTILL.LOSS_FACTORS / IGNORE_INDS order
 MGD_REDUCERS = ("amp", "sp", "rd", "sm")
+D2_ROI_HEADS = ("StandardROIHeads", "Res5ROIHeads", "Res5ROIHeadsExtraNorm")  # detectron2's cascades
+DETECTRON_ROI_HEADS = "DetectronROIHeads"
+D2_HEAD_NORMS = ("", "GN", "BN", "SyncBN", "FrozenBN")  # FAST_RCNN.NORM / MRCNN.NORM (d2's get_norm names)
+BOX_REG_LOSS_TYPES = ("smooth_l1", "giou")
+# d2 head-only keys and the head that reads them (Detectron's heads have fixed layouts): key -> (default, head)
+_D2_HEAD_KEYS = {
+    "FAST_RCNN.NUM_FC": (2, "FAST_RCNN.ROI_BOX_HEAD", "FastRCNNConvFCHead"),
+    "FAST_RCNN.NORM": ("", "FAST_RCNN.ROI_BOX_HEAD", "FastRCNNConvFCHead"),
+    "MRCNN.NUM_CONV": (4, "MRCNN.ROI_MASK_HEAD", "MaskRCNNConvUpsampleHead"),
+    "MRCNN.NORM": ("", "MRCNN.ROI_MASK_HEAD", "MaskRCNNConvUpsampleHead"),
+}
 
 
 def _fail(message: str) -> None:
@@ -163,6 +174,41 @@ def _check_heads(cfg: CfgNode) -> None:
             _fail(f"KRCNN.OKS_SIGMAS = {k.OKS_SIGMAS!r} must be positive numbers")
 
 
+def _infer_roi_heads(cfg: CfgNode) -> None:
+    """In detectron2 mode the default cascade is detectron2's: StandardROIHeads with FPN, else Res5ROIHeads."""
+    if cfg.MODEL.CONVENTIONS == "detectron2" and cfg.MODEL.ROI_HEADS_NAME == DETECTRON_ROI_HEADS:
+        cfg.MODEL.ROI_HEADS_NAME = "StandardROIHeads" if cfg.FPN.FPN_ON else "Res5ROIHeads"
+
+
+def _check_roi_heads(cfg: CfgNode) -> None:
+    """The detectron2 ROI-head keys: valid values, and refused where the convention in force cannot apply them."""
+    f = cfg.FAST_RCNN
+    _one_of(cfg, "FAST_RCNN.BBOX_REG_LOSS_TYPE", BOX_REG_LOSS_TYPES)
+    _one_of(cfg, "FAST_RCNN.NORM", D2_HEAD_NORMS)
+    _one_of(cfg, "MRCNN.NORM", D2_HEAD_NORMS)
+    for key in ("FAST_RCNN.NUM_FC", "MRCNN.NUM_CONV", "FAST_RCNN.SMOOTH_L1_BETA", "FAST_RCNN.BBOX_REG_LOSS_WEIGHT"):
+        if _get(cfg, key) < 0:
+            _fail(f"{key} = {_get(cfg, key)} must be >= 0")
+    if cfg.MODEL.CONVENTIONS == "detectron2":
+        return
+    if normalize_module_name(cfg.MODEL.ROI_HEADS_NAME) in D2_ROI_HEADS:
+        _fail(f"MODEL.ROI_HEADS_NAME = {cfg.MODEL.ROI_HEADS_NAME!r} is a detectron2 cascade: it needs "
+              "MODEL.CONVENTIONS 'detectron2' (boxes without +1, background last)")
+    if f.BBOX_REG_LOSS_TYPE != "smooth_l1":
+        _fail(f"FAST_RCNN.BBOX_REG_LOSS_TYPE = {f.BBOX_REG_LOSS_TYPE!r} is detectron2 mode only (MODEL.CONVENTIONS "
+              "'detectron2'); Detectron's Fast R-CNN loss is smooth-L1")
+    if f.SMOOTH_L1_BETA <= 0:
+        _fail(f"FAST_RCNN.SMOOTH_L1_BETA = {f.SMOOTH_L1_BETA} must be > 0 with Detectron's conventions (beta 0, "
+              "detectron2's L1 loss, needs MODEL.CONVENTIONS 'detectron2')")
+    if not cfg.TRAIN.PROPOSAL_APPEND_GT:
+        _fail("TRAIN.PROPOSAL_APPEND_GT = False is detectron2 mode only: Detectron always adds the gt boxes to the "
+              "RoI candidates")
+    for key, (default, head_key, head) in _D2_HEAD_KEYS.items():
+        if _get(cfg, key) != default and normalize_module_name(_get(cfg, head_key)) != head:
+            _fail(f"{key} = {_get(cfg, key)!r} is read only by {head}, but {head_key} = {_get(cfg, head_key)!r} "
+                  "(Detectron's heads have a fixed layout)")
+
+
 def _check_distill(cfg: CfgNode) -> None:
     d = cfg.DISTILL
     _one_of(cfg, "DISTILL.METHOD", DISTILL_METHODS)
@@ -202,9 +248,11 @@ def assert_and_infer_cfg(cfg: CfgNode, make_immutable: bool = True) -> CfgNode:
     _infer_heads(cfg)
     _infer_freeze_at(cfg)
     _infer_norm(cfg)
+    _infer_roi_heads(cfg)
     _check_solver(cfg)
     _check_input(cfg)
     _check_heads(cfg)
+    _check_roi_heads(cfg)
     _check_distill(cfg)
     if make_immutable:
         cfg.freeze()

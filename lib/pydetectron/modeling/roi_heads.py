@@ -153,6 +153,8 @@ class DetectronROIHeads(ROIHeads):
         self.mask_settings = MaskSettings.from_cfg(cfg)
         self.keypoint_settings = KeypointSettings.from_cfg(cfg)
         self.num_classes = int(cfg.MODEL.NUM_CLASSES)
+        self.smooth_l1_beta = float(cfg.FAST_RCNN.SMOOTH_L1_BETA)
+        self.box_loss_weight = float(cfg.FAST_RCNN.BBOX_REG_LOSS_WEIGHT)
         self.generator: torch.Generator | None = None
 
     @property
@@ -179,8 +181,9 @@ class DetectronROIHeads(ROIHeads):
         cls_score, bbox_pred = float32(*self.box_outputs(box_feat))
         losses = fast_rcnn_losses(
             cls_score, bbox_pred, targets.labels, targets.bbox_targets,
-            targets.bbox_inside_weights, targets.bbox_outside_weights,
+            targets.bbox_inside_weights, targets.bbox_outside_weights, self.smooth_l1_beta,
         )
+        losses["loss_bbox"] = losses["loss_bbox"] * self.box_loss_weight
         losses["accuracy_cls"] = classification_accuracy(cls_score, targets.labels)
         if self.mask_on:
             losses["loss_mask"] = self._mask_loss(features, targets, im_info, roidb, res5 if share_res5 else None)
