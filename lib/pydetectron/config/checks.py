@@ -26,6 +26,8 @@ WARM_UP_METHODS = ("constant", "linear")
 ROI_XFORM_METHODS = ("RoIPoolF", "RoIPool", "RoIAlign")
 COLOR_ORDERS = ("BGR", "RGB")
 CONVENTIONS = ("detectron", "detectron2")
+RPN_BOX_LOSS_TYPES = ("smooth_l1", "giou")  # RPN.BBOX_REG_LOSS_TYPE
+FPN_NORMS = ("", "GN", "BN", "SyncBN", "FrozenBN")  # FPN.NORM (detectron2's names)
 _DEFAULT_FREEZE_AT = 2
 DISTILL_METHODS = ("", "mgd", "feature_l2")
 DISTILL_STAGES = ("C2", "C3", "C4", "C5")  # DISTILL.LOSS_FACTORS / IGNORE_INDS order
@@ -107,6 +109,17 @@ def _infer_norm(cfg: CfgNode) -> None:
     if gn_reasons and r.NORM != "GN":
         _fail(f"RESNETS.NORM = {r.NORM!r} contradicts {', '.join(gn_reasons)} (which select GroupNorm)")
     r.USE_GN = r.NORM == "GN"
+
+
+def _infer_fpn_norm(cfg: CfgNode) -> None:
+    """One answer to 'which norm do the FPN convs use': FPN.NORM, with FPN.USE_GN meaning 'GN'."""
+    f = cfg.FPN
+    _one_of(cfg, "FPN.NORM", FPN_NORMS)
+    if f.USE_GN and f.NORM not in ("", "GN"):
+        _fail(f"FPN.NORM = {f.NORM!r} contradicts FPN.USE_GN = True (which selects GroupNorm)")
+    if f.USE_GN:
+        f.NORM = "GN"
+    f.USE_GN = f.NORM == "GN"
 
 
 def _check_solver(cfg: CfgNode) -> None:
@@ -209,6 +222,33 @@ def _check_roi_heads(cfg: CfgNode) -> None:
                   "(Detectron's heads have a fixed layout)")
 
 
+def _check_rpn_keys(cfg: CfgNode) -> None:
+    """The RPN / anchor keys detectron2 mode brought: valid values, and the ones only detectron2's numerics
+    implement refused in Detectron mode."""
+    r = cfg.RPN
+    d2 = cfg.MODEL.CONVENTIONS == "detectron2"
+    detectron_only = "only in detectron2 mode (MODEL.CONVENTIONS: detectron2)"
+    offset = cfg.MODEL.ANCHOR_OFFSET
+    if not 0.0 <= offset < 1.0:
+        _fail(f"MODEL.ANCHOR_OFFSET = {offset} must be in [0, 1) (detectron2's ANCHOR_GENERATOR.OFFSET)")
+    if offset != 0.0 and not d2:
+        _fail(f"MODEL.ANCHOR_OFFSET = {offset} applies {detectron_only}: Detectron's anchors have a fixed placement")
+    _one_of(cfg, "RPN.BBOX_REG_LOSS_TYPE", RPN_BOX_LOSS_TYPES)
+    if r.BBOX_REG_LOSS_TYPE != "smooth_l1" and not d2:
+        _fail(f"RPN.BBOX_REG_LOSS_TYPE = {r.BBOX_REG_LOSS_TYPE!r} is available {detectron_only}; Detectron's RPN "
+              "loss is smooth-L1")
+    weights = tuple(r.BBOX_REG_WEIGHTS)
+    if len(weights) != 4 or not all(isinstance(w, (int, float)) and w > 0 for w in weights):
+        _fail(f"RPN.BBOX_REG_WEIGHTS = {r.BBOX_REG_WEIGHTS!r} must be 4 positive numbers (wx, wy, ww, wh)")
+    if weights != (1.0, 1.0, 1.0, 1.0) and not d2:
+        _fail(f"RPN.BBOX_REG_WEIGHTS = {weights} applies {detectron_only}; Detectron's RPN box coder uses (1, 1, 1, 1)")
+    for key in ("SMOOTH_L1_BETA", "LOSS_WEIGHT", "BBOX_REG_LOSS_WEIGHT"):
+        if r[key] < 0:
+            _fail(f"RPN.{key} = {r[key]} must be >= 0")
+    if d2 and r.CLS_ACTIVATION != "sigmoid":
+        _fail(f"RPN.CLS_ACTIVATION = {r.CLS_ACTIVATION!r} has no detectron2 counterpart (its RPN uses a sigmoid)")
+
+
 def _check_distill(cfg: CfgNode) -> None:
     d = cfg.DISTILL
     _one_of(cfg, "DISTILL.METHOD", DISTILL_METHODS)
@@ -248,10 +288,12 @@ def assert_and_infer_cfg(cfg: CfgNode, make_immutable: bool = True) -> CfgNode:
     _infer_heads(cfg)
     _infer_freeze_at(cfg)
     _infer_norm(cfg)
+    _infer_fpn_norm(cfg)
     _infer_roi_heads(cfg)
     _check_solver(cfg)
     _check_input(cfg)
     _check_heads(cfg)
+    _check_rpn_keys(cfg)
     _check_roi_heads(cfg)
     _check_distill(cfg)
     if make_immutable:

@@ -186,6 +186,9 @@ def _model(C: CfgNode) -> None:
     # anchors, matching, sampling, proposals, losses, inference). A detectron2 YAML (--config-file) sets
     # 'detectron2'; a Detectron-style YAML may set it too.
     M.CONVENTIONS = "detectron"
+    # detectron2's ANCHOR_GENERATOR.OFFSET: anchor centres at (x + offset) * stride, offset in [0, 1).
+    # detectron2 mode only (Detectron's anchors have their own fixed placement); 0.0 = detectron2's default.
+    M.ANCHOR_OFFSET = 0.0
 
 
 def _retinanet(C: CfgNode) -> None:
@@ -274,6 +277,12 @@ def _rpn(C: CfgNode) -> None:
     R.OUT_DIM_AS_IN_DIM = True
     R.OUT_DIM = 512
     R.CLS_ACTIVATION = "sigmoid"
+    # pydetectron: detectron2's RPN loss keys, read in both conventions unless said
+    R.SMOOTH_L1_BETA = 1.0 / 9.0  # box-loss smooth-L1 beta (Detectron's 1/9; < 1e-5 = L1, detectron2's 0.0)
+    R.LOSS_WEIGHT = 1.0  # multiplies both RPN losses
+    R.BBOX_REG_LOSS_WEIGHT = 1.0  # multiplies the RPN box loss (on top of LOSS_WEIGHT)
+    R.BBOX_REG_LOSS_TYPE = "smooth_l1"  # 'smooth_l1' | 'giou' (giou: detectron2 mode only)
+    R.BBOX_REG_WEIGHTS = (1.0, 1.0, 1.0, 1.0)  # RPN box coder weights (others: detectron2 mode only)
 
 
 def _fpn(C: CfgNode) -> None:
@@ -295,6 +304,9 @@ def _fpn(C: CfgNode) -> None:
     F.RPN_COLLECT_SCALE = 1  # Detectron.pytorch, set by the trainer
     F.EXTRA_CONV_LEVELS = False
     F.USE_GN = False
+    # pydetectron (detectron2's FPN.NORM): norm of the lateral / output convs, which then lose their bias:
+    # '' | 'GN' | 'BN' | 'SyncBN' | 'FrozenBN' (= AffineChannel). USE_GN True means 'GN'; both conventions.
+    F.NORM = ""
 
 
 def _mrcnn(C: CfgNode) -> None:

@@ -1,7 +1,7 @@
 """detectron2's ``subsample_labels``: a random balanced sample of positives and negatives.
 
 Draws ``torch.randperm`` twice (positives, then negatives) on the labels' device, from the global RNG as
-detectron2 does unless a ``generator`` is given, so one seed gives detectron2's sample.
+detectron2 does, so one seed gives detectron2's sample; or from ``generator`` (on its own device).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ def subsample_labels(
     negative = torch.nonzero(labels == bg_label, as_tuple=True)[0]
     num_pos = min(positive.numel(), int(num_samples * positive_fraction))
     num_neg = min(negative.numel(), num_samples - num_pos)
-    perm_pos = torch.randperm(positive.numel(), device=positive.device, generator=generator)[:num_pos]
-    perm_neg = torch.randperm(negative.numel(), device=negative.device, generator=generator)[:num_neg]
-    return positive[perm_pos], negative[perm_neg]
+    device = labels.device if generator is None else generator.device
+    perm_pos = torch.randperm(positive.numel(), device=device, generator=generator)[:num_pos]
+    perm_neg = torch.randperm(negative.numel(), device=device, generator=generator)[:num_neg]
+    return positive[perm_pos.to(labels.device)], negative[perm_neg.to(labels.device)]
