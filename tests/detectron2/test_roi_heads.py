@@ -404,6 +404,18 @@ def test_detectron_mode_refuses_d2_only_values(keys, match):
         _checked(**keys)
 
 
+def test_d2_cascades_refuse_test_time_augmentation():
+    from pydetectron.config.merge import ConfigError
+
+    cfg = get_cfg()
+    cfg.MODEL.CONVENTIONS = "detectron2"
+    cfg.TEST.BBOX_AUG.ENABLED = True
+    from pydetectron.config import assert_and_infer_cfg
+
+    with pytest.raises(ConfigError, match="TEST.BBOX_AUG.ENABLED"):
+        assert_and_infer_cfg(cfg)
+
+
 def test_d2_mode_accepts_them_and_defaults_to_a_d2_cascade():
     cfg = _checked(MODEL__CONVENTIONS="detectron2", FAST_RCNN__BBOX_REG_LOSS_TYPE="giou", FAST_RCNN__SMOOTH_L1_BETA=0.0,
                    TRAIN__PROPOSAL_APPEND_GT=False)

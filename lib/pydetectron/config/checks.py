@@ -202,9 +202,15 @@ def _check_roi_heads(cfg: CfgNode) -> None:
     for key in ("FAST_RCNN.NUM_FC", "MRCNN.NUM_CONV", "FAST_RCNN.SMOOTH_L1_BETA", "FAST_RCNN.BBOX_REG_LOSS_WEIGHT"):
         if _get(cfg, key) < 0:
             _fail(f"{key} = {_get(cfg, key)} must be >= 0")
+    d2_cascade = normalize_module_name(cfg.MODEL.ROI_HEADS_NAME) in D2_ROI_HEADS
+    two_stage = not (cfg.MODEL.RPN_ONLY or cfg.RETINANET.RETINANET_ON or cfg.MODEL.TYPE == "retinanet")
+    augmented = [f"TEST.{s}.ENABLED" for s in ("BBOX_AUG", "MASK_AUG", "KPS_AUG") if cfg.TEST[s].ENABLED]
+    if d2_cascade and two_stage and augmented:
+        _fail(f"{augmented[0]} is on, but test-time augmentation runs Detectron's cascade (DetectronROIHeads), not "
+              f"MODEL.ROI_HEADS_NAME {cfg.MODEL.ROI_HEADS_NAME!r}")
     if cfg.MODEL.CONVENTIONS == "detectron2":
         return
-    if normalize_module_name(cfg.MODEL.ROI_HEADS_NAME) in D2_ROI_HEADS:
+    if d2_cascade:
         _fail(f"MODEL.ROI_HEADS_NAME = {cfg.MODEL.ROI_HEADS_NAME!r} is a detectron2 cascade: it needs "
               "MODEL.CONVENTIONS 'detectron2' (boxes without +1, background last)")
     if f.BBOX_REG_LOSS_TYPE != "smooth_l1":
