@@ -436,3 +436,13 @@ def test_detectron_cascade_reads_beta_and_box_loss_weight():
     cfg = load_cfg("baselines/e2e_faster_rcnn_R-50-C4_1x.yaml", ["FAST_RCNN.BBOX_REG_LOSS_WEIGHT", "3.0"])
     heads = build_detector(cfg).roi_heads
     assert (heads.smooth_l1_beta, heads.box_loss_weight) == (1.0, 3.0)
+
+
+def test_mask_head_caffe2_names_are_detectrons():
+    from pydetectron.modeling.detectron2.mask_head import MaskRCNNConvUpsampleHead
+
+    plain = MaskRCNNConvUpsampleHead(None, 8, 2, 8, None, 3).detectron_weight_mapping()
+    assert plain["convs.1.conv.weight"] == "_[mask]_fcn2_w" and plain["deconv.weight"] == "conv5_mask_w"
+    assert plain["predictor.bias"] == "mask_fcn_logits_b"
+    gn = MaskRCNNConvUpsampleHead(None, 32, 1, 32, d2_norm_spec("GN", "MRCNN.NORM"), 3).detectron_weight_mapping()
+    assert gn["convs.0.conv.weight"] == "_mask_fcn1_w" and gn["convs.0.norm.weight"] == "_mask_fcn1_gn_s"
