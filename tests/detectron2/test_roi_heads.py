@@ -373,6 +373,11 @@ def test_d2_heads_refuse_what_they_cannot_build():
         build_detector(load_cfg("baselines/e2e_mask_rcnn_R-50-FPN_1x.yaml", D2 + D2_MASK + ["MRCNN.RESOLUTION", "14"]))
     with pytest.raises(ValueError, match="class layout"):
         build_detector(load_cfg("baselines/e2e_mask_rcnn_R-50-FPN_1x.yaml", D2))
+    with pytest.raises(ValueError, match="detectron2's class layout"):
+        build_detector(load_cfg("baselines/e2e_mask_rcnn_R-50-FPN_1x.yaml", D2_MASK))
+    with pytest.raises(ValueError, match="KRCNN.HEATMAP_SIZE"):
+        build_detector(load_cfg("baselines/e2e_keypoint_rcnn_R-50-FPN_1x.yaml",
+                                D2 + D2_KPS + ["KRCNN.HEATMAP_SIZE", "28"]))
 
 
 # --------------------------------------------------------------------------------------------------- config keys

@@ -316,6 +316,9 @@ def build_detectron_roi_heads(cfg, dim_in: int, spatial_scales: List[float]) -> 
     mask_head = keypoint_head = None
     if cfg.MODEL.MASK_ON:
         mask_head = registry.build("mask_head", cfg.MRCNN.ROI_MASK_HEAD, cfg, dim_in, spatial_scales)
+        if getattr(mask_head, "class_layout", "detectron") != "detectron":
+            raise ValueError(f"MRCNN.ROI_MASK_HEAD {cfg.MRCNN.ROI_MASK_HEAD!r} predicts detectron2's class layout "
+                             "(no background mask); Detectron's cascade needs a Detectron mask head")
         if mask_head.shares_res5:
             if not hasattr(box_head, "res5"):
                 raise ValueError(
