@@ -409,7 +409,7 @@ def test_detectron_mode_refuses_d2_only_values(keys, match):
         _checked(**keys)
 
 
-def test_d2_cascades_refuse_test_time_augmentation():
+def test_d2_cascades_refuse_detectrons_inference_options():
     from pydetectron.config.merge import ConfigError
 
     cfg = get_cfg()
@@ -419,6 +419,12 @@ def test_d2_cascades_refuse_test_time_augmentation():
 
     with pytest.raises(ConfigError, match="TEST.BBOX_AUG.ENABLED"):
         assert_and_infer_cfg(cfg)
+    for node, key in (("SOFT_NMS", "ENABLED"), ("BBOX_VOTE", "ENABLED")):
+        cfg = get_cfg()
+        cfg.MODEL.CONVENTIONS = "detectron2"
+        setattr(cfg.TEST[node], key, True)
+        with pytest.raises(ConfigError, match=f"TEST.{node}.ENABLED"):
+            assert_and_infer_cfg(cfg)
 
 
 def test_d2_mode_accepts_them_and_defaults_to_a_d2_cascade():

@@ -208,6 +208,14 @@ def _check_roi_heads(cfg: CfgNode) -> None:
     if d2_cascade and two_stage and augmented:
         _fail(f"{augmented[0]} is on, but test-time augmentation runs Detectron's cascade (DetectronROIHeads), not "
               f"MODEL.ROI_HEADS_NAME {cfg.MODEL.ROI_HEADS_NAME!r}")
+    if d2_cascade and two_stage:
+        detectron_only = {"TEST.SOFT_NMS.ENABLED": cfg.TEST.SOFT_NMS.ENABLED,
+                          "TEST.BBOX_VOTE.ENABLED": cfg.TEST.BBOX_VOTE.ENABLED,
+                          "KRCNN.NMS_OKS": cfg.KRCNN.NMS_OKS, "KRCNN.INFERENCE_MIN_SIZE": cfg.KRCNN.INFERENCE_MIN_SIZE}
+        for key, value in detectron_only.items():
+            if value:
+                _fail(f"{key} = {value!r} is Detectron's inference; MODEL.ROI_HEADS_NAME "
+                      f"{cfg.MODEL.ROI_HEADS_NAME!r} follows detectron2's (fast_rcnn_inference, heatmaps_to_keypoints)")
     if cfg.MODEL.CONVENTIONS == "detectron2":
         return
     if d2_cascade:
