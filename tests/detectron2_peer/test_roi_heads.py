@@ -123,10 +123,32 @@ def _d2_name(ours: str) -> str:
     return ours
 
 
-def _pair(kind):
+# (d2 key, value, our key, value) variants of the loss settings
+LOSS_VARIANTS = {
+    "giou": [("ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE", "giou", "FAST_RCNN.BBOX_REG_LOSS_TYPE", "giou")],
+    "beta_weight": [("ROI_BOX_HEAD.SMOOTH_L1_BETA", 0.5, "FAST_RCNN.SMOOTH_L1_BETA", 0.5),
+                    ("ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT", 2.0, "FAST_RCNN.BBOX_REG_LOSS_WEIGHT", 2.0),
+                    ("ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", True, "MODEL.CLS_AGNOSTIC_BBOX_REG", True),
+                    ("ROI_MASK_HEAD.CLS_AGNOSTIC_MASK", True, "MRCNN.CLS_SPECIFIC_MASK", False)],
+    "kps_normalizer": [("ROI_KEYPOINT_HEAD.NORMALIZE_LOSS_BY_VISIBLE_KEYPOINTS", False,
+                        "KRCNN.NORMALIZE_BY_VISIBLE_KEYPOINTS", False)],
+}
+
+
+def _set(cfg, key, value):
+    node, leaf = key.rsplit(".", 1)
+    for part in node.split("."):
+        cfg = cfg[part]
+    setattr(cfg, leaf, value)
+
+
+def _pair(kind, variant=None):
     """(our ROI heads, d2's ROI heads) with the same weights (ours randomised, copied into d2's)."""
     registry.import_builtin_modules()
     d2_cfg, cfg = _d2_cfg(kind), _our_cfg(kind)
+    for d2_key, d2_value, key, value in LOSS_VARIANTS.get(variant, []):
+        _set(d2_cfg.MODEL, d2_key, d2_value)
+        _set(cfg, key, value)
     if kind.startswith("c4"):
         d2_heads = build_roi_heads(d2_cfg, {"res4": ShapeSpec(channels=1024, stride=16)})
         ours = registry.build("roi_heads", d2_cfg.MODEL.ROI_HEADS.NAME, cfg, 1024, [1 / 16])
@@ -190,9 +212,9 @@ def _inputs(kind, seed=1):
 KINDS = ["mask", "keypoint", "c4", "c4_extra_norm"]
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_inference_equals_detectron2(kind):
-    ours, theirs, _ = _pair(kind)
+@pytest.mark.parametrize("kind,variant", [(kind, None) for kind in KINDS] + [("mask", "beta_weight")])
+def test_inference_equals_detectron2(kind, variant):
+    ours, theirs, _ = _pair(kind, variant)  # beta_weight: class-agnostic boxes and masks
     features, proposals, _, _, rois, im_info = _inputs(kind)
     theirs.eval()
     with torch.no_grad():
@@ -211,9 +233,10 @@ def test_inference_equals_detectron2(kind):
             torch.testing.assert_close(det["keypoints"], ref.pred_keypoints, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_training_losses_equal_detectron2(kind):
-    ours, theirs, modules = _pair(kind)
+@pytest.mark.parametrize("kind,variant", [(kind, None) for kind in KINDS] + [
+    ("mask", "giou"), ("mask", "beta_weight"), ("keypoint", "kps_normalizer")])
+def test_training_losses_equal_detectron2(kind, variant):
+    ours, theirs, modules = _pair(kind, variant)
     features, proposals, targets, roidb, rois, im_info = _inputs(kind)
     theirs.train()
     modules.train()
