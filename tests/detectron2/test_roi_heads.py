@@ -457,3 +457,36 @@ def test_mask_head_caffe2_names_are_detectrons():
     assert plain["predictor.bias"] == "mask_fcn_logits_b"
     gn = MaskRCNNConvUpsampleHead(None, 32, 1, 32, d2_norm_spec("GN", "MRCNN.NORM"), 3).detectron_weight_mapping()
     assert gn["convs.0.conv.weight"] == "_mask_fcn1_w" and gn["convs.0.norm.weight"] == "_mask_fcn1_gn_s"
+
+
+def _small_standard_heads(keypoints: bool, score_thresh: float):
+    from pydetectron.modeling import registry
+
+    registry.import_builtin_modules()
+    cfg = load_cfg("baselines/e2e_keypoint_rcnn_R-50-FPN_1x.yaml" if keypoints else
+                   "baselines/e2e_mask_rcnn_R-50-FPN_1x.yaml",
+                   D2 + (D2_KPS if keypoints else D2_MASK) + ["TEST.SCORE_THRESH", str(score_thresh)])
+    return registry.build("roi_heads", "StandardROIHeads", cfg, 8, [1 / 4, 1 / 8, 1 / 16, 1 / 32])
+
+
+@pytest.mark.parametrize("keypoints", [False, True])
+def test_empty_cases(keypoints):
+    heads = _small_standard_heads(keypoints, 1.0)  # no score passes 1.0: no detection at all
+    torch.manual_seed(0)
+    feats = [torch.randn(2, 8, 64 // s, 96 // s) for s in (4, 8, 16, 32)]
+    _, im_info, roidb = synthetic_batch(sizes=((64, 96), (64, 96)), num_keypoints=3 if keypoints else 0,
+                                        proposals=True)
+    rois = torch.cat([torch.cat([torch.full((40, 1), float(i)), e["proposals"]], 1) for i, e in enumerate(roidb)])
+    dets = heads.forward_inference(feats, rois, im_info, [(64, 96), (64, 96)], False)
+    extra = "keypoints" if keypoints else "masks"
+    assert all(d["boxes"].shape == (0, 4) and d[extra].shape[0] == 0 for d in dets)
+    # image 1 without gt, image 0 without proposals (only its appended gt) and no visible keypoint
+    roidb[1].update(boxes=torch.zeros(0, 4), gt_classes=torch.zeros(0, dtype=torch.long),
+                    is_crowd=torch.zeros(0, dtype=torch.bool), segms=[],
+                    gt_keypoints=torch.zeros(0, 3, 3) if keypoints else None)
+    if keypoints:
+        roidb[0]["gt_keypoints"][..., 2] = 0
+    losses = heads.forward_train(feats, rois[rois[:, 0] == 1], im_info, roidb)
+    assert all(torch.isfinite(v) for v in losses.values())
+    if keypoints:
+        assert losses["loss_keypoint"].item() == 0
