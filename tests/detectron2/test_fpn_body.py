@@ -75,3 +75,9 @@ def test_detectron2_mode_body_convs_start_with_msra_fill():
     # the FPN's own convs are c2_xavier_fill in detectron2 too: U(-sqrt(3 / fan_in), sqrt(3 / fan_in))
     lateral = d2.inner[0].weight
     assert lateral.abs().max().item() <= math.sqrt(3 / lateral[0].numel())
+
+
+def test_resnets_norm_frozenbn_is_affine_channel():
+    cfg = _cfg(RESNETS__NORM="FrozenBN")
+    assert cfg.RESNETS.NORM == "AffineChannel"
+    assert isinstance(_fpn(cfg).body.stem.conv1.norm, AffineChannel2d)

@@ -17,6 +17,7 @@ from detectron2.checkpoint.c2_model_loading import convert_c2_detectron_names  #
 from detectron2.config import get_cfg as d2_get_cfg  # noqa: E402
 from detectron2.layers import ShapeSpec  # noqa: E402
 from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone  # noqa: E402
+from detectron2.modeling.backbone.resnet import build_resnet_backbone  # noqa: E402
 from detectron2.modeling.proposal_generator.rpn import RPN as D2RPN  # noqa: E402
 from detectron2.structures import Boxes, ImageList, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
@@ -93,6 +94,31 @@ def test_fpn_body_equals_detectron2s_resnet_fpn(body_norm, fpn_norm, stride_1x1)
     for level, (a, b) in enumerate(zip(mine, ref.values())):
         scale = b.abs().max().item()
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * scale, msg=f"P{level + 2}")
+
+
+def test_dilated_c5_body_equals_detectron2s_resnet():
+    """DC5: res5 with dilation 2 and stride 1 (detectron2's RES5_DILATION), one map at stride 16."""
+    cfg = get_cfg()
+    cfg.MODEL.CONVENTIONS = "detectron2"
+    cfg.MODEL.CONV_BODY = "ResNet50_conv5_body"
+    cfg.RESNETS.RES5_DILATION = 2
+    cfg.TRAIN.FREEZE_AT = 0
+    assert_and_infer_cfg(cfg)
+    registry.import_builtin_modules()
+    torch.manual_seed(0)
+    ours = registry.build("body", cfg.MODEL.CONV_BODY, cfg).eval()
+    assert ours.spatial_scales == [1 / 16]
+    c = d2_get_cfg()
+    c.MODEL.RESNETS.DEPTH = 50
+    c.MODEL.RESNETS.RES5_DILATION = 2
+    c.MODEL.RESNETS.OUT_FEATURES = ["res5"]
+    c.MODEL.BACKBONE.FREEZE_AT = 0
+    theirs = build_resnet_backbone(c, ShapeSpec(channels=3)).eval()
+    _copy_into_detectron2(ours, theirs, {})
+    images = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        (mine,), ref = ours(images), theirs(images)["res5"]
+    torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
 def _rpn_pair(training_topk=(2000, 1000), test_topk=(1000, 1000), beta=0.0, loss_type="smooth_l1", c4=False,

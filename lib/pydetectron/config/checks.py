@@ -101,6 +101,8 @@ def _infer_freeze_at(cfg: CfgNode) -> None:
 def _infer_norm(cfg: CfgNode) -> None:
     """One answer to 'which normalisation does the ResNet use': RESNETS.NORM."""
     r = cfg.RESNETS
+    if r.NORM == "FrozenBN":  # detectron2's name of the frozen batch norm: our AffineChannel (after the exact fold)
+        r.NORM = "AffineChannel"
     _one_of(cfg, "RESNETS.NORM", NORMS)
     gn_funcs = [key for key in ("TRANS_FUNC", "STEM_FUNC", "SHORTCUT_FUNC") if "_gn_" in f"_{r[key]}_"]
     gn_reasons = [f"RESNETS.{key} = {r[key]!r}" for key in gn_funcs] + (["RESNETS.USE_GN = True"] if r.USE_GN else [])

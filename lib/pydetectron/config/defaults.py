@@ -378,7 +378,7 @@ def _backbone(C: CfgNode) -> None:
     R.IMAGENET_PRETRAINED_WEIGHTS = ""  # relative paths are taken from ROOT_DIR
     R.USE_GN = False
     # pydetectron
-    R.NORM = "AffineChannel"
+    R.NORM = "AffineChannel"  # | "GN" | "BN" | "SyncBN"; detectron2's "FrozenBN" is read as AffineChannel
 
     G = C.GROUP_NORM = CfgNode()
     G.DIM_PER_GP = -1  # exactly one of DIM_PER_GP / NUM_GROUPS is -1
