@@ -445,8 +445,19 @@ def test_detectron_cascade_reads_beta_and_box_loss_weight():
     loss = detectron_losses(torch.zeros(1, 2), pred, torch.tensor([1]), target, ones, ones, beta=0.25)["loss_bbox"]
     assert loss.item() == pytest.approx(0.5 - 0.125 + 2.0 - 0.125)
     cfg = load_cfg("baselines/e2e_faster_rcnn_R-50-C4_1x.yaml", ["FAST_RCNN.BBOX_REG_LOSS_WEIGHT", "3.0"])
-    heads = build_detector(cfg).roi_heads
-    assert (heads.smooth_l1_beta, heads.box_loss_weight) == (1.0, 3.0)
+    torch.manual_seed(0)
+    model = build_detector(cfg)
+    data, im_info, roidb = synthetic_batch(proposals=True)
+    rois = torch.cat([torch.cat([torch.full((40, 1), float(i)), e["proposals"]], 1) for i, e in enumerate(roidb)])
+    feats = [model.body(data)[i].detach() for i in model.roi_indices]
+    assert (model.roi_heads.smooth_l1_beta, model.roi_heads.box_loss_weight) == (1.0, 3.0)  # read from cfg
+    losses = []
+    for weight in (1.0, 3.0):
+        model.roi_heads.box_loss_weight = weight
+        model.roi_heads.generator = torch.Generator().manual_seed(0)
+        losses.append(model.roi_heads.forward_train(feats, rois, im_info, roidb))
+    assert losses[1]["loss_bbox"].item() == pytest.approx(3 * losses[0]["loss_bbox"].item(), rel=1e-5)
+    assert losses[1]["loss_bbox"].item() > 0 and losses[1]["loss_cls"].item() == losses[0]["loss_cls"].item()
 
 
 def test_mask_head_caffe2_names_are_detectrons():
