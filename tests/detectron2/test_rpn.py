@@ -273,3 +273,24 @@ def test_checks_refuse_bad_offset_and_softmax_in_detectron2_mode():
     cfg.RPN.CLS_ACTIVATION = "softmax"
     with pytest.raises(ConfigError, match="sigmoid"):
         assert_and_infer_cfg(cfg)
+
+
+@pytest.mark.parametrize("yaml", ["baselines/e2e_faster_rcnn_R-50-FPN_1x.yaml",
+                                  pytest.param("baselines/rpn_R-50-C4_1x.yaml", marks=pytest.mark.slow)])
+def test_detector_wires_the_detectron2_rpn(yaml):
+    from test_detector import load_cfg, synthetic_batch
+
+    from pydetectron.modeling.detector import build_detector, total_loss
+
+    cfg = load_cfg(yaml, ["MODEL.CONVENTIONS", "detectron2", "TRAIN.RPN_STRADDLE_THRESH", "-1"])
+    model = build_detector(cfg)
+    assert isinstance(model.rpn, Detectron2RPN)
+    data, im_info, roidb = synthetic_batch()
+    torch.manual_seed(0)
+    losses = model(data, im_info, roidb)
+    assert {"loss_rpn_cls", "loss_rpn_loc"} <= set(losses)
+    total_loss(losses).backward()
+    model.eval()
+    with torch.no_grad():
+        results = model(data, im_info, roidb)
+    assert len(results) == 2 and all(r["boxes"].shape[1] == 4 for r in results)
