@@ -373,3 +373,131 @@ def test_d2_heads_refuse_what_they_cannot_build():
         build_detector(load_cfg("baselines/e2e_mask_rcnn_R-50-FPN_1x.yaml", D2 + D2_MASK + ["MRCNN.RESOLUTION", "14"]))
     with pytest.raises(ValueError, match="class layout"):
         build_detector(load_cfg("baselines/e2e_mask_rcnn_R-50-FPN_1x.yaml", D2))
+    with pytest.raises(ValueError, match="detectron2's class layout"):
+        build_detector(load_cfg("baselines/e2e_mask_rcnn_R-50-FPN_1x.yaml", D2_MASK))
+    with pytest.raises(ValueError, match="KRCNN.HEATMAP_SIZE"):
+        build_detector(load_cfg("baselines/e2e_keypoint_rcnn_R-50-FPN_1x.yaml",
+                                D2 + D2_KPS + ["KRCNN.HEATMAP_SIZE", "28"]))
+
+
+# --------------------------------------------------------------------------------------------------- config keys
+
+
+def _checked(**keys):
+    from pydetectron.config import assert_and_infer_cfg
+
+    cfg = get_cfg()
+    for key, value in keys.items():
+        node, leaf = key.split("__")
+        setattr(cfg[node], leaf, value)
+    return assert_and_infer_cfg(cfg)
+
+
+@pytest.mark.parametrize("keys,match", [
+    ({"FAST_RCNN__BBOX_REG_LOSS_TYPE": "giou"}, "detectron2 mode only"),
+    ({"FAST_RCNN__SMOOTH_L1_BETA": 0.0}, "must be > 0"),
+    ({"TRAIN__PROPOSAL_APPEND_GT": False}, "detectron2 mode only"),
+    ({"FAST_RCNN__NUM_FC": 1, "FAST_RCNN__ROI_BOX_HEAD": "fast_rcnn_heads.add_roi_2mlp_head"}, "FastRCNNConvFCHead"),
+    ({"MRCNN__NORM": "GN"}, "MaskRCNNConvUpsampleHead"),
+    ({"MODEL__ROI_HEADS_NAME": "StandardROIHeads"}, "CONVENTIONS"),
+    ({"FAST_RCNN__NORM": "LN"}, "FAST_RCNN.NORM"),
+])
+def test_detectron_mode_refuses_d2_only_values(keys, match):
+    from pydetectron.config.merge import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        _checked(**keys)
+
+
+def test_d2_cascades_refuse_detectrons_inference_options():
+    from pydetectron.config.merge import ConfigError
+
+    cfg = get_cfg()
+    cfg.MODEL.CONVENTIONS = "detectron2"
+    cfg.TEST.BBOX_AUG.ENABLED = True
+    from pydetectron.config import assert_and_infer_cfg
+
+    with pytest.raises(ConfigError, match="TEST.BBOX_AUG.ENABLED"):
+        assert_and_infer_cfg(cfg)
+    for node, key in (("SOFT_NMS", "ENABLED"), ("BBOX_VOTE", "ENABLED")):
+        cfg = get_cfg()
+        cfg.MODEL.CONVENTIONS = "detectron2"
+        setattr(cfg.TEST[node], key, True)
+        with pytest.raises(ConfigError, match=f"TEST.{node}.ENABLED"):
+            assert_and_infer_cfg(cfg)
+
+
+def test_d2_mode_accepts_them_and_defaults_to_a_d2_cascade():
+    cfg = _checked(MODEL__CONVENTIONS="detectron2", FAST_RCNN__BBOX_REG_LOSS_TYPE="giou", FAST_RCNN__SMOOTH_L1_BETA=0.0,
+                   TRAIN__PROPOSAL_APPEND_GT=False)
+    assert cfg.MODEL.ROI_HEADS_NAME == "Res5ROIHeads"
+    assert _checked(MODEL__CONVENTIONS="detectron2", FPN__FPN_ON=True).MODEL.ROI_HEADS_NAME == "StandardROIHeads"
+    assert _checked(FAST_RCNN__NUM_FC=1, FAST_RCNN__ROI_BOX_HEAD="FastRCNNConvFCHead").FAST_RCNN.NUM_FC == 1
+
+
+def test_detectron_cascade_reads_beta_and_box_loss_weight():
+    from pydetectron.modeling.box_head import fast_rcnn_losses as detectron_losses
+
+    pred, target = torch.tensor([[0.5, 2.0]]), torch.zeros(1, 2)
+    ones = torch.ones(1, 2)
+    loss = detectron_losses(torch.zeros(1, 2), pred, torch.tensor([1]), target, ones, ones, beta=1.0)["loss_bbox"]
+    assert loss.item() == pytest.approx(0.5 * 0.25 + 1.5)
+    loss = detectron_losses(torch.zeros(1, 2), pred, torch.tensor([1]), target, ones, ones, beta=0.25)["loss_bbox"]
+    assert loss.item() == pytest.approx(0.5 - 0.125 + 2.0 - 0.125)
+    cfg = load_cfg("baselines/e2e_faster_rcnn_R-50-C4_1x.yaml", ["FAST_RCNN.BBOX_REG_LOSS_WEIGHT", "3.0"])
+    torch.manual_seed(0)
+    model = build_detector(cfg)
+    data, im_info, roidb = synthetic_batch(proposals=True)
+    rois = torch.cat([torch.cat([torch.full((40, 1), float(i)), e["proposals"]], 1) for i, e in enumerate(roidb)])
+    feats = [model.body(data)[i].detach() for i in model.roi_indices]
+    assert (model.roi_heads.smooth_l1_beta, model.roi_heads.box_loss_weight) == (1.0, 3.0)  # read from cfg
+    losses = []
+    for weight in (1.0, 3.0):
+        model.roi_heads.box_loss_weight = weight
+        model.roi_heads.generator = torch.Generator().manual_seed(0)
+        losses.append(model.roi_heads.forward_train(feats, rois, im_info, roidb))
+    assert losses[1]["loss_bbox"].item() == pytest.approx(3 * losses[0]["loss_bbox"].item(), rel=1e-5)
+    assert losses[1]["loss_bbox"].item() > 0 and losses[1]["loss_cls"].item() == losses[0]["loss_cls"].item()
+
+
+def test_mask_head_caffe2_names_are_detectrons():
+    from pydetectron.modeling.detectron2.mask_head import MaskRCNNConvUpsampleHead
+
+    plain = MaskRCNNConvUpsampleHead(None, 8, 2, 8, None, 3).detectron_weight_mapping()
+    assert plain["convs.1.conv.weight"] == "_[mask]_fcn2_w" and plain["deconv.weight"] == "conv5_mask_w"
+    assert plain["predictor.bias"] == "mask_fcn_logits_b"
+    gn = MaskRCNNConvUpsampleHead(None, 32, 1, 32, d2_norm_spec("GN", "MRCNN.NORM"), 3).detectron_weight_mapping()
+    assert gn["convs.0.conv.weight"] == "_mask_fcn1_w" and gn["convs.0.norm.weight"] == "_mask_fcn1_gn_s"
+
+
+def _small_standard_heads(keypoints: bool, score_thresh: float):
+    from pydetectron.modeling import registry
+
+    registry.import_builtin_modules()
+    cfg = load_cfg("baselines/e2e_keypoint_rcnn_R-50-FPN_1x.yaml" if keypoints else
+                   "baselines/e2e_mask_rcnn_R-50-FPN_1x.yaml",
+                   D2 + (D2_KPS if keypoints else D2_MASK) + ["TEST.SCORE_THRESH", str(score_thresh)])
+    return registry.build("roi_heads", "StandardROIHeads", cfg, 8, [1 / 4, 1 / 8, 1 / 16, 1 / 32])
+
+
+@pytest.mark.parametrize("keypoints", [False, True])
+def test_empty_cases(keypoints):
+    heads = _small_standard_heads(keypoints, 1.0)  # no score passes 1.0: no detection at all
+    torch.manual_seed(0)
+    feats = [torch.randn(2, 8, 64 // s, 96 // s) for s in (4, 8, 16, 32)]
+    _, im_info, roidb = synthetic_batch(sizes=((64, 96), (64, 96)), num_keypoints=3 if keypoints else 0,
+                                        proposals=True)
+    rois = torch.cat([torch.cat([torch.full((40, 1), float(i)), e["proposals"]], 1) for i, e in enumerate(roidb)])
+    dets = heads.forward_inference(feats, rois, im_info, [(64, 96), (64, 96)], False)
+    extra = "keypoints" if keypoints else "masks"
+    assert all(d["boxes"].shape == (0, 4) and d[extra].shape[0] == 0 for d in dets)
+    # image 1 without gt, image 0 without proposals (only its appended gt) and no visible keypoint
+    roidb[1].update(boxes=torch.zeros(0, 4), gt_classes=torch.zeros(0, dtype=torch.long),
+                    is_crowd=torch.zeros(0, dtype=torch.bool), segms=[],
+                    gt_keypoints=torch.zeros(0, 3, 3) if keypoints else None)
+    if keypoints:
+        roidb[0]["gt_keypoints"][..., 2] = 0
+    losses = heads.forward_train(feats, rois[rois[:, 0] == 1], im_info, roidb)
+    assert all(torch.isfinite(v) for v in losses.values())
+    if keypoints:
+        assert losses["loss_keypoint"].item() == 0

@@ -32,8 +32,18 @@ _DEFAULT_FREEZE_AT = 2
 DISTILL_METHODS = ("", "mgd", "feature_l2")
 DISTILL_STAGES = ("C2", "C3", "C4", "C5")  # DISTILL.LOSS_FACTORS / IGNORE_INDS order
 MGD_REDUCERS = ("amp", "sp", "rd", "sm")
+D2_ROI_HEADS = ("StandardROIHeads", "Res5ROIHeads", "Res5ROIHeadsExtraNorm")  # detectron2's cascades
+DETECTRON_ROI_HEADS = "DetectronROIHeads"
+D2_HEAD_NORMS = ("", "GN", "BN", "SyncBN", "FrozenBN")  # FAST_RCNN.NORM / MRCNN.NORM (d2's get_norm names)
+BOX_REG_LOSS_TYPES = ("smooth_l1", "giou")  # detectron2's 'diou' / 'ciou' are not built
+# d2 head-only keys and the head that reads them (Detectron's heads have fixed layouts): key -> (default, head)
+_D2_HEAD_KEYS = {
+    "FAST_RCNN.NUM_FC": (2, "FAST_RCNN.ROI_BOX_HEAD", "FastRCNNConvFCHead"),
+    "FAST_RCNN.NORM": ("", "FAST_RCNN.ROI_BOX_HEAD", "FastRCNNConvFCHead"),
+    "MRCNN.NUM_CONV": (4, "MRCNN.ROI_MASK_HEAD", "MaskRCNNConvUpsampleHead"),
+    "MRCNN.NORM": ("", "MRCNN.ROI_MASK_HEAD", "MaskRCNNConvUpsampleHead"),
+}
 RETINANET_NORMS = ("", "GN")
-RETINANET_BOX_LOSSES = ("smooth_l1", "giou")  # detectron2's 'diou' / 'ciou' are not built
 
 
 def _fail(message: str) -> None:
@@ -180,6 +190,55 @@ def _check_heads(cfg: CfgNode) -> None:
             _fail(f"KRCNN.OKS_SIGMAS = {k.OKS_SIGMAS!r} must be positive numbers")
 
 
+def _infer_roi_heads(cfg: CfgNode) -> None:
+    """In detectron2 mode the default cascade is detectron2's: StandardROIHeads with FPN, else Res5ROIHeads."""
+    if cfg.MODEL.CONVENTIONS == "detectron2" and cfg.MODEL.ROI_HEADS_NAME == DETECTRON_ROI_HEADS:
+        cfg.MODEL.ROI_HEADS_NAME = "StandardROIHeads" if cfg.FPN.FPN_ON else "Res5ROIHeads"
+
+
+def _check_roi_heads(cfg: CfgNode) -> None:
+    """The detectron2 ROI-head keys: valid values, and refused where the convention in force cannot apply them."""
+    f = cfg.FAST_RCNN
+    _one_of(cfg, "FAST_RCNN.BBOX_REG_LOSS_TYPE", BOX_REG_LOSS_TYPES)
+    _one_of(cfg, "FAST_RCNN.NORM", D2_HEAD_NORMS)
+    _one_of(cfg, "MRCNN.NORM", D2_HEAD_NORMS)
+    for key in ("FAST_RCNN.NUM_FC", "MRCNN.NUM_CONV", "FAST_RCNN.SMOOTH_L1_BETA", "FAST_RCNN.BBOX_REG_LOSS_WEIGHT"):
+        if _get(cfg, key) < 0:
+            _fail(f"{key} = {_get(cfg, key)} must be >= 0")
+    d2_cascade = normalize_module_name(cfg.MODEL.ROI_HEADS_NAME) in D2_ROI_HEADS
+    two_stage = not (cfg.MODEL.RPN_ONLY or cfg.RETINANET.RETINANET_ON or cfg.MODEL.TYPE == "retinanet")
+    augmented = [f"TEST.{s}.ENABLED" for s in ("BBOX_AUG", "MASK_AUG", "KPS_AUG") if cfg.TEST[s].ENABLED]
+    if d2_cascade and two_stage and augmented:
+        _fail(f"{augmented[0]} is on, but test-time augmentation runs Detectron's cascade (DetectronROIHeads), not "
+              f"MODEL.ROI_HEADS_NAME {cfg.MODEL.ROI_HEADS_NAME!r}")
+    if d2_cascade and two_stage:
+        detectron_only = {"TEST.SOFT_NMS.ENABLED": cfg.TEST.SOFT_NMS.ENABLED,
+                          "TEST.BBOX_VOTE.ENABLED": cfg.TEST.BBOX_VOTE.ENABLED,
+                          "KRCNN.NMS_OKS": cfg.KRCNN.NMS_OKS, "KRCNN.INFERENCE_MIN_SIZE": cfg.KRCNN.INFERENCE_MIN_SIZE}
+        for key, value in detectron_only.items():
+            if value:
+                _fail(f"{key} = {value!r} is Detectron's inference; MODEL.ROI_HEADS_NAME "
+                      f"{cfg.MODEL.ROI_HEADS_NAME!r} follows detectron2's (fast_rcnn_inference, heatmaps_to_keypoints)")
+    if cfg.MODEL.CONVENTIONS == "detectron2":
+        return
+    if d2_cascade:
+        _fail(f"MODEL.ROI_HEADS_NAME = {cfg.MODEL.ROI_HEADS_NAME!r} is a detectron2 cascade: it needs "
+              "MODEL.CONVENTIONS 'detectron2' (boxes without +1, background last)")
+    if f.BBOX_REG_LOSS_TYPE != "smooth_l1":
+        _fail(f"FAST_RCNN.BBOX_REG_LOSS_TYPE = {f.BBOX_REG_LOSS_TYPE!r} is detectron2 mode only (MODEL.CONVENTIONS "
+              "'detectron2'); Detectron's Fast R-CNN loss is smooth-L1")
+    if f.SMOOTH_L1_BETA <= 0:
+        _fail(f"FAST_RCNN.SMOOTH_L1_BETA = {f.SMOOTH_L1_BETA} must be > 0 with Detectron's conventions (beta 0, "
+              "detectron2's L1 loss, needs MODEL.CONVENTIONS 'detectron2')")
+    if not cfg.TRAIN.PROPOSAL_APPEND_GT:
+        _fail("TRAIN.PROPOSAL_APPEND_GT = False is detectron2 mode only: Detectron always adds the gt boxes to the "
+              "RoI candidates")
+    for key, (default, head_key, head) in _D2_HEAD_KEYS.items():
+        if _get(cfg, key) != default and normalize_module_name(_get(cfg, head_key)) != head:
+            _fail(f"{key} = {_get(cfg, key)!r} is read only by {head}, but {head_key} = {_get(cfg, head_key)!r} "
+                  "(Detectron's heads have a fixed layout)")
+
+
 def _check_rpn_keys(cfg: CfgNode) -> None:
     """The RPN / anchor keys detectron2 mode brought: valid values, and the ones only detectron2's numerics
     implement refused in Detectron mode."""
@@ -248,7 +307,7 @@ def _check_retinanet(cfg: CfgNode) -> None:
     if r.USE_GN:
         r.NORM = "GN"
     r.USE_GN = r.NORM == "GN"
-    _one_of(cfg, "RETINANET.BBOX_REG_LOSS_TYPE", RETINANET_BOX_LOSSES)
+    _one_of(cfg, "RETINANET.BBOX_REG_LOSS_TYPE", BOX_REG_LOSS_TYPES)
     if r.BBOX_REG_LOSS_TYPE != "smooth_l1" and cfg.MODEL.CONVENTIONS != "detectron2":
         _fail(f"RETINANET.BBOX_REG_LOSS_TYPE = {r.BBOX_REG_LOSS_TYPE!r} needs MODEL.CONVENTIONS 'detectron2' "
               "(Detectron's RetinaNet has the smooth-L1 box loss only)")
@@ -271,10 +330,12 @@ def assert_and_infer_cfg(cfg: CfgNode, make_immutable: bool = True) -> CfgNode:
     _infer_freeze_at(cfg)
     _infer_norm(cfg)
     _infer_fpn_norm(cfg)
+    _infer_roi_heads(cfg)
     _check_solver(cfg)
     _check_input(cfg)
     _check_heads(cfg)
     _check_rpn_keys(cfg)
+    _check_roi_heads(cfg)
     _check_distill(cfg)
     _check_retinanet(cfg)
     if make_immutable:

@@ -27,6 +27,8 @@ pydetectron's own additions (not in either project)
 - ``KRCNN.OKS_SIGMAS``            per-keypoint OKS sigmas for evaluation; () = COCO person sigmas.
 - ``FAST_RCNN.ROI_XFORM_ALIGNED``, ``MRCNN.ROI_XFORM_ALIGNED``, ``KRCNN.ROI_XFORM_ALIGNED``
                                   RoIAlign with the half-pixel offset (detectron2 style); False = Caffe2.
+- ``FAST_RCNN.SMOOTH_L1_BETA`` / ``BBOX_REG_LOSS_TYPE`` / ``BBOX_REG_LOSS_WEIGHT``, ``FAST_RCNN.NUM_FC`` / ``NORM``,
+  ``MRCNN.NUM_CONV`` / ``NORM``, ``TRAIN.PROPOSAL_APPEND_GT``  detectron2's ROI-head keys (see their comments).
 - ``RESNETS.NORM``                'AffineChannel' (frozen BN, Detectron) | 'GN' | 'BN' | 'SyncBN' (trainable).
                                   ``RESNETS.USE_GN`` and '*_gn_*' ``TRANS_FUNC``/``STEM_FUNC``/``SHORTCUT_FUNC``
                                   names imply 'GN' (reconciled by ``assert_and_infer_cfg``).

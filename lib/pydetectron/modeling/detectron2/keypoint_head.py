@@ -65,6 +65,11 @@ class KRCNNConvDeconvUpsampleHead(nn.Module):
 @register("keypoint_head", "KRCNNConvDeconvUpsampleHead")
 def build_krcnn_conv_deconv_upsample_head(cfg, dim_in: int, spatial_scales: Sequence[float]):
     k = cfg.KRCNN
+    side = 2 * int(UP_SCALE) * int(k.ROI_XFORM_RESOLUTION)
+    if int(k.HEATMAP_SIZE) != side:
+        raise ValueError(f"KRCNN.HEATMAP_SIZE = {k.HEATMAP_SIZE}, but KRCNNConvDeconvUpsampleHead makes "
+                         f"{side} x {side} heatmaps (4 x KRCNN.ROI_XFORM_RESOLUTION {k.ROI_XFORM_RESOLUTION}): "
+                         f"set it to {side}")
     return KRCNNConvDeconvUpsampleHead(build_roi_feature_extractor(cfg, k, spatial_scales), dim_in,
                                        [int(k.CONV_HEAD_DIM)] * int(k.NUM_STACKED_CONVS), int(k.NUM_KEYPOINTS))
 

@@ -2,8 +2,8 @@
 
 Head: ``MRCNN.NUM_CONV`` 3x3 convs of ``MRCNN.DIM_REDUCED`` (conv -> ``MRCNN.NORM`` -> ReLU), a 2x2 stride-2
 deconv + ReLU, a 1x1 predictor of K masks (background excluded; 1 when class-agnostic). d2's init:
-``c2_msra_fill`` convs and deconv, predictor normal std 0.001, biases 0. Caffe2 names (d2's converter):
-``mask_fcn<i>``, ``conv5_mask``, ``mask_fcn_logits``.
+``c2_msra_fill`` convs and deconv, predictor normal std 0.001, biases 0. Caffe2 names (Detectron's, which d2's converter
+maps from): ``_[mask]_fcn<i>`` (with a norm ``_mask_fcn<i>`` + ``_gn`` / ``_bn``), ``conv5_mask``, ``mask_fcn_logits``.
 
 Targets (d2's ``crop_and_resize``): a polygon gt is rasterised inside the RoI (``rasterize_polygons_within_box``:
 shift by the box corner, scale by ``M / max(side, 0.1)``, pycocotools); a bitmap gt is cut by aligned RoIAlign
@@ -38,8 +38,9 @@ class MaskRCNNConvUpsampleHead(nn.Module):
                  norm: NormSpec | None, num_outputs: int) -> None:
         super().__init__()
         self.roi_xform = pooler
+        prefix = "_[mask]_fcn" if norm is None else "_mask_fcn"  # Detectron's FPN mask-head blob names
         self.convs = nn.ModuleList(
-            D2Conv(dim_in if i == 0 else conv_dim, conv_dim, 3, norm, f"mask_fcn{i + 1}") for i in range(num_convs))
+            D2Conv(dim_in if i == 0 else conv_dim, conv_dim, 3, norm, f"{prefix}{i + 1}") for i in range(num_convs))
         self.deconv = nn.ConvTranspose2d(conv_dim if num_convs else dim_in, conv_dim, 2, stride=2)
         msra_fill_(self.deconv.weight)
         nn.init.zeros_(self.deconv.bias)

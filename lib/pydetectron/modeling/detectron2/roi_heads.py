@@ -175,6 +175,8 @@ class D2ROIHeadsBase(ROIHeads):
         self.box2box = Box2BoxTransform(tuple(cfg.MODEL.BBOX_REG_WEIGHTS))
         self.loss_settings = FastRCNNLossSettings.from_cfg(cfg)
         self.test_settings = FastRCNNTestSettings.from_cfg(cfg)
+        self.mask_resolution = int(cfg.MRCNN.RESOLUTION)
+        self.num_keypoints = int(cfg.KRCNN.NUM_KEYPOINTS)
         self.mask_loss_weight = float(cfg.MRCNN.WEIGHT_LOSS_MASK)
         self.mask_threshold = float(cfg.MRCNN.THRESH_BINARIZE)
         self.keypoint_loss_weight = float(cfg.KRCNN.LOSS_WEIGHT)
@@ -273,11 +275,6 @@ class StandardROIHeads(D2ROIHeadsBase):
     predictor, mask head (``MRCNN.ROI_MASK_HEAD``, a d2-layout head), keypoint head (``KRCNN.ROI_KEYPOINTS_HEAD``),
     each pooling its own features."""
 
-    def __init__(self, cfg, box_head, box_outputs, mask_head, keypoint_head) -> None:
-        super().__init__(cfg, box_head, box_outputs, mask_head, keypoint_head)
-        self.mask_resolution = int(cfg.MRCNN.RESOLUTION)
-        self.num_keypoints = int(cfg.KRCNN.NUM_KEYPOINTS)
-
     def _box_features(self, features, rois):
         return self.box_head(features, rois), None
 
@@ -321,8 +318,6 @@ class Res5ROIHeads(D2ROIHeadsBase):
 
     def __init__(self, cfg, box_head: Res5Head, box_outputs, mask_head) -> None:
         super().__init__(cfg, box_head, box_outputs, mask_head, None)
-        self.mask_resolution = int(cfg.MRCNN.RESOLUTION)
-        self.num_keypoints = 0
 
     def _box_features(self, features, rois):
         maps = self.box_head.res5_maps(features, rois)
