@@ -239,6 +239,10 @@ def _solver(C: CfgNode) -> None:
     G.CLIP_TYPE = "value"  # 'value': every element into [-CLIP_VALUE, CLIP_VALUE]; 'norm': the norm to CLIP_VALUE
     G.CLIP_VALUE = 1.0
     G.NORM_TYPE = 2.0  # the p of the p-norm for 'norm'
+    # detectron2's SOLVER.IMS_PER_BATCH: the total images per step over all processes; 0 = off (Detectron:
+    # NUM_GPUS x TRAIN.IMS_PER_BATCH). When set, training divides it by the run's device count (an error if it
+    # does not divide) and sets NUM_GPUS / TRAIN.IMS_PER_BATCH from it, so the schedule is not rescaled.
+    S.IMS_PER_BATCH = 0
     A = S.AMP = CfgNode()  # detectron2's key; --amp on train_net_step.py and test_net.py sets it
     A.ENABLED = False  # autocast float16 + GradScaler on CUDA, bfloat16 autocast on the CPU
 
@@ -413,10 +417,32 @@ def _distill(C: CfgNode) -> None:
     M.TEACHER_BN_WEIGHTS = ""  # torchvision .pth with the teacher's BN gamma/beta (an AffineChannel teacher)
 
 
+def _detectron2_keys_of_other_helpers(C: CfgNode) -> None:
+    """ISSUE-15 STAND-INS (d2-config branch only; the lead dedupes at merge): keys the d2-rpn, d2-roiheads and
+    d2-retina helpers add with the same names and Detectron's behaviour as default, so the detectron2
+    translation can be tested before they land."""
+    C.MODEL.ANCHOR_OFFSET = 0.0
+    C.RPN.SMOOTH_L1_BETA = 1.0 / 9.0
+    C.RPN.LOSS_WEIGHT = 1.0
+    C.RPN.BBOX_REG_LOSS_TYPE = "smooth_l1"
+    C.RPN.BBOX_REG_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
+    C.FPN.NORM = ""
+    C.FAST_RCNN.SMOOTH_L1_BETA = 1.0
+    C.FAST_RCNN.BBOX_REG_LOSS_TYPE = "smooth_l1"
+    C.FAST_RCNN.BBOX_REG_LOSS_WEIGHT = 1.0
+    C.FAST_RCNN.NUM_FC = 2
+    C.FAST_RCNN.NORM = ""
+    C.MRCNN.NUM_CONV = 4
+    C.MRCNN.NORM = ""
+    C.TRAIN.PROPOSAL_APPEND_GT = True
+    C.RETINANET.NORM = ""
+    C.RETINANET.BBOX_REG_LOSS_TYPE = "smooth_l1"
+
+
 def build_defaults() -> CfgNode:
     """A new default tree (unfrozen). ``get_cfg()`` is the public entry point."""
     C = CfgNode()
     for section in (_train, _data_loader, _test, _model, _retinanet, _solver, _fast_rcnn, _rpn, _fpn,
-                    _mrcnn, _krcnn, _backbone, _misc, _distill):
+                    _mrcnn, _krcnn, _backbone, _misc, _distill, _detectron2_keys_of_other_helpers):
         section(C)
     return C
