@@ -119,6 +119,9 @@ def _check_solver(cfg: CfgNode) -> None:
     if s.CLIP_GRADIENTS.CLIP_VALUE <= 0 or s.CLIP_GRADIENTS.NORM_TYPE <= 0:
         _fail(f"SOLVER.CLIP_GRADIENTS.CLIP_VALUE ({s.CLIP_GRADIENTS.CLIP_VALUE}) and NORM_TYPE "
               f"({s.CLIP_GRADIENTS.NORM_TYPE}) must be positive")
+    if s.IMS_PER_BATCH < 0:
+        _fail(f"SOLVER.IMS_PER_BATCH = {s.IMS_PER_BATCH} must be >= 0 (0 = NUM_GPUS x TRAIN.IMS_PER_BATCH; > 0 = "
+              "the total batch over all processes, detectron2's meaning)")
     if cfg.TEST.PRECISE_BN.NUM_ITER < 1:
         _fail(f"TEST.PRECISE_BN.NUM_ITER = {cfg.TEST.PRECISE_BN.NUM_ITER} must be >= 1")
 

@@ -91,6 +91,7 @@ def training_device(options: TrainOptions) -> tuple[torch.device, int]:
 def adapt_cfg(cfg, options: TrainOptions, num_devices: int, print_fn: Print = print) -> None:
     """Scale the schedule to the hardware and batch size, then apply the command-line solver overrides.
     `num_devices` counts every device of the run (world size x devices per process)."""
+    split_total_batch(cfg, num_devices, print_fn)
     original_ims_per_batch = cfg.TRAIN.IMS_PER_BATCH
     scaled = scale_schedule(
         cfg.SOLVER.BASE_LR, cfg.SOLVER.STEPS, cfg.SOLVER.MAX_ITER, cfg.NUM_GPUS, cfg.TRAIN.IMS_PER_BATCH,
@@ -118,6 +119,21 @@ def adapt_cfg(cfg, options: TrainOptions, num_devices: int, print_fn: Print = pr
         cfg.RNG_SEED = options.seed
     if options.amp:
         cfg.SOLVER.AMP.ENABLED = True
+
+
+def split_total_batch(cfg, num_devices: int, print_fn: Print = print) -> None:
+    """SOLVER.IMS_PER_BATCH (detectron2's total batch over all processes), when set, becomes NUM_GPUS = the run's
+    device count and TRAIN.IMS_PER_BATCH = total / devices, so the schedule is the config's, unscaled."""
+    total = int(cfg.SOLVER.IMS_PER_BATCH)
+    if total <= 0:
+        return
+    if total % num_devices:
+        raise ValueError(f"SOLVER.IMS_PER_BATCH = {total} (the total batch over all processes) is not divisible by "
+                         f"the {num_devices} devices of this run; choose a total that is a multiple of {num_devices}")
+    cfg.NUM_GPUS = num_devices
+    cfg.TRAIN.IMS_PER_BATCH = total // num_devices
+    print_fn(f"SOLVER.IMS_PER_BATCH = {total} images per step in total: {cfg.TRAIN.IMS_PER_BATCH} on each of "
+             f"{num_devices} devices")
 
 
 def default_output_dir(cfg_name: str) -> Path:
