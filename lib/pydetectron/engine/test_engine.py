@@ -62,6 +62,8 @@ class TestOptions:
 
     cfg_file: str | None = None
     set_cfgs: Sequence[str] = ()
+    config_file: str | None = None  # a detectron2 YAML (--config-file) instead of cfg_file
+    opts: Sequence[str] = ()  # its trailing detectron2 KEY VALUE overrides
     dataset: str | None = None
     register: Sequence[str] = ()
     load_ckpt: str | None = None
@@ -229,7 +231,7 @@ def evaluate_dataset(cfg, dataset_name: str, detections: Mapping[int, dict], out
     category_ids = [0] + [dataset.meta.contiguous_category_id_to_json_id[c] for c in range(1, dataset.meta.num_classes)]
     return evaluate_detections(coco_gt, detections, category_ids, dataset_name, output_dir,
                                cfg.KRCNN.OKS_SIGMAS or dataset.meta.oks_sigmas or None,
-                               cfg.KRCNN.KEYPOINT_CONFIDENCE, print_fn)
+                               cfg.KRCNN.KEYPOINT_CONFIDENCE, print_fn, cfg.MODEL.CONVENTIONS == "detectron2")
 
 
 def evaluate_rpn_proposals(cfg, dataset_name: str, detections: Mapping[int, dict], output_dir: Path,
@@ -328,6 +330,8 @@ def child_arguments(options: TestOptions, dataset_name: str, num_classes: int, o
     args = list(options.child_command)
     if options.cfg_file:
         args += ["--cfg", str(options.cfg_file)]
+    if options.config_file:
+        args += ["--config-file", str(options.config_file)]
     for spec in options.register:
         args += ["--register", spec]
     args += ["--dataset", dataset_name, "--output_dir", str(output_dir), "--range", str(start), str(end)]
@@ -342,7 +346,8 @@ def child_arguments(options: TestOptions, dataset_name: str, num_classes: int, o
     if options.amp:
         args.append("--amp")
     args += ["--set", *options.set_cfgs, "MODEL.NUM_CLASSES", str(num_classes)]
-    return args + (["TEST.PROPOSAL_FILES", repr((proposal_file,))] if proposal_file else [])
+    args += ["TEST.PROPOSAL_FILES", repr((proposal_file,))] if proposal_file else []
+    return args + (["--", *options.opts] if options.opts else [])  # "--" ends --set: detectron2 opts follow
 
 
 def run_in_parallel(cfg, options: TestOptions, dataset_name: str, num_images: int, workers: int, output_dir: Path,

@@ -136,6 +136,24 @@ def split_total_batch(cfg, num_devices: int, print_fn: Print = print) -> None:
              f"{num_devices} devices")
 
 
+def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest checkpoint a run wrote into ``<output_dir>/ckpt`` (None when there is none)."""
+    return CheckpointManager(Path(output_dir) / "ckpt").latest()
+
+
+def resolve_resume(options: TrainOptions, output_dir: Path, print_fn: Print = print) -> None:
+    """detectron2's --resume: without --load_ckpt, continue from the output dir's last checkpoint, or (none yet)
+    start afresh from the initial weights, as detectron2's ``resume_or_load`` does."""
+    if not options.resume or options.load_ckpt:
+        return
+    latest = last_checkpoint(output_dir)
+    if latest is None:
+        print_fn(f"--resume: no checkpoint in {output_dir / 'ckpt'} yet; starting from the initial weights")
+        options.resume = False
+        return
+    options.load_ckpt = str(latest)
+
+
 def default_output_dir(cfg_name: str) -> Path:
     stamp = datetime.datetime.now().strftime("%b%d-%H-%M-%S")
     return Path("Outputs") / cfg_name / stamp
@@ -191,7 +209,8 @@ def make_evaluator(model, cfg, device, output_dir: Path, print_fn: Print):
             return _flatten({"box_proposal": evaluate_rpn_detections(entries, detections, dataset.name, print_fn)})
         metrics = evaluate_detections(coco_gt, detections, category_ids, dataset.name,
                                       output_dir / f"eval_step{step}", cfg.KRCNN.OKS_SIGMAS or None,
-                                      cfg.KRCNN.KEYPOINT_CONFIDENCE, print_fn)
+                                      cfg.KRCNN.KEYPOINT_CONFIDENCE, print_fn,
+                                      cfg.MODEL.CONVENTIONS == "detectron2")
         return _flatten(metrics)
 
     return evaluate
@@ -268,6 +287,7 @@ def run_training(cfg, options: TrainOptions, print_fn: Print = print) -> Path:
         print_fn = _silent
     output_dir = Path(broadcast_object(str(options.output_dir or default_output_dir(options.cfg_name))))
     with ConsoleLog(output_dir / "log.txt" if is_main_process() else None):
+        resolve_resume(options, output_dir, print_fn)
         device, local_devices = training_device(options)
         select_datasets(cfg, options.dataset, options.register, train=True)
         adapt_cfg(cfg, options, local_devices * get_world_size(), print_fn)
