@@ -152,6 +152,13 @@ TEST: {KEYPOINT_OKS_SIGMAS: [0.1, 0.2], PRECISE_BN: {ENABLED: True}, EVAL_PERIOD
     assert cfg.KRCNN.OKS_SIGMAS == (0.1, 0.2) and cfg.TEST.PRECISE_BN.ENABLED and cfg.TEST.EVAL_PERIOD == 500
 
 
+def test_range_sampling_of_train_sizes(tmp_path):
+    cfg = load_text(tmp_path, FPN_MODEL + "INPUT: {MIN_SIZE_TRAIN_SAMPLING: range, MIN_SIZE_TRAIN: [640, 800]}\n")
+    assert cfg.TRAIN.SCALE_SAMPLING == "range" and cfg.TRAIN.SCALES == (640, 800)
+    assert_and_infer_cfg(cfg)
+    assert load_text(tmp_path, FPN_MODEL).TRAIN.SCALE_SAMPLING == "choice"
+
+
 def test_model_zoo_weights_names_become_urls(tmp_path):
     cfg = load_text(tmp_path, FPN_MODEL, ["MODEL.WEIGHTS", "detectron2://ImageNetPretrained/MSRA/R-50.pkl"])
     url = "https://dl.fbaipublicfiles.com/detectron2/ImageNetPretrained/MSRA/R-50.pkl"
@@ -215,7 +222,8 @@ def test_unknown_key_names_key_and_file(tmp_path):
     ("MODEL: {ROI_HEADS: {NAME: CascadeROIHeads}}", "MODEL.ROI_HEADS.NAME", "ROI-heads class"),
     ("MODEL: {ROI_BOX_HEAD: {TRAIN_ON_PRED_BOXES: True}}", "MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES", "predicted"),
     ("MODEL: {ROI_BOX_HEAD: {USE_FED_LOSS: True}}", "MODEL.ROI_BOX_HEAD.USE_FED_LOSS", "federated"),
-    ("INPUT: {MIN_SIZE_TRAIN_SAMPLING: range}", "INPUT.MIN_SIZE_TRAIN_SAMPLING", "choice"),
+    ("INPUT: {MIN_SIZE_TRAIN_SAMPLING: range_by_clipping}", "INPUT.MIN_SIZE_TRAIN_SAMPLING", "range_by_clipping"),
+    ("INPUT: {MIN_SIZE_TRAIN_SAMPLING: range, MIN_SIZE_TRAIN: [640, 672, 800]}", "INPUT.MIN_SIZE_TRAIN", "(lo, hi)"),
     ("MODEL: {ANCHOR_GENERATOR: {SIZES: [[32, 48], [64], [128], [256], [512]]}}", "MODEL.ANCHOR_GENERATOR.SIZES",
      "doubling"),
     ("MODEL: {ANCHOR_GENERATOR: {ASPECT_RATIOS: [[0.5], [1.0], [2.0], [1.0], [1.0]]}}",

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pydetectron.config import get_cfg
+from pydetectron.config import ConfigError, assert_and_infer_cfg, get_cfg
 from pydetectron.data import detectron2_transforms as d2
 from pydetectron.data.coco import parse_coco_json
-from pydetectron.data.minibatch import BlobSettings, input_size, prepare_sample, prepare_test_image
+from pydetectron.data.minibatch import BlobSettings, draw_scale, input_size, prepare_sample, prepare_test_image
 from pydetectron.data.roidb import flip_entry
 from pydetectron.evaluation.coco_results import image_results
 
@@ -137,6 +137,21 @@ def test_coco_boxes_and_keypoints_load_as_detectron2_reads_them(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- images in
+def test_range_scale_sampling_draws_every_integer_in_lo_hi():
+    settings = BlobSettings(scales=(3, 6), max_size=100, pixel_means=(0, 0, 0), scale_sampling="range")
+    rng = np.random.default_rng(0)
+    assert {draw_scale(settings, rng) for _ in range(400)} == {3, 4, 5, 6}
+    choice = BlobSettings(scales=(3, 6), max_size=100, pixel_means=(0, 0, 0))
+    assert {draw_scale(choice, rng) for _ in range(100)} == {3, 6}
+    with pytest.raises(ValueError, match="range"):
+        BlobSettings(scales=(3, 6, 9), max_size=100, pixel_means=(0, 0, 0), scale_sampling="range")
+    cfg = get_cfg()
+    cfg.TRAIN.SCALE_SAMPLING, cfg.TRAIN.SCALES = "range", (800, 640)
+    with pytest.raises(ConfigError, match="lo <= hi"):
+        assert_and_infer_cfg(cfg)
+
+
+
 def _cfg(**over):
     cfg = get_cfg()
     cfg.MODEL.CONVENTIONS = "detectron2"

@@ -26,6 +26,7 @@ WARM_UP_METHODS = ("constant", "linear")
 ROI_XFORM_METHODS = ("RoIPoolF", "RoIPool", "RoIAlign")
 COLOR_ORDERS = ("BGR", "RGB")
 CONVENTIONS = ("detectron", "detectron2")
+SCALE_SAMPLINGS = ("choice", "range")  # TRAIN.SCALE_SAMPLING
 _DEFAULT_FREEZE_AT = 2
 DISTILL_METHODS = ("", "mgd", "feature_l2")
 DISTILL_STAGES = ("C2", "C3", "C4", "C5")  # DISTILL.LOSS_FACTORS / IGNORE_INDS order
@@ -134,6 +135,9 @@ def _check_input(cfg: CfgNode) -> None:
     scales = cfg.TRAIN.SCALES
     if not scales or not all(isinstance(x, int) and x > 0 for x in scales):
         _fail(f"TRAIN.SCALES = {scales!r} must be a non-empty tuple of positive integers, e.g. (800,)")
+    _one_of(cfg, "TRAIN.SCALE_SAMPLING", SCALE_SAMPLINGS)
+    if cfg.TRAIN.SCALE_SAMPLING == "range" and (len(scales) != 2 or scales[0] > scales[1]):
+        _fail(f"TRAIN.SCALES = {scales!r} must be (lo, hi) with lo <= hi for TRAIN.SCALE_SAMPLING 'range'")
     for key in ("TRAIN.MAX_SIZE", "TEST.SCALE", "TEST.MAX_SIZE", "TRAIN.IMS_PER_BATCH", "NUM_GPUS"):
         if _get(cfg, key) <= 0:
             _fail(f"{key} = {_get(cfg, key)} must be positive")

@@ -17,6 +17,10 @@ pydetectron's own additions (not in either project)
 - ``SOLVER.LAYER_WISE_LR_DECAY_GROUPS`` what a layer is: 'spark' (SparK's grouping: stem; res2; res3; res4 in
   groups of three blocks; res5; everything else at full lr) or 'per_block' (one layer per residual block).
 - ``TEST.EVAL_PERIOD``            evaluate every N training iterations; 0 = only at the end.
+- ``TRAIN.SCALE_SAMPLING``        'choice' (one of TRAIN.SCALES per image, Detectron) | 'range' (TRAIN.SCALES =
+                                  (lo, hi), an integer size drawn in [lo, hi]: detectron2's MIN_SIZE_TRAIN_SAMPLING).
+- ``SOLVER.IMS_PER_BATCH``        detectron2's total batch over all processes (0 = off: NUM_GPUS x
+                                  TRAIN.IMS_PER_BATCH); split over the run's devices at launch, schedule unscaled.
 - ``TEST.PRECISE_BN.ENABLED/NUM_ITER``  detectron2's PreciseBN: before each evaluation, BatchNorm running
                                   statistics are recomputed as the true average over NUM_ITER training batches.
 - ``SOLVER.CLIP_GRADIENTS.*``     detectron2's gradient clipping (ENABLED, CLIP_TYPE 'value' | 'norm',
@@ -57,6 +61,9 @@ def _train(C: CfgNode) -> None:
     T.WEIGHTS = ""  # initial weights (.pkl / .pth / URL)
     T.DATASETS = ()  # names from the dataset catalog; several = their union
     T.SCALES = (600,)  # shortest-side sizes, one picked at random per image
+    # pydetectron (detectron2's INPUT.MIN_SIZE_TRAIN_SAMPLING): 'choice' = one of TRAIN.SCALES per image
+    # (Detectron); 'range' = TRAIN.SCALES is (lo, hi) and each image draws an integer size in [lo, hi]
+    T.SCALE_SAMPLING = "choice"
     T.MAX_SIZE = 1000  # cap on the longest side
     T.IMS_PER_BATCH = 2  # images per GPU
     T.BATCH_SIZE_PER_IM = 64  # sampled RoIs per image

@@ -478,10 +478,13 @@ def _translate_input(t: _Translation) -> None:
         if len(value) != 3:
             t.fail(d2_key, "three values, one per channel, are expected")
         t.cfg[key] = np.asarray(value, dtype=t.cfg[key].dtype).reshape(t.cfg[key].shape)
-    sampling = t.choose("INPUT.MIN_SIZE_TRAIN_SAMPLING", ("choice",),
-                        "only 'choice' (one of MIN_SIZE_TRAIN per image) is implemented")
-    del sampling
-    t.set("TRAIN.SCALES", tuple(int(s) for s in t.get("INPUT.MIN_SIZE_TRAIN")))
+    sampling = t.choose("INPUT.MIN_SIZE_TRAIN_SAMPLING", ("choice", "range"),
+                        "'range_by_clipping' is not implemented")
+    sizes = tuple(int(s) for s in t.get("INPUT.MIN_SIZE_TRAIN"))
+    if sampling == "range" and (len(sizes) != 2 or sizes[0] > sizes[1]):
+        t.fail("INPUT.MIN_SIZE_TRAIN", "MIN_SIZE_TRAIN_SAMPLING 'range' needs (lo, hi)")
+    t.set("TRAIN.SCALE_SAMPLING", sampling)
+    t.set("TRAIN.SCALES", sizes)
     t.copy("INPUT.MAX_SIZE_TRAIN", "TRAIN.MAX_SIZE")
     if t.get("INPUT.MIN_SIZE_TEST") <= 0:
         t.fail("INPUT.MIN_SIZE_TEST", "testing without resizing (0) is not implemented")

@@ -39,6 +39,7 @@ class BlobSettings:
     aspect_lo: float = 0.5
     aspect_hi: float = 2.0
     detectron2: bool = False  # detectron2's reading, resizing and targets (data/detectron2_transforms.py)
+    scale_sampling: str = "choice"  # TRAIN.SCALE_SAMPLING: one of `scales`, or 'range' = an integer in [lo, hi]
 
     def __post_init__(self):
         if not self.scales or any(int(s) <= 0 for s in self.scales):
@@ -47,6 +48,10 @@ class BlobSettings:
             raise ValueError(f"max_size must be positive, got {self.max_size!r}")
         if any(s <= 0 for s in self.pixel_stds):
             raise ValueError(f"pixel_stds must be positive, got {self.pixel_stds!r}")
+        if self.scale_sampling not in ("choice", "range") or (
+                self.scale_sampling == "range" and (len(self.scales) != 2 or self.scales[0] > self.scales[1])):
+            raise ValueError(f"scale_sampling {self.scale_sampling!r} with scales {self.scales!r}: 'choice', or "
+                             "'range' with (lo, hi)")
         if self.detectron2 and self.aspect_cropping:
             raise ValueError("TRAIN.ASPECT_CROPPING (Detectron.pytorch's) is not available in detectron2 mode "
                              "(MODEL.CONVENTIONS 'detectron2')")
@@ -82,6 +87,7 @@ class BlobSettings:
             aspect_cropping=bool(cfg.TRAIN.ASPECT_CROPPING),
             aspect_lo=float(cfg.TRAIN.ASPECT_LO),
             aspect_hi=float(cfg.TRAIN.ASPECT_HI),
+            scale_sampling=str(cfg.TRAIN.SCALE_SAMPLING),
             **common,
         )
 
@@ -105,7 +111,7 @@ def prepare_sample(entry: dict, settings: BlobSettings, rng: np.random.Generator
             f"image file {entry['image']!r} is {im.shape[1]}x{im.shape[0]} but its annotation (image id "
             f"{entry['id']}) says {entry['width']}x{entry['height']}"
         )
-    target = settings.scales[int(rng.integers(len(settings.scales)))]
+    target = draw_scale(settings, rng)
     if settings.detectron2:
         resized, size_hw, im_scale = d2.prepare_image(im, target, settings.max_size, entry["flipped"])
         return Sample(d2.normalize(resized, settings.means, settings.stds, settings.to_rgb), im_scale,
@@ -117,6 +123,14 @@ def prepare_sample(entry: dict, settings: BlobSettings, rng: np.random.Generator
     if settings.aspect_cropping:
         im, scaled = crop_to_aspect(im, scaled, settings.aspect_lo, settings.aspect_hi, rng)
     return Sample(im, im_scale, scaled)
+
+
+def draw_scale(settings: BlobSettings, rng: np.random.Generator) -> int:
+    """One image's training size: one of TRAIN.SCALES, or an integer in [lo, hi] (TRAIN.SCALE_SAMPLING 'range',
+    detectron2's ResizeShortestEdge sample_style 'range')."""
+    if settings.scale_sampling == "range":
+        return int(rng.integers(settings.scales[0], settings.scales[1] + 1))
+    return settings.scales[int(rng.integers(len(settings.scales)))]
 
 
 def collate_samples(samples: Sequence[Sample], stride: int) -> dict:

@@ -214,6 +214,14 @@ def load_detections(path: str | Path) -> tuple[str, dict[int, dict]]:
     return str(data["dataset"]), data["detections"]
 
 
+def inference_amp(cfg, requested: bool = False) -> bool:
+    """Whether inference runs under autocast: SOLVER.AMP.ENABLED (or --amp), except in detectron2 mode, where that
+    key is training's only (detectron2 evaluates in float32) and only --amp (``requested``) turns it on."""
+    if cfg.MODEL.CONVENTIONS == "detectron2":
+        return bool(requested)
+    return bool(cfg.SOLVER.AMP.ENABLED or requested)
+
+
 def range_file(output_dir: Path, start: int, end: int) -> Path:
     return output_dir / f"detections_range_{start}_{end}.pkl"
 
@@ -296,7 +304,7 @@ def run_inference(cfg, options: TestOptions, dataset: CocoDataset, entries: Sequ
     # TEST.BBOX_AUG / BBOX_VOTE / MASK_AUG / KPS_AUG, else the model's own inference
     detect = detection_function(cfg, dataset.meta.keypoint_flip_permutation())
     detections = distributed_inference(model, entries[start:end], BlobSettings.from_cfg(cfg, train=False), device,
-                                       print_fn, detect, AmpSettings(bool(cfg.SOLVER.AMP.ENABLED), device.type))
+                                       print_fn, detect, AmpSettings(inference_amp(cfg, options.amp), device.type))
     if detections is None:
         return None
     elapsed = time.perf_counter() - tic

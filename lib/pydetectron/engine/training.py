@@ -34,7 +34,7 @@ from pydetectron.engine.console import ConsoleLog
 from pydetectron.engine.dataset_cfg import apply_dataset_meta, select_datasets
 from pydetectron.engine.hooks import PreciseBN, TrainerHook
 from pydetectron.engine.logger import TrainingLogger, read_metrics
-from pydetectron.engine.test_engine import distributed_inference, open_dataset, proposal_file_of
+from pydetectron.engine.test_engine import distributed_inference, inference_amp, open_dataset, proposal_file_of
 from pydetectron.engine.trainer import AmpSettings, Trainer, TrainLoopSettings
 from pydetectron.evaluation.inference import evaluate_detections
 from pydetectron.evaluation.proposal_eval import evaluate_rpn_detections
@@ -199,7 +199,7 @@ def make_evaluator(model, cfg, device, output_dir: Path, print_fn: Print):
     coco_gt = COCO(dataset.spec.ann_file) if is_main_process() else None
     category_ids = [0] + [dataset.meta.contiguous_category_id_to_json_id[c]
                           for c in range(1, dataset.meta.num_classes)]
-    amp = AmpSettings(bool(cfg.SOLVER.AMP.ENABLED), device.type)
+    amp = AmpSettings(inference_amp(cfg), device.type)
 
     def evaluate(step: int) -> dict[str, float] | None:
         detections = distributed_inference(model, entries, settings, device, print_fn, amp=amp)
