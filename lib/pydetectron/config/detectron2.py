@@ -32,7 +32,6 @@ _ARCHITECTURES = ("GeneralizedRCNN", "ProposalNetwork", "RetinaNet")
 _RCNN_ONLY = "read only by META_ARCHITECTURE GeneralizedRCNN / ProposalNetwork"
 
 NO_EFFECT: dict[str, str] = {
-    "VERSION": "the config format version (2 is checked separately)",
     "MODEL.DEVICE": "the device is chosen by the tools (--no_cuda, CUDA availability); results are the same",
     "MODEL.ANCHOR_GENERATOR.ANGLES": "read only by RotatedAnchorGenerator (refused)",
     "DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TRAIN": "read only with MODEL.LOAD_PROPOSALS (refused)",
