@@ -19,6 +19,8 @@ pydetectron's own additions (not in either project)
 - ``TEST.EVAL_PERIOD``            evaluate every N training iterations; 0 = only at the end.
 - ``TRAIN.SCALE_SAMPLING``        'choice' (one of TRAIN.SCALES per image, Detectron) | 'range' (TRAIN.SCALES =
                                   (lo, hi), an integer size drawn in [lo, hi]: detectron2's MIN_SIZE_TRAIN_SAMPLING).
+- ``SOLVER.LR_IN_MOMENTUM``       True: Caffe2's SGD momentum (lr inside the buffer, SCALE_MOMENTUM); False:
+                                  torch.optim.SGD as detectron2 runs it (the buffer is never rescaled).
 - ``SOLVER.IMS_PER_BATCH``        detectron2's total batch over all processes (0 = off: NUM_GPUS x
                                   TRAIN.IMS_PER_BATCH); split over the run's devices at launch, schedule unscaled.
 - ``TEST.PRECISE_BN.ENABLED/NUM_ITER``  detectron2's PreciseBN: before each evaluation, BatchNorm running
@@ -233,6 +235,9 @@ def _solver(C: CfgNode) -> None:
     S.WARM_UP_METHOD = "linear"  # 'constant' | 'linear'
     S.SCALE_MOMENTUM = True
     S.SCALE_MOMENTUM_THRESHOLD = 1.1
+    # pydetectron: True = Caffe2's SGD, whose momentum buffer holds the lr (so SCALE_MOMENTUM applies: Detectron);
+    # False = torch.optim.SGD as detectron2 runs it: an lr change never touches the buffer
+    S.LR_IN_MOMENTUM = True
     S.LOG_LR_CHANGE_THRESHOLD = 1.1
     # Detectron.pytorch additions
     S.BIAS_DOUBLE_LR = True

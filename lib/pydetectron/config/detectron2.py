@@ -527,10 +527,7 @@ def _translate_solver(t: _Translation) -> None:
     t.copy("SOLVER.WARMUP_FACTOR", "SOLVER.WARM_UP_FACTOR")
     t.copy("SOLVER.WARMUP_ITERS", "SOLVER.WARM_UP_ITERS")
     t.set("SOLVER.WARM_UP_METHOD", t.choose("SOLVER.WARMUP_METHOD", ("linear", "constant")))
-    # torch's SGD as detectron2 runs it: the momentum buffer is never rescaled when the lr changes (our
-    # set_learning_rate leaves it alone whenever the change exceeds the threshold, i.e. always at 1.0)
-    t.set("SOLVER.SCALE_MOMENTUM", True)
-    t.set("SOLVER.SCALE_MOMENTUM_THRESHOLD", 1.0)
+    t.set("SOLVER.LR_IN_MOMENTUM", False)  # torch.optim.SGD as detectron2 runs it: lr changes leave the buffer
     t.copy("SOLVER.CHECKPOINT_PERIOD", "TRAIN.SNAPSHOT_ITERS")
     total = t.get("SOLVER.IMS_PER_BATCH")
     if not isinstance(total, int) or total < 1:

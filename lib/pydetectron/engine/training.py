@@ -327,6 +327,7 @@ def _train(cfg, options: TrainOptions, roidb, output_dir: Path, device: torch.de
     settings = TrainLoopSettings(
         max_iter=cfg.SOLVER.MAX_ITER, iter_size=options.iter_size, snapshot_iters=cfg.TRAIN.SNAPSHOT_ITERS,
         scale_momentum=cfg.SOLVER.SCALE_MOMENTUM, scale_momentum_threshold=cfg.SOLVER.SCALE_MOMENTUM_THRESHOLD,
+        lr_in_momentum=cfg.SOLVER.LR_IN_MOMENTUM,
         log_lr_change_threshold=cfg.SOLVER.LOG_LR_CHANGE_THRESHOLD, eval_period=cfg.TEST.EVAL_PERIOD,
         save_checkpoints=not options.no_save, amp=AmpSettings(bool(cfg.SOLVER.AMP.ENABLED), device.type),
         clip_gradients=build_gradient_clipper(cfg),
