@@ -19,7 +19,6 @@ FOLDERS = ("COCO-Detection", "COCO-InstanceSegmentation", "COCO-Keypoints")
 # detectron2 configs pydetectron refuses, and the key named in the refusal
 REFUSED = {
     "COCO-Detection/fast_rcnn_R_50_FPN_1x.yaml": "MODEL.LOAD_PROPOSALS",
-    "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_giou.yaml": "MODEL.RPN.BBOX_REG_LOSS_WEIGHT",
 }
 
 
@@ -100,6 +99,7 @@ def test_values_equal_detectron2s(relpath):
         assert ours.MODEL.NUM_CLASSES == r.NUM_CLASSES + 1
         assert (ours.RETINANET.NEGATIVE_OVERLAP, ours.RETINANET.POSITIVE_OVERLAP) == tuple(r.IOU_THRESHOLDS)
         assert ours.RETINANET.BBOX_REG_BETA == r.SMOOTH_L1_LOSS_BETA
+        assert ours.RETINANET.BBOX_REG_WEIGHTS == tuple(r.BBOX_REG_WEIGHTS)
         assert (ours.RETINANET.LOSS_ALPHA, ours.RETINANET.LOSS_GAMMA) == (r.FOCAL_LOSS_ALPHA, r.FOCAL_LOSS_GAMMA)
         assert ours.RETINANET.PRE_NMS_TOP_N == r.TOPK_CANDIDATES_TEST and ours.TEST.NMS == r.NMS_THRESH_TEST
         return
@@ -109,7 +109,8 @@ def test_values_equal_detectron2s(relpath):
     assert (ours.TRAIN.RPN_POST_NMS_TOP_N, ours.TEST.RPN_POST_NMS_TOP_N) == (rpn.POST_NMS_TOPK_TRAIN,
                                                                             rpn.POST_NMS_TOPK_TEST)
     assert ours.TRAIN.RPN_BATCH_SIZE_PER_IM == rpn.BATCH_SIZE_PER_IMAGE
-    assert ours.RPN.SMOOTH_L1_BETA == rpn.SMOOTH_L1_BETA
+    assert ours.RPN.SMOOTH_L1_BETA == rpn.SMOOTH_L1_BETA and ours.RPN.BBOX_REG_LOSS_TYPE == rpn.BBOX_REG_LOSS_TYPE
+    assert ours.RPN.BBOX_REG_LOSS_WEIGHT == rpn.BBOX_REG_LOSS_WEIGHT
     if m.META_ARCHITECTURE == "ProposalNetwork":
         assert ours.MODEL.RPN_ONLY
         return
@@ -120,6 +121,8 @@ def test_values_equal_detectron2s(relpath):
     b = m.ROI_BOX_HEAD
     assert ours.FAST_RCNN.ROI_XFORM_RESOLUTION == b.POOLER_RESOLUTION and ours.FAST_RCNN.ROI_XFORM_ALIGNED
     assert ours.FAST_RCNN.SMOOTH_L1_BETA == b.SMOOTH_L1_BETA
+    assert ours.FAST_RCNN.BBOX_REG_LOSS_TYPE == b.BBOX_REG_LOSS_TYPE
+    assert ours.FAST_RCNN.BBOX_REG_LOSS_WEIGHT == b.BBOX_REG_LOSS_WEIGHT
     assert ours.MODEL.BBOX_REG_WEIGHTS == tuple(b.BBOX_REG_WEIGHTS)
     assert ours.MODEL.MASK_ON == m.MASK_ON and ours.MODEL.KEYPOINTS_ON == m.KEYPOINT_ON
     if m.MASK_ON:

@@ -438,6 +438,7 @@ def _detectron2_keys_of_other_helpers(C: CfgNode) -> None:
     C.RPN.LOSS_WEIGHT = 1.0
     C.RPN.BBOX_REG_LOSS_TYPE = "smooth_l1"
     C.RPN.BBOX_REG_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
+    C.RPN.BBOX_REG_LOSS_WEIGHT = 1.0
     C.FPN.NORM = ""
     C.FAST_RCNN.SMOOTH_L1_BETA = 1.0
     C.FAST_RCNN.BBOX_REG_LOSS_TYPE = "smooth_l1"
@@ -449,6 +450,7 @@ def _detectron2_keys_of_other_helpers(C: CfgNode) -> None:
     C.TRAIN.PROPOSAL_APPEND_GT = True
     C.RETINANET.NORM = ""
     C.RETINANET.BBOX_REG_LOSS_TYPE = "smooth_l1"
+    C.RETINANET.BBOX_REG_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
 
 
 def build_defaults() -> CfgNode:

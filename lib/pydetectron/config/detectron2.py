@@ -70,14 +70,12 @@ ONLY_DEFAULT: dict[str, str] = {
                                          "at the original image; only 0 (no filtering) means the same in both",
     "MODEL.RPN.HEAD_NAME": "only StandardRPNHead is implemented",
     "MODEL.RPN.IOU_LABELS": "the RPN labels are detectron2's default [0, -1, 1] only",
-    "MODEL.RPN.BBOX_REG_LOSS_WEIGHT": "no separate RPN box-loss weight is implemented (RPN.LOSS_WEIGHT is)",
     "MODEL.RPN.CONV_DIMS": "the RPN conv has the input's channels ([-1]) only",
     "MODEL.ROI_HEADS.IOU_LABELS": "the RoI labels are detectron2's default [0, 1] only",
     "MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES": "training on predicted boxes is not implemented",
     "MODEL.ROI_BOX_HEAD.USE_FED_LOSS": "the federated loss is not implemented",
     "MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE": "the sigmoid box classifier is not implemented",
     "MODEL.RETINANET.IOU_LABELS": "the RetinaNet labels are detectron2's default [0, -1, 1] only",
-    "MODEL.RETINANET.BBOX_REG_WEIGHTS": "RetinaNet's box coder has weights (1, 1, 1, 1) only (Detectron's too)",
     "MODEL.RESNETS.STEM_OUT_CHANNELS": "the stem has 64 channels only",
     "MODEL.RESNETS.DEFORM_ON_PER_STAGE": "deformable convolutions are not implemented",
     "MODEL.RESNETS.DEFORM_MODULATED": "deformable convolutions are not implemented",
@@ -304,6 +302,7 @@ def _translate_rpn(t: _Translation, backbone: str) -> None:
     t.copy("MODEL.RPN.BBOX_REG_WEIGHTS", "RPN.BBOX_REG_WEIGHTS")
     t.copy("MODEL.RPN.SMOOTH_L1_BETA", "RPN.SMOOTH_L1_BETA")
     t.copy("MODEL.RPN.LOSS_WEIGHT", "RPN.LOSS_WEIGHT")
+    t.copy("MODEL.RPN.BBOX_REG_LOSS_WEIGHT", "RPN.BBOX_REG_LOSS_WEIGHT")
     # detectron2's meaning in detectron2 mode: pre-NMS top-k per level and image, post-NMS per image
     t.copy("MODEL.RPN.PRE_NMS_TOPK_TRAIN", "TRAIN.RPN_PRE_NMS_TOP_N")
     t.copy("MODEL.RPN.PRE_NMS_TOPK_TEST", "TEST.RPN_PRE_NMS_TOP_N")
@@ -459,6 +458,7 @@ def _translate_retinanet(t: _Translation) -> None:
     t.copy("MODEL.RETINANET.FOCAL_LOSS_GAMMA", "RETINANET.LOSS_GAMMA")
     t.copy("MODEL.RETINANET.FOCAL_LOSS_ALPHA", "RETINANET.LOSS_ALPHA")
     t.copy("MODEL.RETINANET.SMOOTH_L1_LOSS_BETA", "RETINANET.BBOX_REG_BETA")
+    t.copy("MODEL.RETINANET.BBOX_REG_WEIGHTS", "RETINANET.BBOX_REG_WEIGHTS")
     t.set("RETINANET.BBOX_REG_LOSS_TYPE", t.choose("MODEL.RETINANET.BBOX_REG_LOSS_TYPE", ("smooth_l1", "giou")))
     norm = t.choose("MODEL.RETINANET.NORM", ("", "GN"))
     t.set("RETINANET.NORM", norm)
