@@ -219,6 +219,8 @@ def test_unknown_key_names_key_and_file(tmp_path):
     ("INPUT: {CROP: {ENABLED: True}}", "INPUT.CROP.ENABLED", "random crops"),
     ("SOLVER: {LR_SCHEDULER_NAME: WarmupStepWithFixedGammaLR}", "SOLVER.LR_SCHEDULER_NAME", "lr schedule"),
     ("MODEL: {META_ARCHITECTURE: PanopticFPN}", "MODEL.META_ARCHITECTURE", "meta-architecture"),
+    ("MODEL: {META_ARCHITECTURE: RetinaNet}", "MODEL.BACKBONE.NAME", "build_retinanet_resnet_fpn_backbone"),
+    ("MODEL: {BACKBONE: {NAME: build_retinanet_resnet_fpn_backbone}}", "MODEL.BACKBONE.NAME", "ResNet-FPN"),
     ("MODEL: {ROI_HEADS: {NAME: CascadeROIHeads}}", "MODEL.ROI_HEADS.NAME", "ROI-heads class"),
     ("MODEL: {ROI_BOX_HEAD: {TRAIN_ON_PRED_BOXES: True}}", "MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES", "predicted"),
     ("MODEL: {ROI_BOX_HEAD: {USE_FED_LOSS: True}}", "MODEL.ROI_BOX_HEAD.USE_FED_LOSS", "federated"),

@@ -29,7 +29,6 @@ from pydetectron.config.node import CfgNode
 logger = logging.getLogger(__name__)
 
 _ARCHITECTURES = ("GeneralizedRCNN", "ProposalNetwork", "RetinaNet")
-_RCNN_ONLY = "read only by META_ARCHITECTURE GeneralizedRCNN / ProposalNetwork"
 
 NO_EFFECT: dict[str, str] = {
     "MODEL.DEVICE": "the device is chosen by the tools (--no_cuda, CUDA availability); results are the same",
@@ -171,10 +170,11 @@ def _translate_architecture(t: _Translation) -> tuple[str, str]:
         t.set("MODEL.TYPE", "generalized_rcnn")
         t.set("MODEL.FASTER_RCNN" if arch == "GeneralizedRCNN" else "MODEL.RPN_ONLY", True)
     backbone = t.choose("MODEL.BACKBONE.NAME", _BACKBONES, "this backbone builder is not implemented")
-    expected = "FPN-P3P7" if arch == "RetinaNet" else ("C4", "FPN")
+    expected = ("FPN-P3P7",) if arch == "RetinaNet" else ("C4", "FPN")
     if backbone not in expected:
-        t.fail("MODEL.BACKBONE.NAME", f"META_ARCHITECTURE {arch} needs "
-               f"{'build_retinanet_resnet_fpn_backbone' if arch == 'RetinaNet' else 'a ResNet or ResNet-FPN backbone'}")
+        needed = "build_retinanet_resnet_fpn_backbone" if arch == "RetinaNet" else "a ResNet or ResNet-FPN backbone"
+        t.fail("MODEL.BACKBONE.NAME", f"META_ARCHITECTURE {arch} (in {t.d2.where('MODEL.META_ARCHITECTURE')}) needs "
+               f"{needed}")
     t.set("MODEL.CONVENTIONS", "detectron2")
     t.copy("MODEL.WEIGHTS", "TRAIN.WEIGHTS", weights_url)
     t.copy("MODEL.WEIGHTS", "TEST.WEIGHTS", weights_url)
@@ -326,7 +326,8 @@ def _translate_roi_heads(t: _Translation, backbone: str) -> None:
     res5 = name.startswith("Res5")
     if res5 != (backbone == "C4"):
         t.fail("MODEL.ROI_HEADS.NAME", "Res5ROIHeads* go with build_resnet_backbone (C4), StandardROIHeads with "
-               "an FPN backbone")
+               f"an FPN backbone; MODEL.BACKBONE.NAME is {t.d2.values['MODEL.BACKBONE.NAME']!r} (in "
+               f"{t.d2.where('MODEL.BACKBONE.NAME')})")
     t.set("MODEL.ROI_HEADS_NAME", name)
     t.set("MODEL.NUM_CLASSES", int(t.get("MODEL.ROI_HEADS.NUM_CLASSES")) + 1)
     if res5:
