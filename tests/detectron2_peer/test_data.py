@@ -103,3 +103,58 @@ def test_coco_results_equal_instances_to_coco_json():
         assert a["bbox"] == pytest.approx(b["bbox"]) and a["category_id"] == b["category_id"]
         assert a["score"] == pytest.approx(b["score"])
         assert k["keypoints"][:2] == pytest.approx(b["keypoints"][:2])
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    from pydetectron.data.shapes import generate_split
+
+    root = tmp_path_factory.mktemp("d2_shapes")
+    return root, generate_split(root, "val", 12, seed=5)
+
+
+@pytest.mark.parametrize("kind", ["instances", "keypoints"])
+@pytest.mark.parametrize("flip", [False, True])
+def test_training_sample_equals_dataset_mappers(shapes, kind, flip):
+    """COCO json -> one training image and its targets, all the way: detectron2's load_coco_json + DatasetMapper
+    (ResizeShortestEdge, RandomFlip) against parse_coco_json(conventions='detectron2') + flip_entry +
+    prepare_sample (means 0, so the network input is the resized pixels)."""
+    from detectron2.data import DatasetMapper
+    from detectron2.data.datasets.coco import load_coco_json
+
+    from pydetectron.data.coco import parse_coco_json
+    from pydetectron.data.minibatch import BlobSettings, prepare_sample
+
+    root, paths = shapes
+    meta, roidb, _ = parse_coco_json(str(paths[kind]), str(root / "val"), conventions="detectron2")
+    perm = meta.keypoint_flip_permutation()
+    d2_dicts = load_coco_json(str(paths[kind]), str(root / "val"))
+    mapper = DatasetMapper(is_train=True, augmentations=[T.ResizeShortestEdge((90,), 150, "choice"),
+                                                         T.RandomFlip(prob=1.0 if flip else 0.0)],
+                           image_format="BGR", use_instance_mask=True, instance_mask_format="polygon",
+                           use_keypoint=kind == "keypoints",
+                           keypoint_hflip_indices=perm if kind == "keypoints" else None)
+    settings = BlobSettings(scales=(90,), max_size=150, pixel_means=(0.0, 0.0, 0.0), detectron2=True)
+    compared = 0
+    for entry, d2_dict in zip(roidb, d2_dicts):
+        if any(isinstance(a.get("segmentation"), dict) and not a.get("iscrowd") for a in d2_dict["annotations"]):
+            continue  # an RLE object: detectron2's 'polygon' mask format cannot take it (pydetectron resizes it)
+        compared += 1
+        theirs = mapper(dict(d2_dict))
+        mine = prepare_sample(flip_entry(entry, perm, legacy_plus_one=False) if flip else entry, settings,
+                              np.random.default_rng(0))
+        np.testing.assert_array_equal(mine.image.transpose(2, 0, 1), theirs["image"].numpy().astype(np.float32))
+        instances = theirs["instances"]
+        assert len(mine.entry["boxes"]) == len(instances)
+        if not len(instances):
+            continue  # an image without (non-crowd) objects: detectron2's Instances then has no fields
+        np.testing.assert_allclose(mine.entry["boxes"], instances.gt_boxes.tensor.numpy(), rtol=1e-5, atol=1e-3)
+        json_ids = [meta.contiguous_category_id_to_json_id[c] for c in mine.entry["gt_classes"]]
+        assert json_ids == instances.gt_classes.tolist()
+        for polys, theirs_polys in zip(mine.entry["segms"], instances.gt_masks.polygons):
+            for a, b in zip(polys, theirs_polys):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-3)
+        if kind == "keypoints":
+            np.testing.assert_allclose(mine.entry["gt_keypoints"], instances.gt_keypoints.tensor.numpy(),
+                                       rtol=1e-5, atol=1e-3)
+    assert compared >= 2
