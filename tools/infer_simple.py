@@ -28,6 +28,7 @@ from typing import Sequence
 
 import torch
 
+from pydetectron.config.detectron2_defaults import D2_DEFAULTS
 from pydetectron.data.catalog import register_from_string
 from pydetectron.data.minibatch import load_image
 from pydetectron.engine.dataset_cfg import DatasetMismatchError
@@ -67,6 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.load_ckpt and args.load_detectron:
         parser.error("give one of --load_ckpt or --load_detectron, not both")
     check_config_args(parser, args)
+    swallowed = [name for name in args.images or [] if name in D2_DEFAULTS]
+    if args.config_file and swallowed:
+        parser.error(f"--images took the detectron2 key(s) {swallowed} as image names: put detectron2 KEY VALUE "
+                     "opts before --images (or use --image_dir)")
     return args
 
 

@@ -137,3 +137,11 @@ def test_eval_only_runs_the_evaluation(d2_cfg_file, shapes_val, grid_checkpoint,
          "MODEL.WEIGHTS", grid_checkpoint, "OUTPUT_DIR", str(out)]))
     name, detections = load_detections(out / "inference" / "detections.pkl")
     assert name == shapes_val and len(detections) == 6
+
+
+def test_infer_simple_says_when_images_swallowed_the_opts(capsys):
+    with pytest.raises(SystemExit):
+        infer_simple.parse_args(["--config-file", "a.yaml", "--images", "x.jpg", "MODEL.WEIGHTS", "w.pth"])
+    assert "put detectron2 KEY VALUE opts before --images" in capsys.readouterr().err
+    args = infer_simple.parse_args(["--config-file", "a.yaml", "MODEL.WEIGHTS", "w.pth", "--images", "x.jpg"])
+    assert args.opts == ["MODEL.WEIGHTS", "w.pth"] and args.images == ["x.jpg"]
