@@ -27,10 +27,13 @@ ROI_XFORM_METHODS = ("RoIPoolF", "RoIPool", "RoIAlign")
 COLOR_ORDERS = ("BGR", "RGB")
 CONVENTIONS = ("detectron", "detectron2")
 SCALE_SAMPLINGS = ("choice", "range")  # TRAIN.SCALE_SAMPLING
+RPN_BOX_LOSS_TYPES = ("smooth_l1", "giou")  # RPN.BBOX_REG_LOSS_TYPE
 _DEFAULT_FREEZE_AT = 2
 DISTILL_METHODS = ("", "mgd", "feature_l2")
 DISTILL_STAGES = ("C2", "C3", "C4", "C5")  # DISTILL.LOSS_FACTORS / IGNORE_INDS order
 MGD_REDUCERS = ("amp", "sp", "rd", "sm")
+RETINANET_NORMS = ("", "GN")
+RETINANET_BOX_LOSSES = ("smooth_l1", "giou")  # detectron2's 'diou' / 'ciou' are not built
 
 
 def _fail(message: str) -> None:
@@ -170,6 +173,33 @@ def _check_heads(cfg: CfgNode) -> None:
             _fail(f"KRCNN.OKS_SIGMAS = {k.OKS_SIGMAS!r} must be positive numbers")
 
 
+def _check_rpn_keys(cfg: CfgNode) -> None:
+    """The RPN / anchor keys detectron2 mode brought: valid values, and the ones only detectron2's numerics
+    implement refused in Detectron mode."""
+    r = cfg.RPN
+    d2 = cfg.MODEL.CONVENTIONS == "detectron2"
+    detectron_only = "only in detectron2 mode (MODEL.CONVENTIONS: detectron2)"
+    offset = cfg.MODEL.ANCHOR_OFFSET
+    if not 0.0 <= offset < 1.0:
+        _fail(f"MODEL.ANCHOR_OFFSET = {offset} must be in [0, 1) (detectron2's ANCHOR_GENERATOR.OFFSET)")
+    if offset != 0.0 and not d2:
+        _fail(f"MODEL.ANCHOR_OFFSET = {offset} applies {detectron_only}: Detectron's anchors have a fixed placement")
+    _one_of(cfg, "RPN.BBOX_REG_LOSS_TYPE", RPN_BOX_LOSS_TYPES)
+    if r.BBOX_REG_LOSS_TYPE != "smooth_l1" and not d2:
+        _fail(f"RPN.BBOX_REG_LOSS_TYPE = {r.BBOX_REG_LOSS_TYPE!r} is available {detectron_only}; Detectron's RPN "
+              "loss is smooth-L1")
+    weights = tuple(r.BBOX_REG_WEIGHTS)
+    if len(weights) != 4 or not all(isinstance(w, (int, float)) and w > 0 for w in weights):
+        _fail(f"RPN.BBOX_REG_WEIGHTS = {r.BBOX_REG_WEIGHTS!r} must be 4 positive numbers (wx, wy, ww, wh)")
+    if weights != (1.0, 1.0, 1.0, 1.0) and not d2:
+        _fail(f"RPN.BBOX_REG_WEIGHTS = {weights} applies {detectron_only}; Detectron's RPN box coder uses (1, 1, 1, 1)")
+    for key in ("SMOOTH_L1_BETA", "LOSS_WEIGHT", "BBOX_REG_LOSS_WEIGHT"):
+        if r[key] < 0:
+            _fail(f"RPN.{key} = {r[key]} must be >= 0")
+    if d2 and r.CLS_ACTIVATION != "sigmoid":
+        _fail(f"RPN.CLS_ACTIVATION = {r.CLS_ACTIVATION!r} has no detectron2 counterpart (its RPN uses a sigmoid)")
+
+
 def _check_distill(cfg: CfgNode) -> None:
     d = cfg.DISTILL
     _one_of(cfg, "DISTILL.METHOD", DISTILL_METHODS)
@@ -199,6 +229,30 @@ def _check_distill(cfg: CfgNode) -> None:
             _fail(f"DISTILL.MGD.{key} = {m[key]!r} must be a non-negative integer")
 
 
+def _check_retinanet(cfg: CfgNode) -> None:
+    """RETINANET.NORM and USE_GN (one answer: NORM), the box loss type and the box coder weights."""
+    r = cfg.RETINANET
+    if r.NORM in ("BN", "SyncBN"):
+        _fail(f"RETINANET.NORM = {r.NORM!r} is not supported: detectron2 gives its RetinaNet head one {r.NORM} per "
+              "FPN level (CycleBatchNormList), which pydetectron does not build; use '' or 'GN'")
+    if r.NORM not in RETINANET_NORMS:
+        _fail(f"RETINANET.NORM = {r.NORM!r} is not one of {RETINANET_NORMS} (detectron2's shared FrozenBN / other "
+              "norms in the RetinaNet towers are not built)")
+    if r.USE_GN:
+        r.NORM = "GN"
+    r.USE_GN = r.NORM == "GN"
+    _one_of(cfg, "RETINANET.BBOX_REG_LOSS_TYPE", RETINANET_BOX_LOSSES)
+    if r.BBOX_REG_LOSS_TYPE != "smooth_l1" and cfg.MODEL.CONVENTIONS != "detectron2":
+        _fail(f"RETINANET.BBOX_REG_LOSS_TYPE = {r.BBOX_REG_LOSS_TYPE!r} needs MODEL.CONVENTIONS 'detectron2' "
+              "(Detectron's RetinaNet has the smooth-L1 box loss only)")
+    weights = list(r.BBOX_REG_WEIGHTS)
+    if len(weights) != 4 or not all(isinstance(w, (int, float)) and w > 0 for w in weights):
+        _fail(f"RETINANET.BBOX_REG_WEIGHTS = {r.BBOX_REG_WEIGHTS!r} must be four positive numbers (wx, wy, ww, wh)")
+    if cfg.MODEL.CONVENTIONS == "detectron2" and not 0 < r.NEGATIVE_OVERLAP <= r.POSITIVE_OVERLAP:
+        _fail(f"RETINANET.NEGATIVE_OVERLAP = {r.NEGATIVE_OVERLAP} and POSITIVE_OVERLAP = {r.POSITIVE_OVERLAP} are "
+              "detectron2's IOU_THRESHOLDS [bg, fg]: they need 0 < bg <= fg")
+
+
 def assert_and_infer_cfg(cfg: CfgNode, make_immutable: bool = True) -> CfgNode:
     """Fill in the inferred keys, check the values, and (by default) freeze ``cfg``. Returns ``cfg``.
 
@@ -212,7 +266,9 @@ def assert_and_infer_cfg(cfg: CfgNode, make_immutable: bool = True) -> CfgNode:
     _check_solver(cfg)
     _check_input(cfg)
     _check_heads(cfg)
+    _check_rpn_keys(cfg)
     _check_distill(cfg)
+    _check_retinanet(cfg)
     if make_immutable:
         cfg.freeze()
     return cfg

@@ -75,6 +75,9 @@ def _train(C: CfgNode) -> None:
     T.BG_THRESH_LO = 0.0
     T.USE_FLIPPED = True
     T.BBOX_THRESH = 0.5  # IoU needed for a RoI to be a box-regression example
+    # pydetectron (detectron2's ROI_HEADS.PROPOSAL_APPEND_GT): the gt boxes join the RoI candidates (Detectron
+    # always does it); False is detectron2 mode only
+    T.PROPOSAL_APPEND_GT = True
     T.SNAPSHOT_ITERS = 80000
     T.PROPOSAL_FILES = ()  # precomputed proposals, one file per dataset
     T.ASPECT_GROUPING = True  # batch images of similar aspect ratio together
@@ -192,6 +195,9 @@ def _model(C: CfgNode) -> None:
     # anchors, matching, sampling, proposals, losses, inference). A detectron2 YAML (--config-file) sets
     # 'detectron2'; a Detectron-style YAML may set it too.
     M.CONVENTIONS = "detectron"
+    # detectron2's ANCHOR_GENERATOR.OFFSET: anchor centres at (x + offset) * stride, offset in [0, 1).
+    # detectron2 mode only (Detectron's anchors have their own fixed placement); 0.0 = detectron2's default.
+    M.ANCHOR_OFFSET = 0.0
 
 
 def _retinanet(C: CfgNode) -> None:
@@ -215,6 +221,14 @@ def _retinanet(C: CfgNode) -> None:
     R.INFERENCE_TH = 0.05
     # pydetectron (detectron2's RETINANET.NORM 'GN'): GroupNorm after each tower conv, MSRA-initialised convs
     R.USE_GN = False
+    # pydetectron, for detectron2 mode (issue 15). The norm after each tower conv: '' (Detectron's head) or 'GN'
+    # (= USE_GN; in detectron2 mode the tower convs keep detectron2's Gaussian(0.01) init). detectron2's BN /
+    # SyncBN (one norm per level) and shared FrozenBN heads are refused.
+    R.NORM = ""
+    # The box loss: 'smooth_l1' (BBOX_REG_BETA; Detectron's) or 'giou' (detectron2 mode only).
+    R.BBOX_REG_LOSS_TYPE = "smooth_l1"
+    # (wx, wy, ww, wh) of the box coder (detectron2's RETINANET.BBOX_REG_WEIGHTS; Detectron's are all 1).
+    R.BBOX_REG_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
 
 
 def _solver(C: CfgNode) -> None:
@@ -269,6 +283,12 @@ def _fast_rcnn(C: CfgNode) -> None:
     F.ROI_XFORM_SAMPLING_RATIO = 0
     F.ROI_XFORM_RESOLUTION = 14
     F.ROI_XFORM_ALIGNED = False  # pydetectron
+    # pydetectron (detectron2's ROI_BOX_HEAD keys; defaults = Detectron's behaviour)
+    F.NUM_FC = 2  # fcs of MLP_HEAD_DIM in FastRCNNConvFCHead (after NUM_STACKED_CONVS convs of CONV_HEAD_DIM)
+    F.NORM = ""  # FastRCNNConvFCHead conv norm: '' | 'GN' | 'BN' | 'SyncBN' | 'FrozenBN' (d2's get_norm)
+    F.SMOOTH_L1_BETA = 1.0  # box-regression smooth-L1 beta (Detectron 1.0; d2's default 0.0 = L1)
+    F.BBOX_REG_LOSS_TYPE = "smooth_l1"  # 'smooth_l1' | 'giou' (giou: detectron2 mode only)
+    F.BBOX_REG_LOSS_WEIGHT = 1.0  # multiplies the box-regression loss
 
 
 def _rpn(C: CfgNode) -> None:
@@ -281,6 +301,12 @@ def _rpn(C: CfgNode) -> None:
     R.OUT_DIM_AS_IN_DIM = True
     R.OUT_DIM = 512
     R.CLS_ACTIVATION = "sigmoid"
+    # pydetectron: detectron2's RPN loss keys, read in both conventions unless said
+    R.SMOOTH_L1_BETA = 1.0 / 9.0  # box-loss smooth-L1 beta (Detectron's 1/9; < 1e-5 = L1, detectron2's 0.0)
+    R.LOSS_WEIGHT = 1.0  # multiplies both RPN losses
+    R.BBOX_REG_LOSS_WEIGHT = 1.0  # multiplies the RPN box loss (on top of LOSS_WEIGHT)
+    R.BBOX_REG_LOSS_TYPE = "smooth_l1"  # 'smooth_l1' | 'giou' (giou: detectron2 mode only)
+    R.BBOX_REG_WEIGHTS = (1.0, 1.0, 1.0, 1.0)  # RPN box coder weights (others: detectron2 mode only)
 
 
 def _fpn(C: CfgNode) -> None:
@@ -321,6 +347,9 @@ def _mrcnn(C: CfgNode) -> None:
     M.WEIGHT_LOSS_MASK = 1.0
     M.THRESH_BINARIZE = 0.5
     M.MEMORY_EFFICIENT_LOSS = True  # Detectron.pytorch
+    # pydetectron (detectron2's ROI_MASK_HEAD keys)
+    M.NUM_CONV = 4  # MaskRCNNConvUpsampleHead: 3x3 convs of DIM_REDUCED before the deconv (0 on Res5ROIHeads)
+    M.NORM = ""  # MaskRCNNConvUpsampleHead conv norm: '' | 'GN' | 'BN' | 'SyncBN' | 'FrozenBN'
 
 
 def _krcnn(C: CfgNode) -> None:
@@ -429,34 +458,16 @@ def _distill(C: CfgNode) -> None:
     M.TEACHER_BN_WEIGHTS = ""  # torchvision .pth with the teacher's BN gamma/beta (an AffineChannel teacher)
 
 
-def _detectron2_keys_of_other_helpers(C: CfgNode) -> None:
-    """ISSUE-15 STAND-INS (d2-config branch only; the lead dedupes at merge): keys the d2-rpn, d2-roiheads and
-    d2-retina helpers add with the same names and Detectron's behaviour as default, so the detectron2
-    translation can be tested before they land."""
-    C.MODEL.ANCHOR_OFFSET = 0.0
-    C.RPN.SMOOTH_L1_BETA = 1.0 / 9.0
-    C.RPN.LOSS_WEIGHT = 1.0
-    C.RPN.BBOX_REG_LOSS_TYPE = "smooth_l1"
-    C.RPN.BBOX_REG_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
-    C.RPN.BBOX_REG_LOSS_WEIGHT = 1.0
+def _issue15_stand_ins(C: CfgNode) -> None:
+    """ISSUE-15 STAND-IN (d2-config branch only; delete at merge): FPN.NORM, which branch d2-rpn adds with this name
+    and default but which main lacks yet; the detectron2 translation writes it."""
     C.FPN.NORM = ""
-    C.FAST_RCNN.SMOOTH_L1_BETA = 1.0
-    C.FAST_RCNN.BBOX_REG_LOSS_TYPE = "smooth_l1"
-    C.FAST_RCNN.BBOX_REG_LOSS_WEIGHT = 1.0
-    C.FAST_RCNN.NUM_FC = 2
-    C.FAST_RCNN.NORM = ""
-    C.MRCNN.NUM_CONV = 4
-    C.MRCNN.NORM = ""
-    C.TRAIN.PROPOSAL_APPEND_GT = True
-    C.RETINANET.NORM = ""
-    C.RETINANET.BBOX_REG_LOSS_TYPE = "smooth_l1"
-    C.RETINANET.BBOX_REG_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
 
 
 def build_defaults() -> CfgNode:
     """A new default tree (unfrozen). ``get_cfg()`` is the public entry point."""
     C = CfgNode()
     for section in (_train, _data_loader, _test, _model, _retinanet, _solver, _fast_rcnn, _rpn, _fpn,
-                    _mrcnn, _krcnn, _backbone, _misc, _distill, _detectron2_keys_of_other_helpers):
+                    _mrcnn, _krcnn, _backbone, _misc, _distill, _issue15_stand_ins):
         section(C)
     return C
