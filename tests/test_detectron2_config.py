@@ -17,7 +17,6 @@ from pydetectron.config.detectron2 import NO_EFFECT, ONLY_DEFAULT, load_detectro
 from pydetectron.config.detectron2_defaults import D2_DEFAULTS
 from pydetectron.config.detectron2_yaml import Detectron2ConfigError
 from pydetectron.engine.training import TrainOptions, adapt_cfg, split_total_batch
-from pydetectron.modeling import registry
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "detectron2"
 SHIPPED = sorted(CONFIGS.rglob("*.yaml"))
@@ -314,16 +313,6 @@ def test_shipped_config_loads_and_passes_checks(path):
     assert cfg.MODEL.CONVENTIONS == "detectron2" and cfg.MODEL.CONV_BODY
 
 
-def _detectron2_heads_registered() -> bool:
-    registry.import_builtin_modules()
-    try:
-        registry.lookup("roi_heads", "StandardROIHeads")
-        registry.lookup("box_head", "FastRCNNConvFCHead")
-    except Exception:  # noqa: BLE001 (registry raises its own lookup error)
-        return False
-    return True
-
-
 SHRINK = ["MODEL.NUM_CLASSES", "4", "FPN.DIM", "32", "TRAIN.BATCH_SIZE_PER_IM", "16", "FAST_RCNN.MLP_HEAD_DIM", "32",
           "MRCNN.DIM_REDUCED", "16", "KRCNN.CONV_HEAD_DIM", "16", "TEST.RPN_PRE_NMS_TOP_N", "100",
           "TEST.RPN_POST_NMS_TOP_N", "20"]
@@ -331,8 +320,6 @@ SHRINK = ["MODEL.NUM_CLASSES", "4", "FPN.DIM", "32", "TRAIN.BATCH_SIZE_PER_IM", 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.relative_to(CONFIGS).as_posix())
 def test_shipped_config_builds_and_infers(path):
-    if not _detectron2_heads_registered():
-        pytest.skip("detectron2-mode heads (branch d2-roiheads) are not merged here yet")
     from pydetectron.modeling.detector import build_detector
 
     cfg = load_detectron2_config(path)
@@ -345,3 +332,19 @@ def test_shipped_config_builds_and_infers(path):
         out = model(data, torch.tensor([[64.0, 96.0, 1.0]]), [{"height": 64, "width": 96}])
     assert len(out) == 1 and out[0]["boxes"].shape[1] == 4
     assert math.isfinite(float(out[0]["scores"].sum()))
+
+
+@pytest.mark.parametrize("name", ["shapes_mask_rcnn_R_50_FPN.yaml", "COCO-Detection/retinanet_R_50_FPN_1x.yaml"])
+def test_shipped_config_trains_with_detectron2_losses(name):
+    from test_detector import synthetic_batch, train_step
+
+    from pydetectron.modeling.detector import build_detector
+
+    cfg = load_detectron2_config(CONFIGS / name, ["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64"])
+    merge_cfg_from_list(cfg, SHRINK)
+    assert_and_infer_cfg(cfg)
+    torch.manual_seed(0)
+    losses = train_step(build_detector(cfg), synthetic_batch(num_classes=4))
+    expected = {"loss_cls", "loss_box_reg"} | ({"loss_rpn_cls", "loss_rpn_loc", "loss_mask"} if cfg.MODEL.MASK_ON
+                                               else set())
+    assert set(losses) == expected and all(math.isfinite(v) for v in losses.values())
