@@ -26,6 +26,7 @@ WARM_UP_METHODS = ("constant", "linear")
 ROI_XFORM_METHODS = ("RoIPoolF", "RoIPool", "RoIAlign")
 COLOR_ORDERS = ("BGR", "RGB")
 CONVENTIONS = ("detectron", "detectron2")
+SCALE_SAMPLINGS = ("choice", "range")  # TRAIN.SCALE_SAMPLING
 RPN_BOX_LOSS_TYPES = ("smooth_l1", "giou")  # RPN.BBOX_REG_LOSS_TYPE
 FPN_NORMS = ("", "GN", "BN", "SyncBN", "FrozenBN")  # FPN.NORM (detectron2's names)
 _DEFAULT_FREEZE_AT = 2
@@ -146,6 +147,9 @@ def _check_solver(cfg: CfgNode) -> None:
     if s.CLIP_GRADIENTS.CLIP_VALUE <= 0 or s.CLIP_GRADIENTS.NORM_TYPE <= 0:
         _fail(f"SOLVER.CLIP_GRADIENTS.CLIP_VALUE ({s.CLIP_GRADIENTS.CLIP_VALUE}) and NORM_TYPE "
               f"({s.CLIP_GRADIENTS.NORM_TYPE}) must be positive")
+    if s.IMS_PER_BATCH < 0:
+        _fail(f"SOLVER.IMS_PER_BATCH = {s.IMS_PER_BATCH} must be >= 0 (0 = NUM_GPUS x TRAIN.IMS_PER_BATCH; > 0 = "
+              "the total batch over all processes, detectron2's meaning)")
     if cfg.TEST.PRECISE_BN.NUM_ITER < 1:
         _fail(f"TEST.PRECISE_BN.NUM_ITER = {cfg.TEST.PRECISE_BN.NUM_ITER} must be >= 1")
 
@@ -158,6 +162,9 @@ def _check_input(cfg: CfgNode) -> None:
     scales = cfg.TRAIN.SCALES
     if not scales or not all(isinstance(x, int) and x > 0 for x in scales):
         _fail(f"TRAIN.SCALES = {scales!r} must be a non-empty tuple of positive integers, e.g. (800,)")
+    _one_of(cfg, "TRAIN.SCALE_SAMPLING", SCALE_SAMPLINGS)
+    if cfg.TRAIN.SCALE_SAMPLING == "range" and (len(scales) != 2 or scales[0] > scales[1]):
+        _fail(f"TRAIN.SCALES = {scales!r} must be (lo, hi) with lo <= hi for TRAIN.SCALE_SAMPLING 'range'")
     for key in ("TRAIN.MAX_SIZE", "TEST.SCALE", "TEST.MAX_SIZE", "TRAIN.IMS_PER_BATCH", "NUM_GPUS"):
         if _get(cfg, key) <= 0:
             _fail(f"{key} = {_get(cfg, key)} must be positive")

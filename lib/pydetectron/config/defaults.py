@@ -17,6 +17,12 @@ pydetectron's own additions (not in either project)
 - ``SOLVER.LAYER_WISE_LR_DECAY_GROUPS`` what a layer is: 'spark' (SparK's grouping: stem; res2; res3; res4 in
   groups of three blocks; res5; everything else at full lr) or 'per_block' (one layer per residual block).
 - ``TEST.EVAL_PERIOD``            evaluate every N training iterations; 0 = only at the end.
+- ``TRAIN.SCALE_SAMPLING``        'choice' (one of TRAIN.SCALES per image, Detectron) | 'range' (TRAIN.SCALES =
+                                  (lo, hi), an integer size drawn in [lo, hi]: detectron2's MIN_SIZE_TRAIN_SAMPLING).
+- ``SOLVER.LR_IN_MOMENTUM``       True: Caffe2's SGD momentum (lr inside the buffer, SCALE_MOMENTUM); False:
+                                  torch.optim.SGD as detectron2 runs it (the buffer is never rescaled).
+- ``SOLVER.IMS_PER_BATCH``        detectron2's total batch over all processes (0 = off: NUM_GPUS x
+                                  TRAIN.IMS_PER_BATCH); split over the run's devices at launch, schedule unscaled.
 - ``TEST.PRECISE_BN.ENABLED/NUM_ITER``  detectron2's PreciseBN: before each evaluation, BatchNorm running
                                   statistics are recomputed as the true average over NUM_ITER training batches.
 - ``SOLVER.CLIP_GRADIENTS.*``     detectron2's gradient clipping (ENABLED, CLIP_TYPE 'value' | 'norm',
@@ -59,6 +65,9 @@ def _train(C: CfgNode) -> None:
     T.WEIGHTS = ""  # initial weights (.pkl / .pth / URL)
     T.DATASETS = ()  # names from the dataset catalog; several = their union
     T.SCALES = (600,)  # shortest-side sizes, one picked at random per image
+    # pydetectron (detectron2's INPUT.MIN_SIZE_TRAIN_SAMPLING): 'choice' = one of TRAIN.SCALES per image
+    # (Detectron); 'range' = TRAIN.SCALES is (lo, hi) and each image draws an integer size in [lo, hi]
+    T.SCALE_SAMPLING = "choice"
     T.MAX_SIZE = 1000  # cap on the longest side
     T.IMS_PER_BATCH = 2  # images per GPU
     T.BATCH_SIZE_PER_IM = 64  # sampled RoIs per image
@@ -242,6 +251,9 @@ def _solver(C: CfgNode) -> None:
     S.WARM_UP_METHOD = "linear"  # 'constant' | 'linear'
     S.SCALE_MOMENTUM = True
     S.SCALE_MOMENTUM_THRESHOLD = 1.1
+    # pydetectron: True = Caffe2's SGD, whose momentum buffer holds the lr (so SCALE_MOMENTUM applies: Detectron);
+    # False = torch.optim.SGD as detectron2 runs it: an lr change never touches the buffer
+    S.LR_IN_MOMENTUM = True
     S.LOG_LR_CHANGE_THRESHOLD = 1.1
     # Detectron.pytorch additions
     S.BIAS_DOUBLE_LR = True
@@ -255,6 +267,10 @@ def _solver(C: CfgNode) -> None:
     G.CLIP_TYPE = "value"  # 'value': every element into [-CLIP_VALUE, CLIP_VALUE]; 'norm': the norm to CLIP_VALUE
     G.CLIP_VALUE = 1.0
     G.NORM_TYPE = 2.0  # the p of the p-norm for 'norm'
+    # detectron2's SOLVER.IMS_PER_BATCH: the total images per step over all processes; 0 = off (Detectron:
+    # NUM_GPUS x TRAIN.IMS_PER_BATCH). When set, training divides it by the run's device count (an error if it
+    # does not divide) and sets NUM_GPUS / TRAIN.IMS_PER_BATCH from it, so the schedule is not rescaled.
+    S.IMS_PER_BATCH = 0
     A = S.AMP = CfgNode()  # detectron2's key; --amp on train_net_step.py and test_net.py sets it
     A.ENABLED = False  # autocast float16 + GradScaler on CUDA, bfloat16 autocast on the CPU
 
