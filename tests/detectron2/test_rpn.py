@@ -294,3 +294,18 @@ def test_detector_wires_the_detectron2_rpn(yaml):
     with torch.no_grad():
         results = model(data, im_info, roidb)
     assert len(results) == 2 and all(r["boxes"].shape[1] == 4 for r in results)
+
+
+def test_rpn_only_results_in_original_pixels_per_convention():
+    from pydetectron.modeling.detector import _proposal_results
+
+    rois = torch.tensor([[0.0, 10.0, 10.0, 70.0, 40.0], [0.0, 75.0, 0.0, 75.0, 10.0], [1.0, 1.0, 1.0, 2.0, 2.0]])
+    scores = torch.tensor([3.0, 2.0, 1.0])
+    im_info = torch.tensor([[50.0, 75.0, 0.5], [50.0, 75.0, 0.5]])
+    sizes = [(101, 150), (101, 150)]
+    d2 = _proposal_results(rois, scores, im_info, sizes, 0, detectron2_mode=True)
+    # detectron2's detector_postprocess: x * 150/75, y * 101/50, clipped; the zero-width proposal is dropped
+    assert torch.allclose(d2["boxes"], torch.tensor([[20.0, 20.2, 140.0, 80.8]]))
+    assert d2["scores"].tolist() == [3.0]
+    detectron = _proposal_results(rois, scores, im_info, sizes, 0, detectron2_mode=False)
+    assert torch.equal(detectron["boxes"], rois[:2, 1:] / 0.5) and detectron["scores"].tolist() == [3.0, 2.0]
