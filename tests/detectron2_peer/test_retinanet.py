@@ -1,7 +1,7 @@
 """Our detectron2-mode RetinaNet against detectron2's own (skipped without a detectron2 build): the same weights
 (ours, copied into detectron2's model through the Caffe2 names and detectron2's own c2 name converter), the
 same image tensor; head outputs, losses on a given gt, and inference scores / classes agree to 1e-4, boxes to
-1e-4 relative (1e-3 pixels absolute)."""
+1e-4 relative (3e-3 pixels absolute), detections paired by nearest box (near-tied scores may swap)."""
 
 from __future__ import annotations
 
@@ -154,7 +154,13 @@ def test_inference_matches(models):
         d2_det = d2_model([{"image": image, "height": ORIGINAL[0], "width": ORIGINAL[1]}])[0]["instances"]
     assert 20 < len(d2_det) <= 100  # enough detections for top-k, NMS and the per-image cut to matter
     # the head outputs agree to ~1e-5; a box side is a delta times the anchor's size (tens of pixels), so box
-    # coordinates agree to ~1e-4 of the box, a few 1e-4 pixels
-    torch.testing.assert_close(det["boxes"], d2_det.pred_boxes.tensor, rtol=1e-4, atol=1e-3)
-    _close(det["scores"], d2_det.scores)
-    assert torch.equal(det["classes"], d2_det.pred_classes + 1)
+    # coordinates agree to ~1e-5 of the box, ~1e-3 pixels. Scores that tie to ~1e-6 may come out in either
+    # order, so each detection is paired with the other model's nearest box before comparing.
+    d2_boxes = d2_det.pred_boxes.tensor
+    assert len(det["boxes"]) == len(d2_boxes)
+    pairing = torch.cdist(det["boxes"], d2_boxes, p=float("inf")).argmin(dim=1)
+    assert sorted(pairing.tolist()) == list(range(len(d2_boxes)))  # one-to-one
+    assert (pairing - torch.arange(len(pairing))).abs().max() <= 2  # only near neighbours in the ranking swap
+    torch.testing.assert_close(det["boxes"], d2_boxes[pairing], rtol=1e-4, atol=3e-3)
+    _close(det["scores"], d2_det.scores[pairing])
+    assert torch.equal(det["classes"], d2_det.pred_classes[pairing] + 1)
