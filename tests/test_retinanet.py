@@ -254,3 +254,18 @@ def test_targets_and_losses_on_a_hand_made_case():
     assert branches == {True, False}  # both sides of the smooth-L1 beta are exercised
     assert losses["loss_retnet_cls_fpn3"].item() == pytest.approx(focal / 7, rel=1e-6)
     assert losses["loss_retnet_bbox_fpn3"].item() == pytest.approx(box / 7, rel=1e-6)
+
+
+def test_box_coder_weights_scale_the_targets():
+    """RETINANET.BBOX_REG_WEIGHTS (pydetectron's key; Detectron's RetinaNet has them all 1) scale dx, dy, dw, dh."""
+    settings = RetinaNetSettings.from_cfg(_cfg())
+    weighted = RetinaNetSettings.from_cfg(_cfg(["RETINANET.BBOX_REG_WEIGHTS", "(10.0, 10.0, 5.0, 5.0)"]))
+    assert weighted.box_weights == (10.0, 10.0, 5.0, 5.0)
+    features = [torch.zeros(1, 1, 128 // 2**lvl, 160 // 2**lvl) for lvl in settings.levels]
+    roidb = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 50.0], [70.0, 20.0, 150.0, 120.0]]),
+              "gt_classes": torch.tensor([1, 3]), "is_crowd": torch.tensor([False, False])}]
+    plain, scaled = retinanet_targets(settings, features, roidb), retinanet_targets(weighted, features, roidb)
+    scale = torch.tensor([10.0, 10.0, 5.0, 5.0]).view(1, 1, 4, 1, 1)
+    for a, b in zip(plain.bbox_targets, scaled.bbox_targets):
+        torch.testing.assert_close(b, a * scale)
+    assert sum(int((labels > 0).sum()) for labels in plain.labels) > 0

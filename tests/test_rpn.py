@@ -392,15 +392,15 @@ def test_inference_and_rpn_only_training():
 
 
 def test_rpn_bookkeeping_runs_on_one_cpu_thread_and_restores_the_count():
-    from pydetectron.modeling.rpn import _one_cpu_thread
+    from pydetectron.modeling.rpn_head import one_cpu_thread
 
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        with _one_cpu_thread(torch.device("cpu")):
+        with one_cpu_thread(torch.device("cpu")):
             assert torch.get_num_threads() == 1
         assert torch.get_num_threads() == 2
-        with pytest.raises(RuntimeError, match="boom"), _one_cpu_thread(torch.device("cpu")):
+        with pytest.raises(RuntimeError, match="boom"), one_cpu_thread(torch.device("cpu")):
             raise RuntimeError("boom")
         assert torch.get_num_threads() == 2
     finally:

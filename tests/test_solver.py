@@ -237,3 +237,43 @@ def test_build_optimizer_from_cfg(optimizer_type, expected_class):
     lr_of = {name: g["lr"] for g in optimizer.param_groups for name in g["names"]}
     assert lr_of == pytest.approx({"conv.weight": 0.001, "fc.weight": 0.001, "gn.weight": 0.001, "gn.bias": 0.001,
                                    "conv.bias": 0.001 * bias_scale, "fc.bias": 0.001 * bias_scale})
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_torch_sgd_momentum_of_detectron2_mode_is_never_rescaled(fused):
+    """SOLVER.LR_IN_MOMENTUM False (detectron2's torch.optim.SGD): v = m v + (g + wd w); w -= lr v, whatever the
+    lr does, through warm-up, a step and lrs below Detectron's 1e-7 guard (float64 reference)."""
+    torch.manual_seed(0)
+    w0 = torch.randn(5, dtype=torch.float64)
+    grads = [torch.randn(5, dtype=torch.float64) for _ in range(10)]
+    lrs = [0.01, 0.02, 0.05, 0.1, 0.1, 0.01, 1e-8, 5e-9, 0.01, 0.0]
+    w, v, expected = w0.clone(), torch.zeros_like(w0), []
+    for grad, lr in zip(grads, lrs):
+        v = 0.9 * v + grad + 1e-2 * w
+        w = w - lr * v
+        expected.append(w.clone())
+    param = nn.Parameter(w0.clone())
+    model = nn.Module()
+    model.weight = param
+    optimizer = torch.optim.SGD(parameter_groups(model, weight_decay=1e-2), lr=lrs[0], momentum=0.9, fused=fused)
+    for step, (grad, lr) in enumerate(zip(grads, lrs)):
+        set_learning_rate(optimizer, lr, scale_momentum=True, scale_momentum_threshold=1.1, lr_in_momentum=False)
+        param.grad = grad.clone()
+        optimizer.step()
+        torch.testing.assert_close(param.detach(), expected[step], rtol=1e-12, atol=1e-12)
+
+
+def test_detectron2_solver_groups(tmp_path):
+    """A detectron2 config's optimizer: biases at 1x lr with WEIGHT_DECAY, norm weights and biases with
+    WEIGHT_DECAY_NORM (detectron2's get_default_optimizer_params)."""
+    from pydetectron.config import load_detectron2_config
+
+    path = tmp_path / "d2.yaml"
+    path.write_text("SOLVER: {BASE_LR: 0.02, WEIGHT_DECAY: 0.0001, WEIGHT_DECAY_NORM: 0.001, WARMUP_ITERS: 0}\n")
+    cfg = load_detectron2_config(path)
+    optimizer = build_optimizer(_Tiny(), cfg)
+    lr_of = {name: g["lr"] for g in optimizer.param_groups for name in g["names"]}
+    decay_of = {name: g["weight_decay"] for g in optimizer.param_groups for name in g["names"]}
+    assert lr_of == pytest.approx(dict.fromkeys(lr_of, 0.02))
+    assert decay_of == pytest.approx({"conv.weight": 1e-4, "conv.bias": 1e-4, "fc.weight": 1e-4, "fc.bias": 1e-4,
+                                      "gn.weight": 1e-3, "gn.bias": 1e-3})

@@ -241,7 +241,7 @@ def test_fpn_laterals_and_outputs_compute_detectrons_fpn(min_level, max_level, e
     cheap: Detectron's FPN names follow each stage's last ``res<l>_<n-1>_sum``."""
     dim = 8
     fpn = FPN(ResNet(18), dim=dim, min_level=min_level, max_level=max_level, extra_conv_levels=extra_convs,
-              gn=NormSpec("GN", gn_num_groups=GN_GROUPS) if gn else None).eval()
+              norm=NormSpec("GN", gn_num_groups=GN_GROUPS) if gn else None).eval()
     sums = {lvl: f"res{lvl}_1_sum" for lvl in range(2, 6)}
     shapes = fpn_blobs(stage_dims=(64, 128, 256, 512), stage_blocks=(2, 2, 2, 2), dim=dim, min_level=min_level)
     if gn:

@@ -30,7 +30,7 @@ from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from pydetectron.config import assert_and_infer_cfg, get_cfg, merge_cfg_from_file, merge_cfg_from_list
-from pydetectron.data.minibatch import BlobSettings, prepare_test_image, scaled_size
+from pydetectron.data.minibatch import BlobSettings, input_size, prepare_test_image
 from pydetectron.engine.checkpoint import atomic_save
 from pydetectron.engine.trainer import AmpSettings
 from pydetectron.modeling.detector import build_detector, total_loss
@@ -130,12 +130,12 @@ class Workloads:
         self.peer_image = rgb.to(device)
         blob, self.im_scale = prepare_test_image(self.image, self.settings)
         self.blob = blob.to(device)
-        h, w = scaled_size(height, width, self.im_scale)
+        h, w = input_size(height, width, self.im_scale, self.settings)
         self.im_info = torch.tensor([[h, w, self.im_scale]], device=device)
 
     def ours_detect(self) -> dict:
         blob, im_scale = prepare_test_image(self.image, self.settings)
-        h, w = scaled_size(self.image.shape[0], self.image.shape[1], im_scale)
+        h, w = input_size(self.image.shape[0], self.image.shape[1], im_scale, self.settings)
         with torch.no_grad():
             return self.ours_model(blob.to(self.device), torch.tensor([[h, w, im_scale]], device=self.device))[0]
 

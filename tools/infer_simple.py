@@ -9,6 +9,13 @@ translucent masks with contours, and keypoint skeletons (the dataset's skeleton 
 are not images are skipped; an image that cannot be read is reported and skipped. Class names come from
 --dataset, or else follow the cfg and the weights: the cfg's own dataset when its json is here, otherwise COCO's
 names by class count (81 classes: COCO's 80; a 2-class keypoint model: 'person' with COCO's skeleton).
+
+A detectron2 config and checkpoint run in detectron2 mode (images read with PIL and their EXIF orientation, as
+detectron2's demo reads them); detectron2's KEY VALUE opts follow the flags (before --images, which takes
+every name after it):
+
+    python tools/infer_simple.py --config-file configs/detectron2/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml \
+        --image_dir demo MODEL.WEIGHTS model_final.pth
 """
 
 from __future__ import annotations
@@ -19,10 +26,11 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import cv2
 import torch
 
+from pydetectron.config.detectron2_defaults import D2_DEFAULTS
 from pydetectron.data.catalog import register_from_string
+from pydetectron.data.minibatch import load_image
 from pydetectron.engine.dataset_cfg import DatasetMismatchError
 from pydetectron.engine.predictor import Predictor
 from pydetectron.utils.cli import (
@@ -40,7 +48,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".p
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser, "config YAML the model was trained with", "TEST.SCALE 600")
+    add_config_args(parser, "config YAML the model was trained with (--config-file for a detectron2 YAML)",
+                    "TEST.SCALE 600")
     add_weights_args(parser)
     parser.add_argument("--dataset",
                         help="where class names (and the keypoint skeleton) come from: 'coco' (COCO's 80 classes), "
@@ -59,6 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.load_ckpt and args.load_detectron:
         parser.error("give one of --load_ckpt or --load_detectron, not both")
     check_config_args(parser, args)
+    swallowed = [name for name in args.images or [] if name in D2_DEFAULTS]
+    if args.config_file and swallowed:
+        parser.error(f"--images took the detectron2 key(s) {swallowed} as image names: put detectron2 KEY VALUE "
+                     "opts before --images (or use --image_dir)")
     return args
 
 
@@ -95,8 +108,9 @@ def main(argv: list[str] | None = None) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     written = 0
     for path in list_images(args.image_dir, args.images):
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if image is None:
+        try:
+            image = load_image(str(path), predictor.settings)  # cv2, or PIL + EXIF in detectron2 mode
+        except OSError:
             print(f"Skipping {path}: cannot be read as an image")
             continue
         tic = time.perf_counter()

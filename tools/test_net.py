@@ -9,6 +9,8 @@ the output dir (default: <checkpoint dir>/../test), and prints the 12-line summa
 lines and images/second. Parallel testing: --multi-gpu-testing (one process per GPU) or --num_workers N
 split the dataset into N ranges, run this tool once per range (--range START END), and merge.
 Re-evaluate earlier results without inference: --eval_only <output dir>/detections.pkl.
+A detectron2 config and checkpoint (detectron2 mode): --config-file mask_rcnn_R_50_FPN_1x.yaml MODEL.WEIGHTS
+model_final.pth (detectron2's KEY VALUE opts follow the flags; results in OUTPUT_DIR/inference).
 Distributed: `torchrun --nproc_per_node N tools/test_net.py ...` (or --num-gpus N): each process tests its
 share of the images, rank 0 gathers them, writes detections.pkl and evaluates once.
 """
@@ -38,10 +40,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset", help="dataset short name (coco2017, keypoints_coco2017, shapes, ...) or any "
                         "catalog name, e.g. one added with --register (default: the cfg's TEST.DATASETS)")
     add_register_arg(parser)
-    add_config_args(parser, "config YAML the model was trained with", "TEST.SCALE 800 TEST.BBOX_AUG.ENABLED True")
+    add_config_args(parser, "config YAML the model was trained with (--config-file for a detectron2 YAML)",
+                    "TEST.SCALE 800 TEST.BBOX_AUG.ENABLED True")
     add_weights_args(parser)
     parser.add_argument("--output_dir", help="where detections.pkl, result jsons and pictures go "
-                        "(default: <weights dir>/../test; with --eval_only: beside the pickle)")
+                        "(default: <weights dir>/../test, or OUTPUT_DIR/inference with --config-file; with "
+                        "--eval_only: beside the pickle)")
     parser.add_argument("--multi-gpu-testing", dest="multi_gpu_testing", action="store_true",
                         help="one test process per visible GPU (or per --num_workers), results merged")
     parser.add_argument("--num_workers", type=int,
@@ -80,9 +84,13 @@ def test_process(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout)
     cfg = load_cfg(args)
     load_ckpt, load_detectron = (None, None) if args.eval_only else weights_of(args, cfg)
+    output_dir = args.output_dir
+    if output_dir is None and args.config_file and not args.eval_only:  # detectron2 writes to OUTPUT_DIR/inference
+        output_dir = os.path.join(cfg.OUTPUT_DIR, "inference")
     options = TestOptions(
-        cfg_file=args.cfg_file, set_cfgs=args.set_cfgs, dataset=args.dataset, register=args.register,
-        load_ckpt=load_ckpt, load_detectron=load_detectron, output_dir=args.output_dir,
+        cfg_file=args.cfg_file, set_cfgs=args.set_cfgs, config_file=args.config_file, opts=args.opts,
+        dataset=args.dataset, register=args.register,
+        load_ckpt=load_ckpt, load_detectron=load_detectron, output_dir=output_dir,
         range=tuple(args.range) if args.range else None, multi_gpu_testing=args.multi_gpu_testing,
         num_workers=args.num_workers, vis=args.vis, eval_only=args.eval_only, use_cuda=args.cuda, amp=args.amp,
         child_command=[sys.executable, os.path.abspath(__file__)],

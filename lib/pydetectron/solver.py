@@ -296,14 +296,20 @@ def set_learning_rate(
     new_lr: float,
     scale_momentum: bool = True,
     scale_momentum_threshold: float = 1.1,
+    lr_in_momentum: bool = True,
 ) -> None:
     """Set every group's lr to new_lr x its lr_scale, keeping SGD's trajectory equal to Caffe2's.
 
     See the module docstring: the momentum buffer is rescaled by old/new exactly when Detectron would *not*
-    apply its own momentum correction.
+    apply its own momentum correction. ``lr_in_momentum`` False (SOLVER.LR_IN_MOMENTUM, detectron2's
+    torch.optim.SGD): the buffer is never touched.
     """
     old_lr = current_learning_rate(optimizer)
     if new_lr == old_lr:
+        return
+    if not lr_in_momentum:
+        for group in optimizer.param_groups:
+            group["lr"] = new_lr * group["lr_scale"]
         return
     ratio = max(new_lr / max(old_lr, 1e-12), old_lr / max(new_lr, 1e-12))
     caffe2_corrects = scale_momentum and old_lr > 1e-7 and ratio > scale_momentum_threshold

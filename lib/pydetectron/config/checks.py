@@ -26,10 +26,25 @@ WARM_UP_METHODS = ("constant", "linear")
 ROI_XFORM_METHODS = ("RoIPoolF", "RoIPool", "RoIAlign")
 COLOR_ORDERS = ("BGR", "RGB")
 CONVENTIONS = ("detectron", "detectron2")
+SCALE_SAMPLINGS = ("choice", "range")  # TRAIN.SCALE_SAMPLING
+RPN_BOX_LOSS_TYPES = ("smooth_l1", "giou")  # RPN.BBOX_REG_LOSS_TYPE
+FPN_NORMS = ("", "GN", "BN", "SyncBN", "FrozenBN")  # FPN.NORM (detectron2's names)
 _DEFAULT_FREEZE_AT = 2
 DISTILL_METHODS = ("", "mgd", "feature_l2")
 DISTILL_STAGES = ("C2", "C3", "C4", "C5")  # DISTILL.LOSS_FACTORS / IGNORE_INDS order
 MGD_REDUCERS = ("amp", "sp", "rd", "sm")
+D2_ROI_HEADS = ("StandardROIHeads", "Res5ROIHeads", "Res5ROIHeadsExtraNorm")  # detectron2's cascades
+DETECTRON_ROI_HEADS = "DetectronROIHeads"
+D2_HEAD_NORMS = ("", "GN", "BN", "SyncBN", "FrozenBN")  # FAST_RCNN.NORM / MRCNN.NORM (d2's get_norm names)
+BOX_REG_LOSS_TYPES = ("smooth_l1", "giou")  # detectron2's 'diou' / 'ciou' are not built
+# d2 head-only keys and the head that reads them (Detectron's heads have fixed layouts): key -> (default, head)
+_D2_HEAD_KEYS = {
+    "FAST_RCNN.NUM_FC": (2, "FAST_RCNN.ROI_BOX_HEAD", "FastRCNNConvFCHead"),
+    "FAST_RCNN.NORM": ("", "FAST_RCNN.ROI_BOX_HEAD", "FastRCNNConvFCHead"),
+    "MRCNN.NUM_CONV": (4, "MRCNN.ROI_MASK_HEAD", "MaskRCNNConvUpsampleHead"),
+    "MRCNN.NORM": ("", "MRCNN.ROI_MASK_HEAD", "MaskRCNNConvUpsampleHead"),
+}
+RETINANET_NORMS = ("", "GN")
 
 
 def _fail(message: str) -> None:
@@ -88,6 +103,8 @@ def _infer_freeze_at(cfg: CfgNode) -> None:
 def _infer_norm(cfg: CfgNode) -> None:
     """One answer to 'which normalisation does the ResNet use': RESNETS.NORM."""
     r = cfg.RESNETS
+    if r.NORM == "FrozenBN":  # detectron2's name of the frozen batch norm: our AffineChannel (after the exact fold)
+        r.NORM = "AffineChannel"
     _one_of(cfg, "RESNETS.NORM", NORMS)
     gn_funcs = [key for key in ("TRANS_FUNC", "STEM_FUNC", "SHORTCUT_FUNC") if "_gn_" in f"_{r[key]}_"]
     gn_reasons = [f"RESNETS.{key} = {r[key]!r}" for key in gn_funcs] + (["RESNETS.USE_GN = True"] if r.USE_GN else [])
@@ -96,6 +113,17 @@ def _infer_norm(cfg: CfgNode) -> None:
     if gn_reasons and r.NORM != "GN":
         _fail(f"RESNETS.NORM = {r.NORM!r} contradicts {', '.join(gn_reasons)} (which select GroupNorm)")
     r.USE_GN = r.NORM == "GN"
+
+
+def _infer_fpn_norm(cfg: CfgNode) -> None:
+    """One answer to 'which norm do the FPN convs use': FPN.NORM, with FPN.USE_GN meaning 'GN'."""
+    f = cfg.FPN
+    _one_of(cfg, "FPN.NORM", FPN_NORMS)
+    if f.USE_GN and f.NORM not in ("", "GN"):
+        _fail(f"FPN.NORM = {f.NORM!r} contradicts FPN.USE_GN = True (which selects GroupNorm)")
+    if f.USE_GN:
+        f.NORM = "GN"
+    f.USE_GN = f.NORM == "GN"
 
 
 def _check_solver(cfg: CfgNode) -> None:
@@ -119,6 +147,9 @@ def _check_solver(cfg: CfgNode) -> None:
     if s.CLIP_GRADIENTS.CLIP_VALUE <= 0 or s.CLIP_GRADIENTS.NORM_TYPE <= 0:
         _fail(f"SOLVER.CLIP_GRADIENTS.CLIP_VALUE ({s.CLIP_GRADIENTS.CLIP_VALUE}) and NORM_TYPE "
               f"({s.CLIP_GRADIENTS.NORM_TYPE}) must be positive")
+    if s.IMS_PER_BATCH < 0:
+        _fail(f"SOLVER.IMS_PER_BATCH = {s.IMS_PER_BATCH} must be >= 0 (0 = NUM_GPUS x TRAIN.IMS_PER_BATCH; > 0 = "
+              "the total batch over all processes, detectron2's meaning)")
     if cfg.TEST.PRECISE_BN.NUM_ITER < 1:
         _fail(f"TEST.PRECISE_BN.NUM_ITER = {cfg.TEST.PRECISE_BN.NUM_ITER} must be >= 1")
 
@@ -131,6 +162,9 @@ def _check_input(cfg: CfgNode) -> None:
     scales = cfg.TRAIN.SCALES
     if not scales or not all(isinstance(x, int) and x > 0 for x in scales):
         _fail(f"TRAIN.SCALES = {scales!r} must be a non-empty tuple of positive integers, e.g. (800,)")
+    _one_of(cfg, "TRAIN.SCALE_SAMPLING", SCALE_SAMPLINGS)
+    if cfg.TRAIN.SCALE_SAMPLING == "range" and (len(scales) != 2 or scales[0] > scales[1]):
+        _fail(f"TRAIN.SCALES = {scales!r} must be (lo, hi) with lo <= hi for TRAIN.SCALE_SAMPLING 'range'")
     for key in ("TRAIN.MAX_SIZE", "TEST.SCALE", "TEST.MAX_SIZE", "TRAIN.IMS_PER_BATCH", "NUM_GPUS"):
         if _get(cfg, key) <= 0:
             _fail(f"{key} = {_get(cfg, key)} must be positive")
@@ -163,6 +197,82 @@ def _check_heads(cfg: CfgNode) -> None:
             _fail(f"KRCNN.OKS_SIGMAS = {k.OKS_SIGMAS!r} must be positive numbers")
 
 
+def _infer_roi_heads(cfg: CfgNode) -> None:
+    """In detectron2 mode the default cascade is detectron2's: StandardROIHeads with FPN, else Res5ROIHeads."""
+    if cfg.MODEL.CONVENTIONS == "detectron2" and cfg.MODEL.ROI_HEADS_NAME == DETECTRON_ROI_HEADS:
+        cfg.MODEL.ROI_HEADS_NAME = "StandardROIHeads" if cfg.FPN.FPN_ON else "Res5ROIHeads"
+
+
+def _check_roi_heads(cfg: CfgNode) -> None:
+    """The detectron2 ROI-head keys: valid values, and refused where the convention in force cannot apply them."""
+    f = cfg.FAST_RCNN
+    _one_of(cfg, "FAST_RCNN.BBOX_REG_LOSS_TYPE", BOX_REG_LOSS_TYPES)
+    _one_of(cfg, "FAST_RCNN.NORM", D2_HEAD_NORMS)
+    _one_of(cfg, "MRCNN.NORM", D2_HEAD_NORMS)
+    for key in ("FAST_RCNN.NUM_FC", "MRCNN.NUM_CONV", "FAST_RCNN.SMOOTH_L1_BETA", "FAST_RCNN.BBOX_REG_LOSS_WEIGHT"):
+        if _get(cfg, key) < 0:
+            _fail(f"{key} = {_get(cfg, key)} must be >= 0")
+    d2_cascade = normalize_module_name(cfg.MODEL.ROI_HEADS_NAME) in D2_ROI_HEADS
+    two_stage = not (cfg.MODEL.RPN_ONLY or cfg.RETINANET.RETINANET_ON or cfg.MODEL.TYPE == "retinanet")
+    augmented = [f"TEST.{s}.ENABLED" for s in ("BBOX_AUG", "MASK_AUG", "KPS_AUG") if cfg.TEST[s].ENABLED]
+    if d2_cascade and two_stage and augmented:
+        _fail(f"{augmented[0]} is on, but test-time augmentation runs Detectron's cascade (DetectronROIHeads), not "
+              f"MODEL.ROI_HEADS_NAME {cfg.MODEL.ROI_HEADS_NAME!r}")
+    if d2_cascade and two_stage:
+        detectron_only = {"TEST.SOFT_NMS.ENABLED": cfg.TEST.SOFT_NMS.ENABLED,
+                          "TEST.BBOX_VOTE.ENABLED": cfg.TEST.BBOX_VOTE.ENABLED,
+                          "KRCNN.NMS_OKS": cfg.KRCNN.NMS_OKS, "KRCNN.INFERENCE_MIN_SIZE": cfg.KRCNN.INFERENCE_MIN_SIZE}
+        for key, value in detectron_only.items():
+            if value:
+                _fail(f"{key} = {value!r} is Detectron's inference; MODEL.ROI_HEADS_NAME "
+                      f"{cfg.MODEL.ROI_HEADS_NAME!r} follows detectron2's (fast_rcnn_inference, heatmaps_to_keypoints)")
+    if cfg.MODEL.CONVENTIONS == "detectron2":
+        return
+    if d2_cascade:
+        _fail(f"MODEL.ROI_HEADS_NAME = {cfg.MODEL.ROI_HEADS_NAME!r} is a detectron2 cascade: it needs "
+              "MODEL.CONVENTIONS 'detectron2' (boxes without +1, background last)")
+    if f.BBOX_REG_LOSS_TYPE != "smooth_l1":
+        _fail(f"FAST_RCNN.BBOX_REG_LOSS_TYPE = {f.BBOX_REG_LOSS_TYPE!r} is detectron2 mode only (MODEL.CONVENTIONS "
+              "'detectron2'); Detectron's Fast R-CNN loss is smooth-L1")
+    if f.SMOOTH_L1_BETA <= 0:
+        _fail(f"FAST_RCNN.SMOOTH_L1_BETA = {f.SMOOTH_L1_BETA} must be > 0 with Detectron's conventions (beta 0, "
+              "detectron2's L1 loss, needs MODEL.CONVENTIONS 'detectron2')")
+    if not cfg.TRAIN.PROPOSAL_APPEND_GT:
+        _fail("TRAIN.PROPOSAL_APPEND_GT = False is detectron2 mode only: Detectron always adds the gt boxes to the "
+              "RoI candidates")
+    for key, (default, head_key, head) in _D2_HEAD_KEYS.items():
+        if _get(cfg, key) != default and normalize_module_name(_get(cfg, head_key)) != head:
+            _fail(f"{key} = {_get(cfg, key)!r} is read only by {head}, but {head_key} = {_get(cfg, head_key)!r} "
+                  "(Detectron's heads have a fixed layout)")
+
+
+def _check_rpn_keys(cfg: CfgNode) -> None:
+    """The RPN / anchor keys detectron2 mode brought: valid values, and the ones only detectron2's numerics
+    implement refused in Detectron mode."""
+    r = cfg.RPN
+    d2 = cfg.MODEL.CONVENTIONS == "detectron2"
+    detectron_only = "only in detectron2 mode (MODEL.CONVENTIONS: detectron2)"
+    offset = cfg.MODEL.ANCHOR_OFFSET
+    if not 0.0 <= offset < 1.0:
+        _fail(f"MODEL.ANCHOR_OFFSET = {offset} must be in [0, 1) (detectron2's ANCHOR_GENERATOR.OFFSET)")
+    if offset != 0.0 and not d2:
+        _fail(f"MODEL.ANCHOR_OFFSET = {offset} applies {detectron_only}: Detectron's anchors have a fixed placement")
+    _one_of(cfg, "RPN.BBOX_REG_LOSS_TYPE", RPN_BOX_LOSS_TYPES)
+    if r.BBOX_REG_LOSS_TYPE != "smooth_l1" and not d2:
+        _fail(f"RPN.BBOX_REG_LOSS_TYPE = {r.BBOX_REG_LOSS_TYPE!r} is available {detectron_only}; Detectron's RPN "
+              "loss is smooth-L1")
+    weights = tuple(r.BBOX_REG_WEIGHTS)
+    if len(weights) != 4 or not all(isinstance(w, (int, float)) and w > 0 for w in weights):
+        _fail(f"RPN.BBOX_REG_WEIGHTS = {r.BBOX_REG_WEIGHTS!r} must be 4 positive numbers (wx, wy, ww, wh)")
+    if weights != (1.0, 1.0, 1.0, 1.0) and not d2:
+        _fail(f"RPN.BBOX_REG_WEIGHTS = {weights} applies {detectron_only}; Detectron's RPN box coder uses (1, 1, 1, 1)")
+    for key in ("SMOOTH_L1_BETA", "LOSS_WEIGHT", "BBOX_REG_LOSS_WEIGHT"):
+        if r[key] < 0:
+            _fail(f"RPN.{key} = {r[key]} must be >= 0")
+    if d2 and r.CLS_ACTIVATION != "sigmoid":
+        _fail(f"RPN.CLS_ACTIVATION = {r.CLS_ACTIVATION!r} has no detectron2 counterpart (its RPN uses a sigmoid)")
+
+
 def _check_distill(cfg: CfgNode) -> None:
     d = cfg.DISTILL
     _one_of(cfg, "DISTILL.METHOD", DISTILL_METHODS)
@@ -192,6 +302,30 @@ def _check_distill(cfg: CfgNode) -> None:
             _fail(f"DISTILL.MGD.{key} = {m[key]!r} must be a non-negative integer")
 
 
+def _check_retinanet(cfg: CfgNode) -> None:
+    """RETINANET.NORM and USE_GN (one answer: NORM), the box loss type and the box coder weights."""
+    r = cfg.RETINANET
+    if r.NORM in ("BN", "SyncBN"):
+        _fail(f"RETINANET.NORM = {r.NORM!r} is not supported: detectron2 gives its RetinaNet head one {r.NORM} per "
+              "FPN level (CycleBatchNormList), which pydetectron does not build; use '' or 'GN'")
+    if r.NORM not in RETINANET_NORMS:
+        _fail(f"RETINANET.NORM = {r.NORM!r} is not one of {RETINANET_NORMS} (detectron2's shared FrozenBN / other "
+              "norms in the RetinaNet towers are not built)")
+    if r.USE_GN:
+        r.NORM = "GN"
+    r.USE_GN = r.NORM == "GN"
+    _one_of(cfg, "RETINANET.BBOX_REG_LOSS_TYPE", BOX_REG_LOSS_TYPES)
+    if r.BBOX_REG_LOSS_TYPE != "smooth_l1" and cfg.MODEL.CONVENTIONS != "detectron2":
+        _fail(f"RETINANET.BBOX_REG_LOSS_TYPE = {r.BBOX_REG_LOSS_TYPE!r} needs MODEL.CONVENTIONS 'detectron2' "
+              "(Detectron's RetinaNet has the smooth-L1 box loss only)")
+    weights = list(r.BBOX_REG_WEIGHTS)
+    if len(weights) != 4 or not all(isinstance(w, (int, float)) and w > 0 for w in weights):
+        _fail(f"RETINANET.BBOX_REG_WEIGHTS = {r.BBOX_REG_WEIGHTS!r} must be four positive numbers (wx, wy, ww, wh)")
+    if cfg.MODEL.CONVENTIONS == "detectron2" and not 0 < r.NEGATIVE_OVERLAP <= r.POSITIVE_OVERLAP:
+        _fail(f"RETINANET.NEGATIVE_OVERLAP = {r.NEGATIVE_OVERLAP} and POSITIVE_OVERLAP = {r.POSITIVE_OVERLAP} are "
+              "detectron2's IOU_THRESHOLDS [bg, fg]: they need 0 < bg <= fg")
+
+
 def assert_and_infer_cfg(cfg: CfgNode, make_immutable: bool = True) -> CfgNode:
     """Fill in the inferred keys, check the values, and (by default) freeze ``cfg``. Returns ``cfg``.
 
@@ -202,10 +336,15 @@ def assert_and_infer_cfg(cfg: CfgNode, make_immutable: bool = True) -> CfgNode:
     _infer_heads(cfg)
     _infer_freeze_at(cfg)
     _infer_norm(cfg)
+    _infer_fpn_norm(cfg)
+    _infer_roi_heads(cfg)
     _check_solver(cfg)
     _check_input(cfg)
     _check_heads(cfg)
+    _check_rpn_keys(cfg)
+    _check_roi_heads(cfg)
     _check_distill(cfg)
+    _check_retinanet(cfg)
     if make_immutable:
         cfg.freeze()
     return cfg

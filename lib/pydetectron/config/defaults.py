@@ -17,6 +17,12 @@ pydetectron's own additions (not in either project)
 - ``SOLVER.LAYER_WISE_LR_DECAY_GROUPS`` what a layer is: 'spark' (SparK's grouping: stem; res2; res3; res4 in
   groups of three blocks; res5; everything else at full lr) or 'per_block' (one layer per residual block).
 - ``TEST.EVAL_PERIOD``            evaluate every N training iterations; 0 = only at the end.
+- ``TRAIN.SCALE_SAMPLING``        'choice' (one of TRAIN.SCALES per image, Detectron) | 'range' (TRAIN.SCALES =
+                                  (lo, hi), an integer size drawn in [lo, hi]: detectron2's MIN_SIZE_TRAIN_SAMPLING).
+- ``SOLVER.LR_IN_MOMENTUM``       True: Caffe2's SGD momentum (lr inside the buffer, SCALE_MOMENTUM); False:
+                                  torch.optim.SGD as detectron2 runs it (the buffer is never rescaled).
+- ``SOLVER.IMS_PER_BATCH``        detectron2's total batch over all processes (0 = off: NUM_GPUS x
+                                  TRAIN.IMS_PER_BATCH); split over the run's devices at launch, schedule unscaled.
 - ``TEST.PRECISE_BN.ENABLED/NUM_ITER``  detectron2's PreciseBN: before each evaluation, BatchNorm running
                                   statistics are recomputed as the true average over NUM_ITER training batches.
 - ``SOLVER.CLIP_GRADIENTS.*``     detectron2's gradient clipping (ENABLED, CLIP_TYPE 'value' | 'norm',
@@ -27,6 +33,8 @@ pydetectron's own additions (not in either project)
 - ``KRCNN.OKS_SIGMAS``            per-keypoint OKS sigmas for evaluation; () = COCO person sigmas.
 - ``FAST_RCNN.ROI_XFORM_ALIGNED``, ``MRCNN.ROI_XFORM_ALIGNED``, ``KRCNN.ROI_XFORM_ALIGNED``
                                   RoIAlign with the half-pixel offset (detectron2 style); False = Caffe2.
+- ``FAST_RCNN.SMOOTH_L1_BETA`` / ``BBOX_REG_LOSS_TYPE`` / ``BBOX_REG_LOSS_WEIGHT``, ``FAST_RCNN.NUM_FC`` / ``NORM``,
+  ``MRCNN.NUM_CONV`` / ``NORM``, ``TRAIN.PROPOSAL_APPEND_GT``  detectron2's ROI-head keys (see their comments).
 - ``RESNETS.NORM``                'AffineChannel' (frozen BN, Detectron) | 'GN' | 'BN' | 'SyncBN' (trainable).
                                   ``RESNETS.USE_GN`` and '*_gn_*' ``TRANS_FUNC``/``STEM_FUNC``/``SHORTCUT_FUNC``
                                   names imply 'GN' (reconciled by ``assert_and_infer_cfg``).
@@ -58,6 +66,9 @@ def _train(C: CfgNode) -> None:
     T.WEIGHTS = ""  # initial weights (.pkl / .pth / URL)
     T.DATASETS = ()  # names from the dataset catalog; several = their union
     T.SCALES = (600,)  # shortest-side sizes, one picked at random per image
+    # pydetectron (detectron2's INPUT.MIN_SIZE_TRAIN_SAMPLING): 'choice' = one of TRAIN.SCALES per image
+    # (Detectron); 'range' = TRAIN.SCALES is (lo, hi) and each image draws an integer size in [lo, hi]
+    T.SCALE_SAMPLING = "choice"
     T.MAX_SIZE = 1000  # cap on the longest side
     T.IMS_PER_BATCH = 2  # images per GPU
     T.BATCH_SIZE_PER_IM = 64  # sampled RoIs per image
@@ -67,6 +78,9 @@ def _train(C: CfgNode) -> None:
     T.BG_THRESH_LO = 0.0
     T.USE_FLIPPED = True
     T.BBOX_THRESH = 0.5  # IoU needed for a RoI to be a box-regression example
+    # pydetectron (detectron2's ROI_HEADS.PROPOSAL_APPEND_GT): the gt boxes join the RoI candidates (Detectron
+    # always does it); False is detectron2 mode only
+    T.PROPOSAL_APPEND_GT = True
     T.SNAPSHOT_ITERS = 80000
     T.PROPOSAL_FILES = ()  # precomputed proposals, one file per dataset
     T.ASPECT_GROUPING = True  # batch images of similar aspect ratio together
@@ -184,6 +198,9 @@ def _model(C: CfgNode) -> None:
     # anchors, matching, sampling, proposals, losses, inference). A detectron2 YAML (--config-file) sets
     # 'detectron2'; a Detectron-style YAML may set it too.
     M.CONVENTIONS = "detectron"
+    # detectron2's ANCHOR_GENERATOR.OFFSET: anchor centres at (x + offset) * stride, offset in [0, 1).
+    # detectron2 mode only (Detectron's anchors have their own fixed placement); 0.0 = detectron2's default.
+    M.ANCHOR_OFFSET = 0.0
 
 
 def _retinanet(C: CfgNode) -> None:
@@ -207,6 +224,14 @@ def _retinanet(C: CfgNode) -> None:
     R.INFERENCE_TH = 0.05
     # pydetectron (detectron2's RETINANET.NORM 'GN'): GroupNorm after each tower conv, MSRA-initialised convs
     R.USE_GN = False
+    # pydetectron, for detectron2 mode (issue 15). The norm after each tower conv: '' (Detectron's head) or 'GN'
+    # (= USE_GN; in detectron2 mode the tower convs keep detectron2's Gaussian(0.01) init). detectron2's BN /
+    # SyncBN (one norm per level) and shared FrozenBN heads are refused.
+    R.NORM = ""
+    # The box loss: 'smooth_l1' (BBOX_REG_BETA; Detectron's) or 'giou' (detectron2 mode only).
+    R.BBOX_REG_LOSS_TYPE = "smooth_l1"
+    # (wx, wy, ww, wh) of the box coder (detectron2's RETINANET.BBOX_REG_WEIGHTS; Detectron's are all 1).
+    R.BBOX_REG_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
 
 
 def _solver(C: CfgNode) -> None:
@@ -227,6 +252,9 @@ def _solver(C: CfgNode) -> None:
     S.WARM_UP_METHOD = "linear"  # 'constant' | 'linear'
     S.SCALE_MOMENTUM = True
     S.SCALE_MOMENTUM_THRESHOLD = 1.1
+    # pydetectron: True = Caffe2's SGD, whose momentum buffer holds the lr (so SCALE_MOMENTUM applies: Detectron);
+    # False = torch.optim.SGD as detectron2 runs it: an lr change never touches the buffer
+    S.LR_IN_MOMENTUM = True
     S.LOG_LR_CHANGE_THRESHOLD = 1.1
     # Detectron.pytorch additions
     S.BIAS_DOUBLE_LR = True
@@ -240,6 +268,10 @@ def _solver(C: CfgNode) -> None:
     G.CLIP_TYPE = "value"  # 'value': every element into [-CLIP_VALUE, CLIP_VALUE]; 'norm': the norm to CLIP_VALUE
     G.CLIP_VALUE = 1.0
     G.NORM_TYPE = 2.0  # the p of the p-norm for 'norm'
+    # detectron2's SOLVER.IMS_PER_BATCH: the total images per step over all processes; 0 = off (Detectron:
+    # NUM_GPUS x TRAIN.IMS_PER_BATCH). When set, training divides it by the run's device count (an error if it
+    # does not divide) and sets NUM_GPUS / TRAIN.IMS_PER_BATCH from it, so the schedule is not rescaled.
+    S.IMS_PER_BATCH = 0
     A = S.AMP = CfgNode()  # detectron2's key; --amp on train_net_step.py and test_net.py sets it
     A.ENABLED = False  # autocast float16 + GradScaler on CUDA, bfloat16 autocast on the CPU
 
@@ -254,6 +286,12 @@ def _fast_rcnn(C: CfgNode) -> None:
     F.ROI_XFORM_SAMPLING_RATIO = 0
     F.ROI_XFORM_RESOLUTION = 14
     F.ROI_XFORM_ALIGNED = False  # pydetectron
+    # pydetectron (detectron2's ROI_BOX_HEAD keys; defaults = Detectron's behaviour)
+    F.NUM_FC = 2  # fcs of MLP_HEAD_DIM in FastRCNNConvFCHead (after NUM_STACKED_CONVS convs of CONV_HEAD_DIM)
+    F.NORM = ""  # FastRCNNConvFCHead conv norm: '' | 'GN' | 'BN' | 'SyncBN' | 'FrozenBN' (d2's get_norm)
+    F.SMOOTH_L1_BETA = 1.0  # box-regression smooth-L1 beta (Detectron 1.0; d2's default 0.0 = L1)
+    F.BBOX_REG_LOSS_TYPE = "smooth_l1"  # 'smooth_l1' | 'giou' (giou: detectron2 mode only)
+    F.BBOX_REG_LOSS_WEIGHT = 1.0  # multiplies the box-regression loss
 
 
 def _rpn(C: CfgNode) -> None:
@@ -266,6 +304,12 @@ def _rpn(C: CfgNode) -> None:
     R.OUT_DIM_AS_IN_DIM = True
     R.OUT_DIM = 512
     R.CLS_ACTIVATION = "sigmoid"
+    # pydetectron: detectron2's RPN loss keys, read in both conventions unless said
+    R.SMOOTH_L1_BETA = 1.0 / 9.0  # box-loss smooth-L1 beta (Detectron's 1/9; < 1e-5 = L1, detectron2's 0.0)
+    R.LOSS_WEIGHT = 1.0  # multiplies both RPN losses
+    R.BBOX_REG_LOSS_WEIGHT = 1.0  # multiplies the RPN box loss (on top of LOSS_WEIGHT)
+    R.BBOX_REG_LOSS_TYPE = "smooth_l1"  # 'smooth_l1' | 'giou' (giou: detectron2 mode only)
+    R.BBOX_REG_WEIGHTS = (1.0, 1.0, 1.0, 1.0)  # RPN box coder weights (others: detectron2 mode only)
 
 
 def _fpn(C: CfgNode) -> None:
@@ -287,6 +331,9 @@ def _fpn(C: CfgNode) -> None:
     F.RPN_COLLECT_SCALE = 1  # Detectron.pytorch, set by the trainer
     F.EXTRA_CONV_LEVELS = False
     F.USE_GN = False
+    # pydetectron (detectron2's FPN.NORM): norm of the lateral / output convs, which then lose their bias:
+    # '' | 'GN' | 'BN' | 'SyncBN' | 'FrozenBN' (= AffineChannel). USE_GN True means 'GN'; both conventions.
+    F.NORM = ""
 
 
 def _mrcnn(C: CfgNode) -> None:
@@ -306,6 +353,9 @@ def _mrcnn(C: CfgNode) -> None:
     M.WEIGHT_LOSS_MASK = 1.0
     M.THRESH_BINARIZE = 0.5
     M.MEMORY_EFFICIENT_LOSS = True  # Detectron.pytorch
+    # pydetectron (detectron2's ROI_MASK_HEAD keys)
+    M.NUM_CONV = 4  # MaskRCNNConvUpsampleHead: 3x3 convs of DIM_REDUCED before the deconv (0 on Res5ROIHeads)
+    M.NORM = ""  # MaskRCNNConvUpsampleHead conv norm: '' | 'GN' | 'BN' | 'SyncBN' | 'FrozenBN'
 
 
 def _krcnn(C: CfgNode) -> None:
@@ -353,7 +403,7 @@ def _backbone(C: CfgNode) -> None:
     R.IMAGENET_PRETRAINED_WEIGHTS = ""  # relative paths are taken from ROOT_DIR
     R.USE_GN = False
     # pydetectron
-    R.NORM = "AffineChannel"
+    R.NORM = "AffineChannel"  # | "GN" | "BN" | "SyncBN"; detectron2's "FrozenBN" is read as AffineChannel
     # MGD's student: the last block of each stage gets trainable GroupNorm(32) norms (MGD's d2 key name)
     R.ENABLE_STAGE_LAST_NORM = False
 

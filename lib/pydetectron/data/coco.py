@@ -10,6 +10,11 @@ Crowd boxes are kept with ``is_crowd`` True (Detectron's gt_overlaps of -1): the
 as foreground. Annotations with zero area or a box not larger than one pixel after clipping are dropped, and
 counted in ``CocoDataset.num_invalid``. Parsed roidbs are cached as pickles keyed by the json's path, mtime and
 size, so a big json is parsed once.
+
+With ``conventions='detectron2'`` the entry follows detectron2's ``load_coco_json`` instead: boxes
+``[x, y, x + w, y + h]`` clipped to ``[0, W] x [0, H]`` (no -1), kept when wider and taller than zero (the
+``area`` field is not read), and keypoint x / y + 0.5 (detectron2 reads COCO's integer keypoints as pixel
+indices and moves them to pixel centres).
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ from pydetectron.data.catalog import DatasetSpec, data_dir, get_dataset
 logger = logging.getLogger(__name__)
 
 ENV_CACHE_DIR = "PYDETECTRON_CACHE"
-_CACHE_VERSION = 3
+_CACHE_VERSION = 4
+CONVENTIONS = ("detectron", "detectron2")
 
 
 class AnnotationError(ValueError):
@@ -229,12 +235,18 @@ def _parse_image(img: dict, image_dir: str, r: _Reader, index: int) -> dict:
     return entry
 
 
-def _clean_boxes(bboxes: np.ndarray, heights: np.ndarray, widths: np.ndarray) -> np.ndarray:
-    """(A, 4) COCO [x, y, w, h] -> inclusive xyxy clipped to each box's own image (Detectron's
-    xywh_to_xyxy + clip_xyxy_to_image), float64."""
-    xyxy = xywh_to_xyxy(torch.from_numpy(bboxes)).numpy()
-    xyxy[:, 0::2] = np.minimum(np.maximum(xyxy[:, 0::2], 0.0), widths[:, None] - 1.0)
-    xyxy[:, 1::2] = np.minimum(np.maximum(xyxy[:, 1::2], 0.0), heights[:, None] - 1.0)
+def _clean_boxes(bboxes: np.ndarray, heights: np.ndarray, widths: np.ndarray, detectron2: bool = False
+                 ) -> np.ndarray:
+    """(A, 4) COCO [x, y, w, h] -> xyxy clipped to each box's own image, float64: inclusive and inside
+    [0, W - 1] (Detectron's xywh_to_xyxy + clip_xyxy_to_image), or detectron2's [x, y, x + w, y + h] inside
+    [0, W] (its XYWH_ABS -> XYXY_ABS conversion and ``Boxes.clip``)."""
+    if detectron2:
+        xyxy = np.concatenate([bboxes[:, :2], bboxes[:, :2] + bboxes[:, 2:]], axis=1)
+    else:
+        xyxy = xywh_to_xyxy(torch.from_numpy(bboxes)).numpy()
+    off = 0.0 if detectron2 else 1.0
+    xyxy[:, 0::2] = np.minimum(np.maximum(xyxy[:, 0::2], 0.0), widths[:, None] - off)
+    xyxy[:, 1::2] = np.minimum(np.maximum(xyxy[:, 1::2], 0.0), heights[:, None] - off)
     return xyxy
 
 
@@ -266,7 +278,8 @@ def _read_annotations(data: dict, index_of: Dict[int, int], meta: DatasetMeta, r
     return {"records": anns, "image_index": image_index, "bboxes": bboxes, "areas": areas, "ignore": ignore}
 
 
-def _fill_entry(entry: dict, anns: List[dict], boxes: np.ndarray, meta: DatasetMeta, r: _Reader) -> None:
+def _fill_entry(entry: dict, anns: List[dict], boxes: np.ndarray, meta: DatasetMeta, r: _Reader,
+                detectron2: bool = False) -> None:
     """The gt fields of one image from its kept annotations (Detectron's _add_gt_annotations)."""
     height, width, image_id = entry["height"], entry["width"], entry["id"]
     entry["boxes"] = boxes.astype(np.float32).reshape(-1, 4)
@@ -294,17 +307,24 @@ def _fill_entry(entry: dict, anns: List[dict], boxes: np.ndarray, meta: DatasetM
                 raise r.fail(f"{context}values must be numbers (x, y, visibility per keypoint)", image_id,
                              "keypoints")
             kps[i] = np.asarray(values, dtype=np.float32).reshape(num_kps, 3)
+            if detectron2:
+                kps[i, :, :2] += 0.5  # detectron2's load_coco_json: pixel indices -> pixel centres
         entry["gt_keypoints"] = kps
         entry["has_visible_keypoints"] = bool((kps[:, :, 2] > 0).any())
 
 
-def parse_coco_json(ann_file: str, image_dir: str, gt_min_area: float = -1.0
+def parse_coco_json(ann_file: str, image_dir: str, gt_min_area: float = -1.0, conventions: str = "detectron"
                     ) -> Tuple[DatasetMeta, List[dict], int]:
     """Parse a COCO json into (meta, roidb, number of invalid annotations dropped). No cache.
 
     As Detectron: annotations with area < ``gt_min_area`` or ``ignore`` are skipped; the others need a positive
     area and a clipped box wider and taller than one pixel, or they are dropped and counted as invalid.
+    ``conventions='detectron2'``: detectron2's boxes and keypoints (module docstring); a box is valid when its
+    clipped width and height are positive.
     """
+    if conventions not in CONVENTIONS:
+        raise ValueError(f"conventions must be one of {CONVENTIONS}, got {conventions!r}")
+    detectron2 = conventions == "detectron2"
     data = _load_json(ann_file)
     r = _Reader(ann_file)
     meta = _parse_categories(data, r)
@@ -316,23 +336,25 @@ def parse_coco_json(ann_file: str, image_dir: str, gt_min_area: float = -1.0
     a = _read_annotations(data, index_of, meta, r)
     heights = np.array([e["height"] for e in roidb], dtype=np.float64)[a["image_index"]]
     widths = np.array([e["width"] for e in roidb], dtype=np.float64)[a["image_index"]]
-    xyxy = _clean_boxes(a["bboxes"], heights, widths)
+    xyxy = _clean_boxes(a["bboxes"], heights, widths, detectron2)
     considered = (a["areas"] >= gt_min_area) & ~a["ignore"]
-    valid = (a["areas"] > 0) & (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
+    valid = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
+    if not detectron2:
+        valid &= a["areas"] > 0
     keep = np.nonzero(considered & valid)[0]
     # Group the kept annotations by image, keeping json order within an image (stable sort).
     order = keep[np.argsort(a["image_index"][keep], kind="stable")]
     bounds = np.searchsorted(a["image_index"][order], np.arange(len(roidb) + 1))
     for i, entry in enumerate(roidb):
         idx = order[bounds[i]: bounds[i + 1]]
-        _fill_entry(entry, [a["records"][j] for j in idx], xyxy[idx], meta, r)
+        _fill_entry(entry, [a["records"][j] for j in idx], xyxy[idx], meta, r, detectron2)
     return meta, roidb, int((considered & ~valid).sum())
 
 
 # ---------------------------------------------------------------------------------------------- cache + dataset
-def _cache_key(ann_file: str, gt_min_area: float) -> str:
+def _cache_key(ann_file: str, gt_min_area: float, conventions: str = "detectron") -> str:
     st = os.stat(ann_file)
-    text = f"{os.path.abspath(ann_file)}|{st.st_mtime_ns}|{st.st_size}|{gt_min_area}|v{_CACHE_VERSION}"
+    text = f"{os.path.abspath(ann_file)}|{st.st_mtime_ns}|{st.st_size}|{gt_min_area}|{conventions}|v{_CACHE_VERSION}"
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
@@ -346,15 +368,18 @@ class CocoDataset:
         self.num_invalid = 0
         self.meta: DatasetMeta | None = None
 
-    def cache_path(self, gt_min_area: float) -> Path:
+    def cache_path(self, gt_min_area: float, conventions: str = "detectron") -> Path:
         stem = Path(self.spec.ann_file).stem
-        return self.cache_dir / f"{self.name}_{stem}_{_cache_key(self.spec.ann_file, gt_min_area)}_roidb.pkl"
+        key = _cache_key(self.spec.ann_file, gt_min_area, conventions)
+        return self.cache_dir / f"{self.name}_{stem}_{key}_roidb.pkl"
 
-    def get_roidb(self, gt_min_area: float = -1.0, use_cache: bool = True) -> List[dict]:
-        """Ground-truth roidb (original coordinates, unflipped); sets ``meta`` and ``num_invalid``."""
+    def get_roidb(self, gt_min_area: float = -1.0, use_cache: bool = True, conventions: str = "detectron"
+                  ) -> List[dict]:
+        """Ground-truth roidb (original coordinates, unflipped) in Detectron's or detectron2's conventions
+        (MODEL.CONVENTIONS); sets ``meta`` and ``num_invalid``."""
         if not os.path.isfile(self.spec.ann_file):
             raise FileNotFoundError(f"dataset {self.name!r}: annotation file {self.spec.ann_file!r} does not exist")
-        path = self.cache_path(gt_min_area)
+        path = self.cache_path(gt_min_area, conventions)
         if use_cache and path.is_file():
             try:
                 self.meta, roidb, self.num_invalid = read_cache(path)
@@ -362,7 +387,8 @@ class CocoDataset:
                 return roidb
             except (OSError, pickle.UnpicklingError, EOFError, ValueError, KeyError) as e:
                 logger.warning("dataset %s: ignoring unreadable cache %s (%s)", self.name, path, e)
-        self.meta, roidb, self.num_invalid = parse_coco_json(self.spec.ann_file, self.spec.image_dir, gt_min_area)
+        self.meta, roidb, self.num_invalid = parse_coco_json(self.spec.ann_file, self.spec.image_dir, gt_min_area,
+                                                             conventions)
         if self.num_invalid:
             logger.warning("dataset %s: dropped %d annotations with zero area or a box <= 1 pixel",
                            self.name, self.num_invalid)

@@ -11,6 +11,7 @@ from typing import List, Sequence, Tuple
 import numpy as np
 import torch
 
+from pydetectron.data import detectron2_transforms as d2
 from pydetectron.data.transforms import (
     crop_to_aspect,
     im_list_to_blob,
@@ -37,6 +38,8 @@ class BlobSettings:
     aspect_cropping: bool = False
     aspect_lo: float = 0.5
     aspect_hi: float = 2.0
+    detectron2: bool = False  # detectron2's reading, resizing and targets (data/detectron2_transforms.py)
+    scale_sampling: str = "choice"  # TRAIN.SCALE_SAMPLING: one of `scales`, or 'range' = an integer in [lo, hi]
 
     def __post_init__(self):
         if not self.scales or any(int(s) <= 0 for s in self.scales):
@@ -45,6 +48,13 @@ class BlobSettings:
             raise ValueError(f"max_size must be positive, got {self.max_size!r}")
         if any(s <= 0 for s in self.pixel_stds):
             raise ValueError(f"pixel_stds must be positive, got {self.pixel_stds!r}")
+        if self.scale_sampling not in ("choice", "range") or (
+                self.scale_sampling == "range" and (len(self.scales) != 2 or self.scales[0] > self.scales[1])):
+            raise ValueError(f"scale_sampling {self.scale_sampling!r} with scales {self.scales!r}: 'choice', or "
+                             "'range' with (lo, hi)")
+        if self.detectron2 and self.aspect_cropping:
+            raise ValueError("TRAIN.ASPECT_CROPPING (Detectron.pytorch's) is not available in detectron2 mode "
+                             "(MODEL.CONVENTIONS 'detectron2')")
 
     @property
     def means(self) -> np.ndarray:
@@ -57,7 +67,8 @@ class BlobSettings:
     @classmethod
     def from_cfg(cls, cfg, train: bool) -> BlobSettings:
         """TRAIN.SCALES/MAX_SIZE (+ aspect cropping) or TEST.SCALE/MAX_SIZE, PIXEL_MEANS/STDS,
-        MODEL.INPUT_COLOR_ORDER, and FPN.COARSEST_STRIDE when FPN.FPN_ON (Detectron pads only then)."""
+        MODEL.INPUT_COLOR_ORDER, FPN.COARSEST_STRIDE when FPN.FPN_ON (Detectron pads only then, detectron2's C4
+        body has no size divisibility either) and MODEL.CONVENTIONS."""
         order = str(cfg.MODEL.INPUT_COLOR_ORDER).upper()
         if order not in ("BGR", "RGB"):
             raise ValueError(f"MODEL.INPUT_COLOR_ORDER must be 'BGR' or 'RGB', got {order!r}")
@@ -66,6 +77,7 @@ class BlobSettings:
             pixel_stds=tuple(float(v) for v in np.asarray(cfg.PIXEL_STDS).reshape(3)),
             to_rgb=order == "RGB",
             stride=int(cfg.FPN.COARSEST_STRIDE) if cfg.FPN.FPN_ON else 0,
+            detectron2=cfg.MODEL.CONVENTIONS == "detectron2",
         )
         if not train:
             return cls(scales=(int(cfg.TEST.SCALE),), max_size=int(cfg.TEST.MAX_SIZE), **common)
@@ -75,6 +87,7 @@ class BlobSettings:
             aspect_cropping=bool(cfg.TRAIN.ASPECT_CROPPING),
             aspect_lo=float(cfg.TRAIN.ASPECT_LO),
             aspect_hi=float(cfg.TRAIN.ASPECT_HI),
+            scale_sampling=str(cfg.TRAIN.SCALE_SAMPLING),
             **common,
         )
 
@@ -90,21 +103,34 @@ class Sample:
 
 def prepare_sample(entry: dict, settings: BlobSettings, rng: np.random.Generator) -> Sample:
     """Read, flip (if the entry is flipped), normalise and scale one image to a random TRAIN.SCALES entry,
-    with its gt moved to network-input coordinates (and aspect-cropped when enabled)."""
-    im = read_image(entry["image"])
+    with its gt moved to network-input coordinates (and aspect-cropped when enabled); in detectron2 mode as
+    detectron2's DatasetMapper does (resize before normalising, flip after resizing)."""
+    im = load_image(entry["image"], settings)
     if im.shape[:2] != (entry["height"], entry["width"]):
         raise ValueError(
             f"image file {entry['image']!r} is {im.shape[1]}x{im.shape[0]} but its annotation (image id "
             f"{entry['id']}) says {entry['width']}x{entry['height']}"
         )
+    target = draw_scale(settings, rng)
+    if settings.detectron2:
+        resized, size_hw, im_scale = d2.prepare_image(im, target, settings.max_size, entry["flipped"])
+        return Sample(d2.normalize(resized, settings.means, settings.stds, settings.to_rgb), im_scale,
+                      d2.scale_targets(entry, size_hw))
     if entry["flipped"]:
         im = im[:, ::-1]
-    target = settings.scales[int(rng.integers(len(settings.scales)))]
     im, im_scale = prep_im_for_blob(im, settings.means, settings.stds, target, settings.max_size, settings.to_rgb)
     scaled = scale_targets(entry, im_scale, im.shape[:2])
     if settings.aspect_cropping:
         im, scaled = crop_to_aspect(im, scaled, settings.aspect_lo, settings.aspect_hi, rng)
     return Sample(im, im_scale, scaled)
+
+
+def draw_scale(settings: BlobSettings, rng: np.random.Generator) -> int:
+    """One image's training size: one of TRAIN.SCALES, or an integer in [lo, hi] (TRAIN.SCALE_SAMPLING 'range',
+    detectron2's ResizeShortestEdge sample_style 'range')."""
+    if settings.scale_sampling == "range":
+        return int(rng.integers(settings.scales[0], settings.scales[1] + 1))
+    return settings.scales[int(rng.integers(len(settings.scales)))]
 
 
 def collate_samples(samples: Sequence[Sample], stride: int) -> dict:
@@ -144,22 +170,39 @@ def get_minibatch(entries: Sequence[dict], settings: BlobSettings, rng: np.rando
     return roidb_to_tensors(collate_samples([prepare_sample(e, settings, rng) for e in entries], settings.stride))
 
 
+def load_image(path: str, settings: BlobSettings) -> np.ndarray:
+    """(H, W, 3) uint8 BGR image: cv2.imread (Detectron), or PIL with EXIF orientation (detectron2 mode)."""
+    return d2.read_image_pil(path) if settings.detectron2 else read_image(path)
+
+
 def prepare_test_image(im: np.ndarray, settings: BlobSettings) -> Tuple[torch.Tensor, float]:
     """A BGR uint8 (H, W, 3) image -> (Tensor[1, 3, H', W'] network input, im_scale) at TEST.SCALE.
 
-    The unpadded scaled size, for im_info, is ``scaled_size(H, W, im_scale)``.
+    The unpadded scaled size, for im_info, is ``input_size(H, W, im_scale, settings)``.
     """
     if im.ndim != 3 or im.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) BGR image, got shape {tuple(im.shape)}")
-    processed, im_scale = prep_im_for_blob(
-        im, settings.means, settings.stds, settings.scales[0], settings.max_size, settings.to_rgb
-    )
+    if settings.detectron2:
+        resized, _, im_scale = d2.prepare_image(im, settings.scales[0], settings.max_size)
+        processed = d2.normalize(resized, settings.means, settings.stds, settings.to_rgb)
+    else:
+        processed, im_scale = prep_im_for_blob(
+            im, settings.means, settings.stds, settings.scales[0], settings.max_size, settings.to_rgb
+        )
     return im_list_to_blob([processed], settings.stride), im_scale
 
 
 def scaled_size(height: int, width: int, im_scale: float) -> Tuple[int, int]:
     """The (height, width) cv2.resize produces for scale factor ``im_scale`` (rounded to nearest)."""
     return int(round(height * im_scale)), int(round(width * im_scale))
+
+
+def input_size(height: int, width: int, im_scale: float, settings: BlobSettings) -> Tuple[int, int]:
+    """The unpadded network-input (height, width) ``prepare_test_image`` made of an (height, width) image:
+    detectron2's ResizeShortestEdge output size in detectron2 mode, else ``scaled_size``."""
+    if settings.detectron2:
+        return d2.resize_output_shape(height, width, settings.scales[0], settings.max_size)
+    return scaled_size(height, width, im_scale)
 
 
 def split_per_device(batch: dict, num_devices: int, stride: int) -> List[dict]:

@@ -18,16 +18,17 @@ from pydetectron.data.transforms import flip_keypoints, flip_segms
 logger = logging.getLogger(__name__)
 
 
-def flip_entry(entry: dict, keypoint_flip_perm: np.ndarray | None) -> dict:
-    """A roidb entry mirrored left-right: boxes, polygons, RLE masks, keypoints (left/right names swapped)."""
+def flip_entry(entry: dict, keypoint_flip_perm: np.ndarray | None, legacy_plus_one: bool = True) -> dict:
+    """A roidb entry mirrored left-right: boxes, polygons, RLE masks, keypoints (left/right names swapped);
+    x -> W - 1 - x (Detectron), or x -> W - x without ``legacy_plus_one`` (detectron2)."""
     width = entry["width"]
     out = dict(entry)
-    out["boxes"] = flip_boxes(torch.from_numpy(entry["boxes"]), width).numpy()
+    out["boxes"] = flip_boxes(torch.from_numpy(entry["boxes"]), width, legacy_plus_one).numpy()
     if entry.get("proposals") is not None:
-        out["proposals"] = flip_boxes(torch.from_numpy(entry["proposals"]), width).numpy()
-    out["segms"] = flip_segms(entry["segms"], width)
+        out["proposals"] = flip_boxes(torch.from_numpy(entry["proposals"]), width, legacy_plus_one).numpy()
+    out["segms"] = flip_segms(entry["segms"], width, legacy_plus_one)
     if entry["gt_keypoints"] is not None:
-        out["gt_keypoints"] = flip_keypoints(entry["gt_keypoints"], keypoint_flip_perm, width)
+        out["gt_keypoints"] = flip_keypoints(entry["gt_keypoints"], keypoint_flip_perm, width, legacy_plus_one)
     out["flipped"] = not entry["flipped"]
     return out
 
@@ -43,10 +44,10 @@ def check_masks_present(roidb: List[dict], ann_file: str) -> None:
                     "masks: add its polygons or RLE, or train without masks")
 
 
-def extend_with_flipped_entries(roidb: List[dict], meta: DatasetMeta) -> List[dict]:
+def extend_with_flipped_entries(roidb: List[dict], meta: DatasetMeta, legacy_plus_one: bool = True) -> List[dict]:
     """``roidb`` followed by a mirrored copy of every entry (TRAIN.USE_FLIPPED)."""
     perm = meta.keypoint_flip_permutation()
-    return roidb + [flip_entry(e, perm) for e in roidb]
+    return roidb + [flip_entry(e, perm, legacy_plus_one) for e in roidb]
 
 
 @dataclass(frozen=True)
@@ -103,10 +104,12 @@ def combined_roidb_for_training(
     proposal_files: Sequence[str] = (),
     thresholds: OverlapThresholds = OverlapThresholds(),
     masks_on: bool = False,
+    conventions: str = "detectron",
 ) -> Tuple[List[dict], DatasetMeta]:
     """The training roidb of one or more catalog datasets (which must share categories) and their meta;
     with `proposal_files` (one per dataset, TRAIN.PROPOSAL_FILES) each entry gets its precomputed proposals;
-    with `masks_on` every non-crowd object must have a segmentation."""
+    with `masks_on` every non-crowd object must have a segmentation. `conventions` 'detectron2': detectron2's
+    boxes, keypoints and flips (``CocoDataset.get_roidb``, ``flip_entry``)."""
     if isinstance(dataset_names, str):
         dataset_names = (dataset_names,)
     if not dataset_names:
@@ -118,7 +121,7 @@ def combined_roidb_for_training(
     meta = None
     for index, name in enumerate(dataset_names):
         ds = CocoDataset(name, cache_dir=cache_dir)
-        part = ds.get_roidb(gt_min_area=gt_min_area)
+        part = ds.get_roidb(gt_min_area=gt_min_area, conventions=conventions)
         if masks_on:
             check_masks_present(part, ds.spec.ann_file)
         if proposal_files:
@@ -129,7 +132,7 @@ def combined_roidb_for_training(
             raise ValueError(f"dataset {name!r} has keypoints different from {dataset_names[0]!r}")
         meta = ds.meta
         if use_flipped:
-            part = extend_with_flipped_entries(part, meta)
+            part = extend_with_flipped_entries(part, meta, legacy_plus_one=conventions != "detectron2")
         roidb.extend(part)
     if keypoints_on and not meta.keypoint_names:
         raise ValueError(f"MODEL.KEYPOINTS_ON but datasets {tuple(dataset_names)} define no keypoints")
@@ -138,7 +141,7 @@ def combined_roidb_for_training(
 
 def combined_roidb_from_cfg(cfg, cache_dir: str | None = None) -> Tuple[List[dict], DatasetMeta]:
     """``combined_roidb_for_training`` with TRAIN.DATASETS, TRAIN.USE_FLIPPED, MODEL.KEYPOINTS_ON,
-    TRAIN.GT_MIN_AREA, TRAIN.PROPOSAL_FILES, the TRAIN overlap thresholds and MODEL.MASK_ON."""
+    TRAIN.GT_MIN_AREA, TRAIN.PROPOSAL_FILES, the TRAIN overlap thresholds, MODEL.MASK_ON and MODEL.CONVENTIONS."""
     return combined_roidb_for_training(
         tuple(cfg.TRAIN.DATASETS),
         use_flipped=bool(cfg.TRAIN.USE_FLIPPED),
@@ -148,4 +151,5 @@ def combined_roidb_from_cfg(cfg, cache_dir: str | None = None) -> Tuple[List[dic
         proposal_files=tuple(cfg.TRAIN.PROPOSAL_FILES),
         thresholds=OverlapThresholds.from_cfg(cfg),
         masks_on=bool(cfg.MODEL.MASK_ON),
+        conventions=str(cfg.MODEL.CONVENTIONS),
     )

@@ -27,20 +27,24 @@ def read_image(path: str) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- flipping
-def flip_boxes_np(boxes: np.ndarray, width: int) -> np.ndarray:
-    """(N, 4) inclusive xyxy boxes mirrored in an image of ``width``: x1' = W - 1 - x2, x2' = W - 1 - x1."""
+def flip_boxes_np(boxes: np.ndarray, width: int, legacy_plus_one: bool = True) -> np.ndarray:
+    """(N, 4) xyxy boxes mirrored in an image of ``width``: x1' = W - 1 - x2, x2' = W - 1 - x1 (Detectron's
+    inclusive boxes), or x1' = W - x2, x2' = W - x1 without ``legacy_plus_one`` (detectron2)."""
+    right = width - (1 if legacy_plus_one else 0)
     out = boxes.copy()
-    out[:, 0] = width - 1 - boxes[:, 2]
-    out[:, 2] = width - 1 - boxes[:, 0]
+    out[:, 0] = right - boxes[:, 2]
+    out[:, 2] = right - boxes[:, 0]
     return out
 
 
-def flip_polygons(polys: Sequence[np.ndarray], width: int) -> List[np.ndarray]:
-    """Flat [x0, y0, x1, y1, ...] polygons mirrored: x -> width - 1 - x (Detectron's flip_segms)."""
+def flip_polygons(polys: Sequence[np.ndarray], width: int, legacy_plus_one: bool = True) -> List[np.ndarray]:
+    """Flat [x0, y0, x1, y1, ...] polygons mirrored: x -> width - 1 - x (Detectron's flip_segms), or
+    x -> width - x without ``legacy_plus_one`` (detectron2's HFlipTransform)."""
+    right = width - (1 if legacy_plus_one else 0)
     out = []
     for poly in polys:
         flipped = np.array(poly, dtype=np.float32)
-        flipped[0::2] = width - 1 - flipped[0::2]
+        flipped[0::2] = right - flipped[0::2]
         out.append(flipped)
     return out
 
@@ -52,14 +56,20 @@ def flip_rle(rle: dict) -> dict:
     return {"size": list(flipped["size"]), "counts": flipped["counts"]}
 
 
-def flip_segms(segms: Sequence, width: int) -> list:
+def flip_segms(segms: Sequence, width: int, legacy_plus_one: bool = True) -> list:
     """Each segm (polygon list or compressed RLE dict) mirrored left-right."""
-    return [flip_rle(s) if isinstance(s, dict) else flip_polygons(s, width) for s in segms]
+    return [flip_rle(s) if isinstance(s, dict) else flip_polygons(s, width, legacy_plus_one) for s in segms]
 
 
-def flip_keypoints(keypoints: np.ndarray, flip_perm: np.ndarray, width: int) -> np.ndarray:
-    """(G, K, 3) keypoints mirrored: left/right names swapped by ``flip_perm``, x -> W - 1 - x; x = 0 where v = 0."""
+def flip_keypoints(keypoints: np.ndarray, flip_perm: np.ndarray, width: int, legacy_plus_one: bool = True
+                   ) -> np.ndarray:
+    """(G, K, 3) keypoints mirrored: left/right names swapped by ``flip_perm``, x -> W - 1 - x; x = 0 where v = 0
+    (Detectron). Without ``legacy_plus_one``: x -> W - x only (detectron2 zeroes unlabelled points after all its
+    transforms, ``detectron2_transforms.clean_targets``)."""
     out = keypoints[:, flip_perm, :].copy()
+    if not legacy_plus_one:
+        out[:, :, 0] = width - out[:, :, 0]
+        return out
     out[:, :, 0] = width - 1 - out[:, :, 0]
     out[:, :, 0][out[:, :, 2] == 0] = 0  # COCO convention kept by Detectron's flip_keypoints
     return out

@@ -62,6 +62,8 @@ class TestOptions:
 
     cfg_file: str | None = None
     set_cfgs: Sequence[str] = ()
+    config_file: str | None = None  # a detectron2 YAML (--config-file) instead of cfg_file
+    opts: Sequence[str] = ()  # its trailing detectron2 KEY VALUE overrides
     dataset: str | None = None
     register: Sequence[str] = ()
     load_ckpt: str | None = None
@@ -212,6 +214,14 @@ def load_detections(path: str | Path) -> tuple[str, dict[int, dict]]:
     return str(data["dataset"]), data["detections"]
 
 
+def inference_amp(cfg, requested: bool = False) -> bool:
+    """Whether inference runs under autocast: SOLVER.AMP.ENABLED (or --amp), except in detectron2 mode, where that
+    key is training's only (detectron2 evaluates in float32) and only --amp (``requested``) turns it on."""
+    if cfg.MODEL.CONVENTIONS == "detectron2":
+        return bool(requested)
+    return bool(cfg.SOLVER.AMP.ENABLED or requested)
+
+
 def range_file(output_dir: Path, start: int, end: int) -> Path:
     return output_dir / f"detections_range_{start}_{end}.pkl"
 
@@ -229,7 +239,7 @@ def evaluate_dataset(cfg, dataset_name: str, detections: Mapping[int, dict], out
     category_ids = [0] + [dataset.meta.contiguous_category_id_to_json_id[c] for c in range(1, dataset.meta.num_classes)]
     return evaluate_detections(coco_gt, detections, category_ids, dataset_name, output_dir,
                                cfg.KRCNN.OKS_SIGMAS or dataset.meta.oks_sigmas or None,
-                               cfg.KRCNN.KEYPOINT_CONFIDENCE, print_fn)
+                               cfg.KRCNN.KEYPOINT_CONFIDENCE, print_fn, cfg.MODEL.CONVENTIONS == "detectron2")
 
 
 def evaluate_rpn_proposals(cfg, dataset_name: str, detections: Mapping[int, dict], output_dir: Path,
@@ -294,7 +304,7 @@ def run_inference(cfg, options: TestOptions, dataset: CocoDataset, entries: Sequ
     # TEST.BBOX_AUG / BBOX_VOTE / MASK_AUG / KPS_AUG, else the model's own inference
     detect = detection_function(cfg, dataset.meta.keypoint_flip_permutation())
     detections = distributed_inference(model, entries[start:end], BlobSettings.from_cfg(cfg, train=False), device,
-                                       print_fn, detect, AmpSettings(bool(cfg.SOLVER.AMP.ENABLED), device.type))
+                                       print_fn, detect, AmpSettings(inference_amp(cfg, options.amp), device.type))
     if detections is None:
         return None
     elapsed = time.perf_counter() - tic
@@ -328,6 +338,8 @@ def child_arguments(options: TestOptions, dataset_name: str, num_classes: int, o
     args = list(options.child_command)
     if options.cfg_file:
         args += ["--cfg", str(options.cfg_file)]
+    if options.config_file:
+        args += ["--config-file", str(options.config_file)]
     for spec in options.register:
         args += ["--register", spec]
     args += ["--dataset", dataset_name, "--output_dir", str(output_dir), "--range", str(start), str(end)]
@@ -342,7 +354,8 @@ def child_arguments(options: TestOptions, dataset_name: str, num_classes: int, o
     if options.amp:
         args.append("--amp")
     args += ["--set", *options.set_cfgs, "MODEL.NUM_CLASSES", str(num_classes)]
-    return args + (["TEST.PROPOSAL_FILES", repr((proposal_file,))] if proposal_file else [])
+    args += ["TEST.PROPOSAL_FILES", repr((proposal_file,))] if proposal_file else []
+    return args + (["--", *options.opts] if options.opts else [])  # "--" ends --set: detectron2 opts follow
 
 
 def run_in_parallel(cfg, options: TestOptions, dataset_name: str, num_images: int, workers: int, output_dir: Path,

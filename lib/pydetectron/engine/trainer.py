@@ -69,6 +69,7 @@ class TrainLoopSettings:
     snapshot_iters: int = 20000
     scale_momentum: bool = True
     scale_momentum_threshold: float = 1.1
+    lr_in_momentum: bool = True  # SOLVER.LR_IN_MOMENTUM: Caffe2's SGD (Detectron); False = torch's (detectron2)
     log_lr_change_threshold: float = 1.1
     eval_period: int = 0
     save_checkpoints: bool = True  # every rank must agree (saving gathers every rank's random state)
@@ -214,7 +215,8 @@ class Trainer:
         old_lr = current_learning_rate(self.optimizer)
         if old_lr > 0 and new_lr > 0 and max(new_lr / old_lr, old_lr / new_lr) > self.settings.log_lr_change_threshold:
             self.print(f"Changing learning rate {old_lr:.6f} -> {new_lr:.6f} at step {step + 1}")
-        set_learning_rate(self.optimizer, new_lr, self.settings.scale_momentum, self.settings.scale_momentum_threshold)
+        set_learning_rate(self.optimizer, new_lr, self.settings.scale_momentum, self.settings.scale_momentum_threshold,
+                          self.settings.lr_in_momentum)
         return new_lr
 
     def _outputs(self, step: int, batch: dict) -> dict[str, torch.Tensor]:

@@ -35,7 +35,7 @@ from pydetectron.engine.dataset_cfg import apply_dataset_meta, select_datasets
 from pydetectron.engine.distillation import Distillation, build_distillation, student_weights_part
 from pydetectron.engine.hooks import PreciseBN, TrainerHook
 from pydetectron.engine.logger import TrainingLogger, read_metrics
-from pydetectron.engine.test_engine import distributed_inference, open_dataset, proposal_file_of
+from pydetectron.engine.test_engine import distributed_inference, inference_amp, open_dataset, proposal_file_of
 from pydetectron.engine.trainer import AmpSettings, Trainer, TrainLoopSettings
 from pydetectron.evaluation.inference import evaluate_detections
 from pydetectron.evaluation.proposal_eval import evaluate_rpn_detections
@@ -92,6 +92,7 @@ def training_device(options: TrainOptions) -> tuple[torch.device, int]:
 def adapt_cfg(cfg, options: TrainOptions, num_devices: int, print_fn: Print = print) -> None:
     """Scale the schedule to the hardware and batch size, then apply the command-line solver overrides.
     `num_devices` counts every device of the run (world size x devices per process)."""
+    split_total_batch(cfg, num_devices, print_fn)
     original_ims_per_batch = cfg.TRAIN.IMS_PER_BATCH
     scaled = scale_schedule(
         cfg.SOLVER.BASE_LR, cfg.SOLVER.STEPS, cfg.SOLVER.MAX_ITER, cfg.NUM_GPUS, cfg.TRAIN.IMS_PER_BATCH,
@@ -119,6 +120,39 @@ def adapt_cfg(cfg, options: TrainOptions, num_devices: int, print_fn: Print = pr
         cfg.RNG_SEED = options.seed
     if options.amp:
         cfg.SOLVER.AMP.ENABLED = True
+
+
+def split_total_batch(cfg, num_devices: int, print_fn: Print = print) -> None:
+    """SOLVER.IMS_PER_BATCH (detectron2's total batch over all processes), when set, becomes NUM_GPUS = the run's
+    device count and TRAIN.IMS_PER_BATCH = total / devices, so the schedule is the config's, unscaled."""
+    total = int(cfg.SOLVER.IMS_PER_BATCH)
+    if total <= 0:
+        return
+    if total % num_devices:
+        raise ValueError(f"SOLVER.IMS_PER_BATCH = {total} (the total batch over all processes) is not divisible by "
+                         f"the {num_devices} devices of this run; choose a total that is a multiple of {num_devices}")
+    cfg.NUM_GPUS = num_devices
+    cfg.TRAIN.IMS_PER_BATCH = total // num_devices
+    print_fn(f"SOLVER.IMS_PER_BATCH = {total} images per step in total: {cfg.TRAIN.IMS_PER_BATCH} on each of "
+             f"{num_devices} devices")
+
+
+def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest checkpoint a run wrote into ``<output_dir>/ckpt`` (None when there is none)."""
+    return CheckpointManager(Path(output_dir) / "ckpt").latest()
+
+
+def resolve_resume(options: TrainOptions, output_dir: Path, print_fn: Print = print) -> None:
+    """detectron2's --resume: without --load_ckpt, continue from the output dir's last checkpoint, or (none yet)
+    start afresh from the initial weights, as detectron2's ``resume_or_load`` does."""
+    if not options.resume or options.load_ckpt:
+        return
+    latest = last_checkpoint(output_dir)
+    if latest is None:
+        print_fn(f"--resume: no checkpoint in {output_dir / 'ckpt'} yet; starting from the initial weights")
+        options.resume = False
+        return
+    options.load_ckpt = str(latest)
 
 
 def default_output_dir(cfg_name: str) -> Path:
@@ -168,7 +202,7 @@ def make_evaluator(model, cfg, device, output_dir: Path, print_fn: Print):
     coco_gt = COCO(dataset.spec.ann_file) if is_main_process() else None
     category_ids = [0] + [dataset.meta.contiguous_category_id_to_json_id[c]
                           for c in range(1, dataset.meta.num_classes)]
-    amp = AmpSettings(bool(cfg.SOLVER.AMP.ENABLED), device.type)
+    amp = AmpSettings(inference_amp(cfg), device.type)
 
     def evaluate(step: int) -> dict[str, float] | None:
         detections = distributed_inference(model, entries, settings, device, print_fn, amp=amp)
@@ -178,7 +212,8 @@ def make_evaluator(model, cfg, device, output_dir: Path, print_fn: Print):
             return _flatten({"box_proposal": evaluate_rpn_detections(entries, detections, dataset.name, print_fn)})
         metrics = evaluate_detections(coco_gt, detections, category_ids, dataset.name,
                                       output_dir / f"eval_step{step}", cfg.KRCNN.OKS_SIGMAS or None,
-                                      cfg.KRCNN.KEYPOINT_CONFIDENCE, print_fn)
+                                      cfg.KRCNN.KEYPOINT_CONFIDENCE, print_fn,
+                                      cfg.MODEL.CONVENTIONS == "detectron2")
         return _flatten(metrics)
 
     return evaluate
@@ -255,6 +290,7 @@ def run_training(cfg, options: TrainOptions, print_fn: Print = print) -> Path:
         print_fn = _silent
     output_dir = Path(broadcast_object(str(options.output_dir or default_output_dir(options.cfg_name))))
     with ConsoleLog(output_dir / "log.txt" if is_main_process() else None):
+        resolve_resume(options, output_dir, print_fn)
         device, local_devices = training_device(options)
         select_datasets(cfg, options.dataset, options.register, train=True)
         adapt_cfg(cfg, options, local_devices * get_world_size(), print_fn)
@@ -295,6 +331,7 @@ def _train(cfg, options: TrainOptions, roidb, output_dir: Path, device: torch.de
     settings = TrainLoopSettings(
         max_iter=cfg.SOLVER.MAX_ITER, iter_size=options.iter_size, snapshot_iters=cfg.TRAIN.SNAPSHOT_ITERS,
         scale_momentum=cfg.SOLVER.SCALE_MOMENTUM, scale_momentum_threshold=cfg.SOLVER.SCALE_MOMENTUM_THRESHOLD,
+        lr_in_momentum=cfg.SOLVER.LR_IN_MOMENTUM,
         log_lr_change_threshold=cfg.SOLVER.LOG_LR_CHANGE_THRESHOLD, eval_period=cfg.TEST.EVAL_PERIOD,
         save_checkpoints=not options.no_save, amp=AmpSettings(bool(cfg.SOLVER.AMP.ENABLED), device.type),
         clip_gradients=build_gradient_clipper(cfg),

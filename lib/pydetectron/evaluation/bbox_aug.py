@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from pydetectron.boxes import box_iou, flip_boxes
-from pydetectron.data.minibatch import BlobSettings, prepare_test_image, scaled_size
+from pydetectron.data.minibatch import BlobSettings, input_size, prepare_test_image
 from pydetectron.evaluation.instance_aug import InstanceAugmentation, augmented_heatmaps, augmented_mask_probs
 from pydetectron.evaluation.tta_passes import Transformations, augmented_passes, scale_box_widths
 from pydetectron.modeling.postprocess import BoxInference, box_results_with_nms_and_limit, predict_boxes
@@ -182,7 +182,7 @@ def box_predictions(model: torch.nn.Module, image: np.ndarray, settings: BlobSet
         raise ValueError("TEST.BBOX_AUG / TEST.BBOX_VOTE need a detector with an RPN and a box head "
                          "(precomputed-proposal and RPN-only models are not supported)")
     blob, im_scale = prepare_test_image(image, settings)
-    height, width = scaled_size(image.shape[0], image.shape[1], im_scale)
+    height, width = input_size(image.shape[0], image.shape[1], im_scale, settings)
     im_info = torch.tensor([[height, width, im_scale]], dtype=torch.float32, device=device)
     features = model.body(blob.to(device))
     rois = model.rpn(features, im_info).rois
@@ -268,6 +268,10 @@ def detection_function(cfg, keypoint_flip_perm: np.ndarray | None = None) -> Cal
     instance_aug = (cfg.MODEL.MASK_ON and cfg.TEST.MASK_AUG.ENABLED) or (
         cfg.MODEL.KEYPOINTS_ON and cfg.TEST.KPS_AUG.ENABLED)
     if cfg.TEST.BBOX_AUG.ENABLED or cfg.TEST.BBOX_VOTE.ENABLED or instance_aug:
+        if cfg.MODEL.CONVENTIONS == "detectron2":
+            raise ValueError("TEST.BBOX_AUG / BBOX_VOTE / MASK_AUG / KPS_AUG are Detectron's test-time passes (its "
+                             "box decoding and combination rules); they are not available in detectron2 mode "
+                             "(MODEL.CONVENTIONS 'detectron2')")
         if not cfg.MODEL.FASTER_RCNN:
             raise ValueError("TEST.BBOX_AUG / BBOX_VOTE / MASK_AUG / KPS_AUG are implemented for models with an "
                              "RPN (MODEL.FASTER_RCNN), not for precomputed proposals or RPN-only models")

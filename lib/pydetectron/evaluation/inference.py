@@ -12,12 +12,11 @@ import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-import cv2
 import numpy as np
 import torch
 from pycocotools.coco import COCO
 
-from pydetectron.data.minibatch import BlobSettings, prepare_test_image, scaled_size
+from pydetectron.data.minibatch import BlobSettings, input_size, load_image, prepare_test_image
 from pydetectron.evaluation.coco_eval import copypaste_lines, evaluate_coco
 from pydetectron.evaluation.coco_results import encode_mask, image_results
 
@@ -32,7 +31,7 @@ def detect_image(model: torch.nn.Module, image: np.ndarray, settings: BlobSettin
     The original size goes to the detector explicitly: recovering it from the scaled size can be one pixel off.
     """
     blob, im_scale = prepare_test_image(image, settings)
-    height, width = scaled_size(image.shape[0], image.shape[1], im_scale)
+    height, width = input_size(image.shape[0], image.shape[1], im_scale, settings)
     im_info = torch.tensor([[height, width, im_scale]], dtype=torch.float32)
     entry: dict = {"height": image.shape[0], "width": image.shape[1]}
     if proposals is not None:
@@ -72,9 +71,11 @@ def inference_on_dataset(
     results: dict[int, dict] = {}
     start = time.perf_counter()
     for done, entry in enumerate(entries, start=1):
-        image = cv2.imread(entry["image"], cv2.IMREAD_COLOR)
-        if image is None:
-            raise FileNotFoundError(f"image {entry['image']!r} (image id {entry['id']}) is missing or unreadable")
+        try:
+            image = load_image(entry["image"], settings)  # cv2, or PIL + EXIF in detectron2 mode
+        except OSError as err:
+            raise FileNotFoundError(f"image {entry['image']!r} (image id {entry['id']}) is missing or unreadable: "
+                                    f"{err}") from None
         extra = {"proposals": entry["proposals"]} if entry.get("proposals") is not None else {}
         results[int(entry["id"])] = compact(detect_fn(model, image, settings, device, **extra))
         if done % progress_every == 0 or done == len(entries):
@@ -94,15 +95,17 @@ def evaluate_detections(
     oks_sigmas: Sequence[float] | None = None,
     keypoint_confidence: str = "bbox",
     print_fn: Callable[[str], None] = print,
+    detectron2: bool = False,
 ) -> dict[str, dict[str, float]]:
     """COCO metrics for every task the detections carry; writes Detectron-named result jsons to output_dir.
 
     `category_ids[c]` is the json category id of contiguous class c. Returns {iou_type: {AP name: value}}.
+    `detectron2`: results written with detectron2's conventions (``coco_results.image_results``).
     """
     per_task: dict[str, list] = {}
     for image_id in sorted(detections):
         for task, entries in image_results(image_id, detections[image_id], category_ids,
-                                           keypoint_confidence).items():
+                                           keypoint_confidence, detectron2).items():
             per_task.setdefault(task, []).extend(entries)
     if not per_task:
         per_task["bbox"] = []

@@ -59,39 +59,47 @@ def generate_anchors(
     return _cell_anchors_f64(*key).to(torch.float32)
 
 
-def shift_anchors(cell_anchors: Tensor, stride: float, height: int, width: int) -> Tensor:
+def shift_anchors(cell_anchors: Tensor, stride: float, height: int, width: int, offset: float = 0.0) -> Tensor:
     """Cell anchors ``(A, 4)`` placed at every cell of an ``height x width`` map -> ``(H * W * A, 4)``.
 
-    Cell ``(y, x)`` shifts by ``(x * stride, y * stride)``; rows are ordered ``(H, W, A)`` as Detectron.
+    Cell ``(y, x)`` shifts by ``((x + offset) * stride, (y + offset) * stride)``; rows are ordered
+    ``(H, W, A)`` as Detectron. The shifts are detectron2's ``arange(offset * stride, W * stride, stride)``,
+    made in float32 on the CPU as detectron2 makes them (Detectron's offset is 0: ``x * stride`` exactly).
     """
     device, dtype = cell_anchors.device, cell_anchors.dtype
-    shift_x = torch.arange(width, device=device, dtype=dtype) * stride
-    shift_y = torch.arange(height, device=device, dtype=dtype) * stride
-    sy, sx = torch.meshgrid(shift_y, shift_x, indexing="ij")
+    shift_x = torch.arange(offset * stride, width * stride, step=stride, dtype=torch.float32)
+    shift_y = torch.arange(offset * stride, height * stride, step=stride, dtype=torch.float32)
+    if shift_x.numel() != width or shift_y.numel() != height:
+        raise ValueError(f"anchor grid of stride {stride} and offset {offset} does not fit a {height}x{width} map")
+    sy, sx = torch.meshgrid(shift_y.to(device, dtype), shift_x.to(device, dtype), indexing="ij")
     shifts = torch.stack((sx, sy, sx, sy), dim=-1).reshape(-1, 1, 4)
     return (shifts + cell_anchors.reshape(1, -1, 4)).reshape(-1, 4)
 
 
-class AnchorGenerator:
-    """Anchors for each RPN level, cached per (level, map shape, device), least recently used first out.
+class GridAnchorGenerator:
+    """Anchors for each level from its cell anchors, cached per (level, map shape, device), least recently
+    used first out. Subclasses choose the cell anchors (Detectron's here, detectron2's in
+    ``modeling.detectron2.anchors``).
 
     Args:
-        strides: one per level (``2 ** lvl`` for FPN, ``RPN.STRIDE`` for a single map).
-        sizes: per level, the anchor sizes of that level.
-        aspect_ratios: shared by all levels.
+        strides: one per level.
+        cell_anchors: per level ``(A, 4)`` float32, the same ``A`` on every level.
+        offset: where in its cell an anchor's shift lies, in strides (detectron2's ``OFFSET``; 0 = Detectron).
     The returned tensors are shared with the cache: treat them as read-only.
     """
 
     # Grids kept (one per level and shape): a 1333 x 800 FPN input needs about 4 MB over its five levels.
     max_cached = 128
 
-    def __init__(
-        self, strides: Sequence[float], sizes: Sequence[Sequence[float]], aspect_ratios: Sequence[float]
-    ) -> None:
-        if len(strides) != len(sizes):
-            raise ValueError(f"need one size list per stride, got {len(strides)} strides and {len(sizes)} sizes")
+    def __init__(self, strides: Sequence[float], cell_anchors: Sequence[Tensor], offset: float = 0.0) -> None:
+        if len(strides) != len(cell_anchors):
+            raise ValueError(f"need one set of cell anchors per stride, got {len(strides)} strides and "
+                             f"{len(cell_anchors)} sets")
+        if not 0.0 <= offset < 1.0:
+            raise ValueError(f"anchor offset must be in [0, 1), got {offset}")
         self.strides = [float(s) for s in strides]
-        self.cell_anchors = [generate_anchors(s, sz, aspect_ratios) for s, sz in zip(self.strides, sizes)]
+        self.cell_anchors = list(cell_anchors)
+        self.offset = float(offset)
         counts = {c.shape[0] for c in self.cell_anchors}
         if len(counts) != 1:
             raise ValueError(f"every level needs the same number of anchors per cell, got {sorted(counts)}")
@@ -109,11 +117,33 @@ class AnchorGenerator:
                 self._cache.move_to_end(key)
             else:
                 cell = self.cell_anchors[i].to(device)
-                self._cache[key] = shift_anchors(cell, self.strides[i], int(h), int(w))
+                self._cache[key] = shift_anchors(cell, self.strides[i], int(h), int(w), self.offset)
                 if len(self._cache) > self.max_cached:  # multi-scale training meets many map shapes
                     self._cache.popitem(last=False)
             out.append(self._cache[key])
         return out
+
+
+class AnchorGenerator(GridAnchorGenerator):
+    """Detectron's anchors: ``generate_anchors(stride, sizes, aspect_ratios)`` per level, offset 0.
+
+    Args:
+        strides: one per level (``2 ** lvl`` for FPN, ``RPN.STRIDE`` for a single map).
+        sizes: per level, the anchor sizes of that level.
+        aspect_ratios: shared by all levels.
+    """
+
+    def __init__(
+        self, strides: Sequence[float], sizes: Sequence[Sequence[float]], aspect_ratios: Sequence[float]
+    ) -> None:
+        if len(strides) != len(sizes):
+            raise ValueError(f"need one size list per stride, got {len(strides)} strides and {len(sizes)} sizes")
+        super().__init__(strides, [generate_anchors(s, sz, aspect_ratios) for s, sz in zip(strides, sizes)])
+
+
+def fpn_anchor_sizes(min_level: int, max_level: int, start_size: float) -> list[tuple[float]]:
+    """FPN RPN sizes per level: one size, ``start_size * 2^(l - min_level)`` (``FPN.RPN_ANCHOR_START_SIZE``)."""
+    return [(start_size * 2.0 ** (lvl - min_level),) for lvl in range(min_level, max_level + 1)]
 
 
 def fpn_anchor_generator(
@@ -121,6 +151,5 @@ def fpn_anchor_generator(
 ) -> AnchorGenerator:
     """FPN anchors: level ``l`` has stride ``2^l`` and one size ``start_size * 2^(l - min_level)``."""
     levels = range(min_level, max_level + 1)
-    return AnchorGenerator(
-        [2.0**lvl for lvl in levels], [(start_size * 2.0 ** (lvl - min_level),) for lvl in levels], aspect_ratios
-    )
+    return AnchorGenerator([2.0**lvl for lvl in levels], fpn_anchor_sizes(min_level, max_level, start_size),
+                           aspect_ratios)

@@ -166,11 +166,12 @@ def fast_rcnn_losses(
     bbox_targets: torch.Tensor,
     bbox_inside_weights: torch.Tensor,
     bbox_outside_weights: torch.Tensor,
+    beta: float = 1.0,
 ) -> Dict[str, torch.Tensor]:
     """Detectron's Fast R-CNN losses: softmax cross-entropy averaged over the R sampled RoIs (``loss_cls``)
-    and smooth-L1 (beta 1) summed and divided by R (``loss_bbox``), Caffe2's ``SoftmaxWithLoss`` and
-    ``SmoothL1Loss``. labels ``(R,)`` int64 in ``0..num_classes-1``; bbox tensors ``(R, 4 * C')`` from
-    ``targets.fast_rcnn``."""
+    and smooth-L1 (`beta` 1, Detectron's; ``FAST_RCNN.SMOOTH_L1_BETA``) summed and divided by R (``loss_bbox``),
+    Caffe2's ``SoftmaxWithLoss`` and ``SmoothL1Loss``. labels ``(R,)`` int64 in ``0..num_classes-1``; bbox tensors
+    ``(R, 4 * C')`` from ``targets.fast_rcnn``."""
     if bbox_pred.shape != bbox_targets.shape:
         raise ValueError(
             f"bbox_pred {tuple(bbox_pred.shape)} and bbox_targets {tuple(bbox_targets.shape)} differ: "
@@ -178,7 +179,7 @@ def fast_rcnn_losses(
         )
     return {
         "loss_cls": softmax_cross_entropy_loss(cls_score, labels),
-        "loss_bbox": smooth_l1_loss(bbox_pred, bbox_targets, bbox_inside_weights, bbox_outside_weights, beta=1.0),
+        "loss_bbox": smooth_l1_loss(bbox_pred, bbox_targets, bbox_inside_weights, bbox_outside_weights, beta=beta),
     }
 
 

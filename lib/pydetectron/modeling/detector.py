@@ -15,13 +15,14 @@ de-duplicated as Detectron does (``DEDUP_BOXES``).
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from pydetectron.modeling import registry
 from pydetectron.modeling.detector_inputs import checked_im_info, original_sizes
+from pydetectron.modeling.detectron2.postprocess import detector_postprocess
 from pydetectron.modeling.fpn_levels import level_indices
 from pydetectron.modeling.layers import compose_weight_mapping
 from pydetectron.modeling.retinanet import RetinaNet
@@ -75,6 +76,7 @@ class GeneralizedRCNN(nn.Module):
         dim, scales = self.body.dim_out, list(self.body.spatial_scales)
         self.rpn = build_rpn(cfg, dim, scales) if _rpn_on(cfg) else None
         self.rpn_only = bool(cfg.MODEL.RPN_ONLY)
+        self.detectron2_mode = cfg.MODEL.CONVENTIONS == "detectron2"
         self.mask_on = bool(cfg.MODEL.MASK_ON) and not self.rpn_only
         self.keypoints_on = bool(cfg.MODEL.KEYPOINTS_ON) and not self.rpn_only
         self.roi_indices = _roi_feature_indices(cfg, self.body.levels)
@@ -146,7 +148,8 @@ class GeneralizedRCNN(nn.Module):
             rpn_out = self.rpn(features, im_info)
             proposals = rpn_out.rois
             if self.rpn_only:
-                return [_proposal_results(rpn_out.rois, rpn_out.scores, im_info, i) for i in range(im_info.shape[0])]
+                return [_proposal_results(rpn_out.rois, rpn_out.scores, im_info, sizes, i, self.detectron2_mode)
+                        for i in range(im_info.shape[0])]
         else:
             if roidb is None:
                 raise ValueError("a model without RPN needs the roidb (with 'proposals') at inference")
@@ -155,10 +158,15 @@ class GeneralizedRCNN(nn.Module):
         return self.roi_heads.forward_inference(roi_feats, proposals, im_info, sizes, precomputed=self.rpn is None)
 
 
-def _proposal_results(rois: torch.Tensor, scores: torch.Tensor, im_info: torch.Tensor, i: int) -> Detections:
-    """RPN-only inference (Detectron's ``generate_rpn_on_dataset``): image `i`'s proposals as ``boxes``
-    ``(P, 4)`` in original pixels with their objectness ``scores`` ``(P,)``; no ``classes``."""
+def _proposal_results(rois: torch.Tensor, scores: torch.Tensor, im_info: torch.Tensor,
+                      sizes: Sequence[Tuple[int, int]], i: int, detectron2_mode: bool) -> Detections:
+    """RPN-only inference: image `i`'s proposals as ``boxes`` ``(P, 4)`` in original pixels with their objectness
+    ``scores`` ``(P,)``; no ``classes``. Detectron (``generate_rpn_on_dataset``) divides by im_scale; detectron2's
+    ProposalNetwork runs ``detector_postprocess`` (per-axis scale, clip, empty boxes dropped)."""
     mine = rois[:, 0] == i
+    if detectron2_mode:
+        proposals = {"boxes": rois[mine, 1:5], "scores": scores[mine]}
+        return detector_postprocess(proposals, (float(im_info[i, 0]), float(im_info[i, 1])), sizes[i])
     return {"boxes": rois[mine, 1:5] / im_info[i, 2], "scores": scores[mine]}
 
 

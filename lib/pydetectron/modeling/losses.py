@@ -25,7 +25,8 @@ def smooth_l1_loss(
     ``huber_beta(x) = 0.5 x^2 / beta`` where ``|x| < beta`` else ``|x| - 0.5 beta``. All four tensors share
     one shape; ``normalizer`` (at least 1) defaults to ``pred.shape[0]`` (Caffe2 divides by the input's
     first dimension: the number of images for the RPN blobs, the number of RoIs for Fast R-CNN). The RPN uses
-    ``beta = 1/9``, Fast R-CNN and the other heads ``beta = 1``.
+    ``beta = 1/9`` (``RPN.SMOOTH_L1_BETA``), Fast R-CNN and the other heads ``beta = 1``; ``beta < 1e-5`` is
+    the L1 loss (detectron2's meaning, see ``smooth_l1``).
     """
     if not (pred.shape == target.shape == inside_weights.shape == outside_weights.shape):
         raise ValueError(
@@ -33,14 +34,22 @@ def smooth_l1_loss(
             f"{tuple(pred.shape)}, target {tuple(target.shape)}, inside {tuple(inside_weights.shape)}, "
             f"outside {tuple(outside_weights.shape)}"
         )
-    if beta <= 0:
-        raise ValueError(f"smooth_l1_loss beta must be > 0, got {beta}")
+    if beta < 0:
+        raise ValueError(f"smooth_l1_loss beta must be >= 0, got {beta}")
     if normalizer is None:
         normalizer = pred.shape[0] if pred.dim() > 0 else 1
-    diff = inside_weights * (pred - target)
-    abs_diff = diff.abs()
-    per_elem = torch.where(abs_diff < beta, 0.5 * diff * diff / beta, abs_diff - 0.5 * beta)
+    per_elem = smooth_l1(inside_weights * (pred - target), beta)
     return (outside_weights * per_elem).sum() / max(float(normalizer), 1.0)
+
+
+def smooth_l1(diff: Tensor, beta: float) -> Tensor:
+    """Elementwise smooth-L1 of differences ``diff`` (fvcore's / detectron2's formula, which Detectron's
+    operator shares): ``0.5 x^2 / beta`` where ``|x| < beta`` else ``|x| - 0.5 beta``; plain ``|x|`` when
+    ``beta < 1e-5`` (detectron2's L1 case, also the limit of the formula)."""
+    abs_diff = diff.abs()
+    if beta < 1e-5:
+        return abs_diff
+    return torch.where(abs_diff < beta, 0.5 * abs_diff**2 / beta, abs_diff - 0.5 * beta)
 
 
 def sigmoid_cross_entropy_loss(logits: Tensor, labels: Tensor, normalizer: float | None = None) -> Tensor:

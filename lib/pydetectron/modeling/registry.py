@@ -28,6 +28,10 @@ BUILTIN_MODULES = (
     "pydetectron.modeling.mask_head",
     "pydetectron.modeling.keypoint_head",
     "pydetectron.modeling.roi_heads",
+    "pydetectron.modeling.detectron2.box_head",
+    "pydetectron.modeling.detectron2.mask_head",
+    "pydetectron.modeling.detectron2.keypoint_head",
+    "pydetectron.modeling.detectron2.roi_heads",
 )
 
 _REGISTRY: dict[str, dict[str, Callable[..., Any]]] = {kind: {} for kind in KINDS}

@@ -24,6 +24,11 @@
 Detectron labels a square field of anchors sized for ``TRAIN.MAX_SIZE`` and crops it to the padded image;
 here the anchors are those of the padded image's feature maps, which differs only in which anchor is a gt's
 best when that best lies beyond the padded image.
+
+``MODEL.CONVENTIONS: detectron2`` keeps this body and head (the towers' convs Gaussian(0.01) with GN too, as
+detectron2's) and takes anchors, labels, losses (``loss_cls``, ``loss_box_reg``, over the loss normaliser) and
+inference from ``modeling/detectron2/retinanet.py``. The box coder weights are ``RETINANET.BBOX_REG_WEIGHTS``
+in both conventions.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from pydetectron.modeling import registry
 from pydetectron.modeling.anchors import generate_anchors, shift_anchors
 from pydetectron.modeling.backbones.resnet import get_group_gn
 from pydetectron.modeling.detector_inputs import checked_im_info, original_sizes
+from pydetectron.modeling.detectron2.retinanet import D2RetinaNetRules, LossNormalizer
 from pydetectron.modeling.layers import compose_weight_mapping, msra_fill_
 from pydetectron.modeling.losses import smooth_l1_loss
 from pydetectron.ops.nms import nms
@@ -68,6 +74,9 @@ class RetinaNetSettings:
     nms: float
     detections_per_im: int
     bbox_reg: bool
+    box_weights: Tuple[float, float, float, float] = BOX_WEIGHTS
+    bbox_loss_type: str = "smooth_l1"
+    detectron2: bool = False  # MODEL.CONVENTIONS 'detectron2': labels, losses and inference as detectron2's
 
     @classmethod
     def from_cfg(cls, cfg) -> RetinaNetSettings:
@@ -77,11 +86,16 @@ class RetinaNetSettings:
         if r.CLASS_SPECIFIC_BBOX:
             raise ValueError("RETINANET.CLASS_SPECIFIC_BBOX is not supported (Detectron's own test code for it "
                              "indexes the predictions inconsistently); use class-agnostic boxes")
+        detectron2 = cfg.MODEL.CONVENTIONS == "detectron2"
+        if r.BBOX_REG_LOSS_TYPE != "smooth_l1" and not detectron2:
+            raise ValueError(f"RETINANET.BBOX_REG_LOSS_TYPE = {r.BBOX_REG_LOSS_TYPE!r} needs MODEL.CONVENTIONS "
+                             "'detectron2' (Detectron's RetinaNet has the smooth-L1 box loss only)")
         return cls(int(f.RPN_MIN_LEVEL), int(f.RPN_MAX_LEVEL), int(r.SCALES_PER_OCTAVE),
                    tuple(float(a) for a in r.ASPECT_RATIOS), float(r.ANCHOR_SCALE), float(r.POSITIVE_OVERLAP),
                    float(r.NEGATIVE_OVERLAP), float(r.LOSS_ALPHA), float(r.LOSS_GAMMA), float(r.BBOX_REG_BETA),
                    float(r.BBOX_REG_WEIGHT), float(r.INFERENCE_TH), int(r.PRE_NMS_TOP_N), float(t.NMS),
-                   int(t.DETECTIONS_PER_IM), bool(t.BBOX_REG))
+                   int(t.DETECTIONS_PER_IM), bool(t.BBOX_REG), tuple(float(w) for w in r.BBOX_REG_WEIGHTS),
+                   str(r.BBOX_REG_LOSS_TYPE), detectron2)
 
     @property
     def levels(self) -> List[int]:
@@ -109,9 +123,10 @@ class RetinaNetHead(nn.Module):
         r = cfg.RETINANET
         num_anchors = int(r.SCALES_PER_OCTAVE) * len(r.ASPECT_RATIOS)
         self.min_level = min_level
-        groups = get_group_gn(cfg, dim) if r.USE_GN else 0
-        self.cls_tower = self._tower(dim, int(r.NUM_CONVS), groups)
-        self.bbox_tower = None if r.SHARE_CLS_BBOX_TOWER else self._tower(dim, int(r.NUM_CONVS), groups)
+        groups = get_group_gn(cfg, dim) if r.USE_GN or r.NORM == "GN" else 0
+        msra = bool(groups) and cfg.MODEL.CONVENTIONS != "detectron2"  # detectron2 keeps Gaussian(0.01) with GN
+        self.cls_tower = self._tower(dim, int(r.NUM_CONVS), groups, msra)
+        self.bbox_tower = None if r.SHARE_CLS_BBOX_TOWER else self._tower(dim, int(r.NUM_CONVS), groups, msra)
         self.cls_pred = nn.Conv2d(dim, num_anchors * (int(cfg.MODEL.NUM_CLASSES) - 1), 3, padding=1)
         self.bbox_pred = nn.Conv2d(dim, num_anchors * 4, 3, padding=1)
         for conv in (self.cls_pred, self.bbox_pred):
@@ -121,13 +136,14 @@ class RetinaNetHead(nn.Module):
         nn.init.constant_(self.cls_pred.bias, -math.log((1 - prior) / prior))
 
     @staticmethod
-    def _tower(dim: int, num_convs: int, gn_groups: int = 0) -> nn.Sequential:
-        """``num_convs`` x (3x3 conv, ReLU): Detectron's Gaussian(0.01) convs, or with `gn_groups` MSRA convs
-        each followed by GroupNorm (RETINANET.USE_GN: trains far faster from scratch)."""
+    def _tower(dim: int, num_convs: int, gn_groups: int = 0, msra: bool = False) -> nn.Sequential:
+        """``num_convs`` x (3x3 conv, [GroupNorm of `gn_groups`,] ReLU): Gaussian(0.01) convs (Detectron's, and
+        detectron2's with or without GN), or MSRA convs with `msra` (RETINANET.USE_GN in Detectron mode: trains
+        far faster from scratch)."""
         layers: List[nn.Module] = []
         for _ in range(num_convs):
             conv = nn.Conv2d(dim, dim, 3, padding=1)
-            if gn_groups:
+            if msra:
                 msra_fill_(conv.weight)
             else:
                 nn.init.normal_(conv.weight, std=0.01)
@@ -205,7 +221,8 @@ def retinanet_targets(settings: RetinaNetSettings, features: Sequence[torch.Tens
             labels[positive] = gt_classes[best_gt[positive]]
             foreground = labels >= 1
             fg_num += float(foreground.sum()) + 1.0
-            targets[foreground] = encode_boxes(all_anchors[foreground], gt_boxes[best_gt[foreground]], BOX_WEIGHTS)
+            targets[foreground] = encode_boxes(all_anchors[foreground], gt_boxes[best_gt[foreground]],
+                                               settings.box_weights)
             labels[best_iou < settings.negative_overlap] = 0
         else:
             labels.zero_()
@@ -273,7 +290,7 @@ def retinanet_detections(settings: RetinaNetSettings, logits: Sequence[torch.Ten
         stride = 2.0**level
         anchors = cell_anchors(settings, level).to(x.device)[a]
         anchors = anchors + torch.stack([xs, y, xs, y], dim=1).to(anchors.dtype) * stride
-        pred = decode_boxes(anchors, d[image].reshape(num_a, 4, h, w)[a, :, y, xs], BOX_WEIGHTS) \
+        pred = decode_boxes(anchors, d[image].reshape(num_a, 4, h, w)[a, :, y, xs], settings.box_weights) \
             if settings.bbox_reg else anchors
         boxes.append(clip_boxes(pred / im_scale, height, width))
         scores.append(probs[index])
@@ -293,7 +310,11 @@ def retinanet_detections(settings: RetinaNetSettings, logits: Sequence[torch.Ten
 
 class RetinaNet(nn.Module):
     """``forward(data, im_info, roidb=None)``: the named focal / box losses in ``train()`` mode, one dict of
-    detections per image (original pixels) in ``eval()`` mode — the same contract as ``GeneralizedRCNN``."""
+    detections per image (original pixels) in ``eval()`` mode — the same contract as ``GeneralizedRCNN``.
+
+    With ``MODEL.CONVENTIONS: detectron2`` the body and head are the same modules, and anchors, labels, losses
+    (``loss_cls``, ``loss_box_reg``) and inference are detectron2's (``modeling/detectron2/retinanet.py``); the
+    loss normaliser's running value is the buffer ``loss_normalizer.value``."""
 
     def __init__(self, cfg) -> None:
         super().__init__()
@@ -309,6 +330,10 @@ class RetinaNet(nn.Module):
                              f"body gives {levels}: set FPN.MULTILEVEL_RPN and FPN.EXTRA_CONV_LEVELS as Detectron's "
                              "RetinaNet configs do")
         self.head = RetinaNetHead(cfg, self.body.dim_out, self.settings.min_level)
+        self.d2_rules = D2RetinaNetRules(self.settings, float(cfg.MODEL.ANCHOR_OFFSET)) \
+            if self.settings.detectron2 else None
+        if self.d2_rules is not None:
+            self.loss_normalizer = LossNormalizer()
 
     def detectron_weight_mapping(self) -> Dict[str, str | None]:
         return compose_weight_mapping(self)
@@ -319,6 +344,8 @@ class RetinaNet(nn.Module):
         logits, deltas = self.head(features)
         # float32 for the losses and the decoding even when autocast ran the head in float16 / bfloat16
         logits, deltas = [x.float() for x in logits], [d.float() for d in deltas]
+        if self.d2_rules is not None:
+            return self._forward_detectron2(features, logits, deltas, im_info, roidb)
         if self.training:
             with torch.no_grad():
                 targets = retinanet_targets(self.settings, features, roidb)
@@ -329,3 +356,15 @@ class RetinaNet(nn.Module):
     def _detect(self, logits, deltas, im_info: torch.Tensor, roidb) -> List[Dict[str, torch.Tensor]]:
         return [retinanet_detections(self.settings, logits, deltas, i, float(im_info[i, 2]), height, width)
                 for i, (height, width) in enumerate(original_sizes(im_info, roidb))]
+
+    def _forward_detectron2(self, features, logits, deltas, im_info: torch.Tensor, roidb):
+        rules = self.d2_rules
+        anchors = rules.anchors(features)
+        if self.training:
+            loss_cls, loss_box, num_foreground = rules.summed_losses(anchors, logits, deltas, roidb)
+            normalizer = self.loss_normalizer.update(num_foreground)
+            return {"loss_cls": loss_cls / normalizer,
+                    "loss_box_reg": self.settings.bbox_weight * loss_box / normalizer}
+        with torch.no_grad():
+            return [rules.detections(anchors, logits, deltas, i, (float(im_info[i, 0]), float(im_info[i, 1])), size)
+                    for i, size in enumerate(original_sizes(im_info, roidb))]

@@ -8,7 +8,7 @@ sampling ratio. With several maps, each RoI is pooled from the level chosen by t
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -18,6 +18,9 @@ from pydetectron.ops.roi_align import roi_align
 from pydetectron.ops.roi_pool import roi_pool
 
 XFORM_METHODS = ("RoIAlign", "RoIPoolF")
+
+# (boxes (K, 4), k_min, k_max, canonical_scale, canonical_level) -> int64 (K,) levels in [k_min, k_max]
+LevelAssigner = Callable[[torch.Tensor, int, int, float, int], torch.Tensor]
 
 
 def level_of_scale(spatial_scale: float) -> int:
@@ -38,6 +41,8 @@ class RoIFeatureExtractor(nn.Module):
         spatial_scales: one per map, finest first (e.g. ``[1/4, 1/8, 1/16, 1/32]`` or ``[1/16]``).
         canonical_scale, canonical_level: FPN level heuristic (``FPN.ROI_CANONICAL_SCALE/LEVEL``).
         aligned: half-pixel offset for RoIAlign (detectron2 style); False is Detectron's Caffe2 op.
+        level_assigner: the FPN level of each RoI; default Detectron's ``map_rois_to_fpn_levels``
+            (detectron2 mode passes ``detectron2.pooler.assign_boxes_to_levels``).
     """
 
     def __init__(
@@ -49,6 +54,7 @@ class RoIFeatureExtractor(nn.Module):
         canonical_scale: float = 224.0,
         canonical_level: int = 4,
         aligned: bool = False,
+        level_assigner: LevelAssigner = map_rois_to_fpn_levels,
     ) -> None:
         super().__init__()
         if method not in XFORM_METHODS:
@@ -67,6 +73,7 @@ class RoIFeatureExtractor(nn.Module):
         self.canonical_scale = float(canonical_scale)
         self.canonical_level = int(canonical_level)
         self.aligned = bool(aligned)
+        self.level_assigner = level_assigner
 
     def _pool(self, feature: torch.Tensor, rois: torch.Tensor, spatial_scale: float) -> torch.Tensor:
         size = (self.resolution, self.resolution)
@@ -87,7 +94,7 @@ class RoIFeatureExtractor(nn.Module):
         rois = rois.to(features[0].dtype)
         if len(features) == 1:
             return self._pool(features[0], rois, self.spatial_scales[0])
-        target_levels = map_rois_to_fpn_levels(
+        target_levels = self.level_assigner(
             rois[:, 1:5], self.levels[0], self.levels[-1], self.canonical_scale, self.canonical_level
         )
         channels = features[0].shape[1]
@@ -102,7 +109,11 @@ class RoIFeatureExtractor(nn.Module):
 def build_roi_feature_extractor(cfg, head_cfg, spatial_scales: Sequence[float]) -> RoIFeatureExtractor:
     """The extractor a head asks for: `head_cfg` is the head's cfg node holding ``ROI_XFORM_METHOD``,
     ``ROI_XFORM_RESOLUTION``, ``ROI_XFORM_SAMPLING_RATIO`` and ``ROI_XFORM_ALIGNED`` (``cfg.FAST_RCNN``,
-    ``cfg.MRCNN``, ``cfg.KRCNN``); the FPN level heuristic comes from ``cfg.FPN``."""
+    ``cfg.MRCNN``, ``cfg.KRCNN``); the FPN level heuristic comes from ``cfg.FPN``, and its rule from
+    ``MODEL.CONVENTIONS`` (detectron2's ``ROIPooler`` rule in 'detectron2' mode, for every head)."""
+    from pydetectron.modeling.detectron2.pooler import assign_boxes_to_levels
+
+    d2 = cfg.MODEL.CONVENTIONS == "detectron2"
     return RoIFeatureExtractor(
         method=head_cfg.ROI_XFORM_METHOD,
         resolution=head_cfg.ROI_XFORM_RESOLUTION,
@@ -111,4 +122,5 @@ def build_roi_feature_extractor(cfg, head_cfg, spatial_scales: Sequence[float]) 
         canonical_scale=cfg.FPN.ROI_CANONICAL_SCALE,
         canonical_level=cfg.FPN.ROI_CANONICAL_LEVEL,
         aligned=bool(head_cfg.ROI_XFORM_ALIGNED),
+        level_assigner=assign_boxes_to_levels if d2 else map_rois_to_fpn_levels,
     )

@@ -153,6 +153,8 @@ class DetectronROIHeads(ROIHeads):
         self.mask_settings = MaskSettings.from_cfg(cfg)
         self.keypoint_settings = KeypointSettings.from_cfg(cfg)
         self.num_classes = int(cfg.MODEL.NUM_CLASSES)
+        self.smooth_l1_beta = float(cfg.FAST_RCNN.SMOOTH_L1_BETA)
+        self.box_loss_weight = float(cfg.FAST_RCNN.BBOX_REG_LOSS_WEIGHT)
         self.generator: torch.Generator | None = None
 
     @property
@@ -179,8 +181,9 @@ class DetectronROIHeads(ROIHeads):
         cls_score, bbox_pred = float32(*self.box_outputs(box_feat))
         losses = fast_rcnn_losses(
             cls_score, bbox_pred, targets.labels, targets.bbox_targets,
-            targets.bbox_inside_weights, targets.bbox_outside_weights,
+            targets.bbox_inside_weights, targets.bbox_outside_weights, self.smooth_l1_beta,
         )
+        losses["loss_bbox"] = losses["loss_bbox"] * self.box_loss_weight
         losses["accuracy_cls"] = classification_accuracy(cls_score, targets.labels)
         if self.mask_on:
             losses["loss_mask"] = self._mask_loss(features, targets, im_info, roidb, res5 if share_res5 else None)
@@ -313,6 +316,9 @@ def build_detectron_roi_heads(cfg, dim_in: int, spatial_scales: List[float]) -> 
     mask_head = keypoint_head = None
     if cfg.MODEL.MASK_ON:
         mask_head = registry.build("mask_head", cfg.MRCNN.ROI_MASK_HEAD, cfg, dim_in, spatial_scales)
+        if getattr(mask_head, "class_layout", "detectron") != "detectron":
+            raise ValueError(f"MRCNN.ROI_MASK_HEAD {cfg.MRCNN.ROI_MASK_HEAD!r} predicts detectron2's class layout "
+                             "(no background mask); Detectron's cascade needs a Detectron mask head")
         if mask_head.shares_res5:
             if not hasattr(box_head, "res5"):
                 raise ValueError(

@@ -1,4 +1,6 @@
-"""Region Proposal Network: heads, losses and the module the detector calls.
+"""Region Proposal Network: losses and the module the detector calls (the head is ``rpn_head.py``);
+``build_rpn`` builds detectron2's RPN (``modeling/detectron2/rpn.py``) when ``MODEL.CONVENTIONS`` is
+``'detectron2'``.
 
 Detectron's ``rpn_heads.py`` (single feature map, e.g. C4) and ``FPN.add_fpn_rpn_outputs`` (one head
 shared by all pyramid levels, stored once under the finest level's blob names). Objectness is a sigmoid
@@ -8,74 +10,23 @@ over ``2A`` logits laid out ``[background x A, foreground x A]``.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Iterator, NamedTuple, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pydetectron.modeling.anchors import AnchorGenerator, fpn_anchor_generator
+from pydetectron.modeling.detectron2.anchors import rpn_anchor_generator
+from pydetectron.modeling.detectron2.rpn import Detectron2RPN
 from pydetectron.modeling.fpn_levels import collect_proposals, level_indices
 from pydetectron.modeling.losses import sigmoid_cross_entropy_loss, smooth_l1_loss, softmax_cross_entropy_loss
 from pydetectron.modeling.proposals import ProposalParams, flatten_deltas, flatten_scores, generate_proposals
+from pydetectron.modeling.rpn_head import RPNHead, RPNOutput, one_cpu_thread
 from pydetectron.modeling.targets.rpn import RPNSampling, RPNTargets, rpn_targets
 
-RPN_BBOX_BETA = 1.0 / 9.0
 CLS_ACTIVATIONS = ("sigmoid", "softmax")
-
-
-class RPNHead(nn.Module):
-    """3x3 conv + ReLU, then 1x1 convs for objectness logits and box deltas, applied to every map.
-
-    Args:
-        blob_suffix: ``''`` for a single map (``conv_rpn_w`` ...), ``'_fpn2'`` for FPN
-            (``conv_rpn_fpn2_w`` ...), naming the Detectron blobs in :meth:`detectron_weight_mapping`.
-    """
-
-    def __init__(self, dim_in: int, dim_out: int, num_anchors: int, softmax: bool, blob_suffix: str = "") -> None:
-        super().__init__()
-        self.blob_suffix = blob_suffix
-        self.softmax = softmax
-        self.conv_rpn = nn.Conv2d(dim_in, dim_out, 3, padding=1)
-        self.rpn_cls_logits = nn.Conv2d(dim_out, num_anchors * (2 if softmax else 1), 1)
-        self.rpn_bbox_pred = nn.Conv2d(dim_out, num_anchors * 4, 1)
-        for conv in (self.conv_rpn, self.rpn_cls_logits, self.rpn_bbox_pred):
-            nn.init.normal_(conv.weight, std=0.01)  # Detectron's GaussianFill(std=0.01), zero bias
-            nn.init.zeros_(conv.bias)
-
-    def forward(self, features: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-        """Per map ``(N, C, H, W)``: logits ``(N, A or 2A, H, W)`` and deltas ``(N, 4A, H, W)``."""
-        logits, deltas = [], []
-        for x in features:
-            hidden = F.relu(self.conv_rpn(x))
-            logits.append(self.rpn_cls_logits(hidden))
-            deltas.append(self.rpn_bbox_pred(hidden))
-        return logits, deltas
-
-    def objectness(self, logits: Tensor) -> Tensor:
-        """Foreground probability ``(N, A, H, W)`` from a map's logits."""
-        if not self.softmax:
-            return torch.sigmoid(logits)
-        n, c, h, w = logits.shape
-        return F.softmax(logits.reshape(n, 2, c // 2, h, w), dim=1)[:, 1]
-
-    def detectron_weight_mapping(self) -> dict[str, str | None]:
-        return {
-            f"{name}.{param}": f"{name}{self.blob_suffix}_{param[0]}"
-            for name in ("conv_rpn", "rpn_cls_logits", "rpn_bbox_pred")
-            for param in ("weight", "bias")
-        }
-
-
-class RPNOutput(NamedTuple):
-    """``rois`` ``(K, 5)`` ``[batch_index, x1, y1, x2, y2]`` and objectness ``scores`` ``(K,)`` (``None``
-    when an RPN-only model trains, as Detectron generates no proposals then); ``losses`` in training."""
-
-    rois: Tensor | None
-    scores: Tensor | None
-    losses: dict[str, Tensor]
 
 
 def _flatten_logits(logits: Tensor, softmax: bool) -> Tensor:
@@ -93,15 +44,17 @@ def rpn_losses(
     levels: Sequence[int] | None,
     softmax: bool,
     batch_size_per_im: int,
+    weights: RPNLossWeights,
 ) -> dict[str, Tensor]:
     """Detectron's RPN losses.
 
     Single map (``levels=None``): ``loss_rpn_cls`` = sigmoid cross-entropy averaged over the labelled
-    anchors of the minibatch; ``loss_rpn_bbox`` = smooth-L1 (beta 1/9) weighted by the outside weights,
-    divided by the number of images. FPN: one pair per level, ``loss_rpn_cls_fpn<l>`` divided by
-    ``RPN_BATCH_SIZE_PER_IM * images`` and ``loss_rpn_bbox_fpn<l>`` as above. With softmax
-    objectness the classification loss is the mean over labelled anchors (per level with FPN),
-    as Detectron.pytorch.
+    anchors of the minibatch; ``loss_rpn_bbox`` = smooth-L1 (beta ``RPN.SMOOTH_L1_BETA``, Detectron's 1/9)
+    weighted by the outside weights, divided by the number of images. FPN: one pair per level,
+    ``loss_rpn_cls_fpn<l>`` divided by ``RPN_BATCH_SIZE_PER_IM * images`` and ``loss_rpn_bbox_fpn<l>`` as above.
+    With softmax objectness the classification loss is the mean over labelled anchors (per level with FPN),
+    as Detectron.pytorch. ``RPN.LOSS_WEIGHT`` multiplies every loss and ``RPN.BBOX_REG_LOSS_WEIGHT`` the box
+    losses too (1 = Detectron).
     """
     num_images = targets.labels.shape[0]
     sizes = [d.shape[1] // 4 * d.shape[2] * d.shape[3] for d in deltas]
@@ -119,31 +72,26 @@ def rpn_losses(
         else:
             normalizer = None if levels is None else batch_size_per_im * num_images
             cls = sigmoid_cross_entropy_loss(flat_logits, labels, normalizer)
-        losses[f"loss_rpn_cls{name}"] = cls
-        losses[f"loss_rpn_bbox{name}"] = smooth_l1_loss(
-            flat_deltas, box_targets, inside_w, outside_w, beta=RPN_BBOX_BETA, normalizer=num_images
+        losses[f"loss_rpn_cls{name}"] = cls * weights.cls
+        losses[f"loss_rpn_bbox{name}"] = weights.box * smooth_l1_loss(
+            flat_deltas, box_targets, inside_w, outside_w, beta=weights.beta, normalizer=num_images
         )
     return losses
 
 
-@contextlib.contextmanager
-def _one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """Run the block on one intra-op thread when on the CPU (results are identical: same kernels).
+@dataclass(frozen=True)
+class RPNLossWeights:
+    """The RPN loss keys as plain values: ``cls`` = ``RPN.LOSS_WEIGHT``, ``box`` = ``RPN.LOSS_WEIGHT *
+    RPN.BBOX_REG_LOSS_WEIGHT`` (detectron2's ``loss_weight`` dict), ``beta`` = ``RPN.SMOOTH_L1_BETA``."""
 
-    Anchor labelling and proposal generation are dozens of small elementwise ops per image; each one over
-    ~30k elements opens a parallel region, and on a busy machine every region waits for a descheduled
-    thread. One thread does the same work without those waits: measured on 2 loaded cores, RPN targets
-    for 4 images x 20k anchors took 35 ms instead of 136 ms (median), proposals 24 ms instead of 127 ms.
-    """
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    cls: float
+    box: float
+    beta: float
+
+    @classmethod
+    def from_cfg(cls, cfg) -> RPNLossWeights:
+        r = cfg.RPN
+        return cls(float(r.LOSS_WEIGHT), float(r.BBOX_REG_LOSS_WEIGHT) * float(r.LOSS_WEIGHT), float(r.SMOOTH_L1_BETA))
 
 
 class RPN(nn.Module):
@@ -165,6 +113,7 @@ class RPN(nn.Module):
         train_params: ProposalParams,
         test_params: ProposalParams,
         sampling: RPNSampling,
+        loss_weights: RPNLossWeights,
         collect_scale: float,
         generate_in_training: bool,
         bbox_xform_clip: float,
@@ -177,6 +126,7 @@ class RPN(nn.Module):
         self.train_params = train_params
         self.test_params = test_params
         self.sampling = sampling
+        self.loss_weights = loss_weights
         self.collect_scale = float(collect_scale)
         self.generate_in_training = generate_in_training
         self.bbox_xform_clip = float(bbox_xform_clip)
@@ -193,16 +143,16 @@ class RPN(nn.Module):
         anchors = self.anchor_generator([m.shape[-2:] for m in maps], maps[0].device)
         losses: dict[str, Tensor] = {}
         if roidb is not None:
-            with _one_cpu_thread(maps[0].device):
+            with one_cpu_thread(maps[0].device):
                 targets = rpn_targets(torch.cat(anchors), roidb, im_info, self.sampling, self.generator)
             losses = rpn_losses(logits, deltas, targets, self.levels, self.head.softmax,
-                                self.sampling.batch_size_per_im)
+                                self.sampling.batch_size_per_im, self.loss_weights)
             if not self.generate_in_training:
                 return RPNOutput(None, None, losses)
         params = self.train_params if roidb is not None else self.test_params
         # Proposals are not differentiated and are decoded in float32 even under mixed precision.
         probs = [self.head.objectness(x.detach().float()) for x in logits]
-        with _one_cpu_thread(maps[0].device):
+        with one_cpu_thread(maps[0].device):
             rois, scores = generate_proposals(
                 anchors, probs, [d.detach().float() for d in deltas], im_info, params, self.bbox_xform_clip
             )
@@ -222,8 +172,10 @@ def _level_of_scale(scale: float) -> int:
     return int(round(level))
 
 
-def build_rpn(cfg, dim_in: int, spatial_scales: Sequence[float]) -> RPN:
-    """The RPN of ``cfg``: FPN multi-level when ``FPN.FPN_ON and FPN.MULTILEVEL_RPN``, else one map.
+def build_rpn(cfg, dim_in: int, spatial_scales: Sequence[float]) -> nn.Module:
+    """The RPN of ``cfg``: FPN multi-level when ``FPN.FPN_ON and FPN.MULTILEVEL_RPN``, else one map; Detectron's
+    ``RPN`` or, with ``MODEL.CONVENTIONS: detectron2``, detectron2's (``Detectron2RPN``). Both take the same
+    head (weights, init and Caffe2 names) and return ``RPNOutput``.
 
     ``spatial_scales`` are the body's, finest first (``[1/16]`` for C4, ``[1/4 .. 1/64]`` for FPN P2-P6).
     """
@@ -236,9 +188,6 @@ def build_rpn(cfg, dim_in: int, spatial_scales: Sequence[float]) -> RPN:
         levels = list(range(cfg.FPN.RPN_MIN_LEVEL, cfg.FPN.RPN_MAX_LEVEL + 1))
         feature_indices = level_indices(body_levels, cfg.FPN.RPN_MIN_LEVEL, cfg.FPN.RPN_MAX_LEVEL,
                                         "FPN.RPN_MIN_LEVEL..RPN_MAX_LEVEL")
-        generator = fpn_anchor_generator(
-            levels[0], levels[-1], cfg.FPN.RPN_ANCHOR_START_SIZE, cfg.FPN.RPN_ASPECT_RATIOS
-        )
         dim_out = dim_in  # Detectron's FPN RPN keeps the width of the pyramid
         suffix = f"_fpn{levels[0]}"
         loss_levels: list[int] | None = levels
@@ -247,10 +196,22 @@ def build_rpn(cfg, dim_in: int, spatial_scales: Sequence[float]) -> RPN:
         stride = 1.0 / spatial_scales[-1]
         if abs(stride - cfg.RPN.STRIDE) > 1e-6:
             raise ValueError(f"RPN.STRIDE = {cfg.RPN.STRIDE} but the RPN's feature map has stride {stride:g}")
-        generator = AnchorGenerator([stride], [cfg.RPN.SIZES], cfg.RPN.ASPECT_RATIOS)
         dim_out = dim_in if cfg.RPN.OUT_DIM_AS_IN_DIM else cfg.RPN.OUT_DIM
         suffix = ""
         loss_levels = None
+    if cfg.MODEL.CONVENTIONS == "detectron2":
+        if softmax:
+            raise ValueError("RPN.CLS_ACTIVATION = 'softmax' has no detectron2 counterpart (its RPN is sigmoid)")
+        strides = [2.0 ** body_levels[i] for i in feature_indices]
+        d2_generator = rpn_anchor_generator(cfg, strides)
+        head = RPNHead(dim_in, dim_out, d2_generator.num_cell_anchors, False, suffix)
+        return Detectron2RPN.from_cfg(cfg, head, d2_generator, feature_indices)
+    if loss_levels is not None:
+        generator = fpn_anchor_generator(
+            loss_levels[0], loss_levels[-1], cfg.FPN.RPN_ANCHOR_START_SIZE, cfg.FPN.RPN_ASPECT_RATIOS
+        )
+    else:
+        generator = AnchorGenerator([stride], [cfg.RPN.SIZES], cfg.RPN.ASPECT_RATIOS)
     head = RPNHead(dim_in, dim_out, generator.num_cell_anchors, softmax, suffix)
     return RPN(
         head,
@@ -260,6 +221,7 @@ def build_rpn(cfg, dim_in: int, spatial_scales: Sequence[float]) -> RPN:
         ProposalParams.from_cfg(cfg, training=True),
         ProposalParams.from_cfg(cfg, training=False),
         RPNSampling.from_cfg(cfg),
+        RPNLossWeights.from_cfg(cfg),
         collect_scale=cfg.FPN.RPN_COLLECT_SCALE,
         generate_in_training=bool(cfg.MODEL.FASTER_RCNN),
         bbox_xform_clip=cfg.BBOX_XFORM_CLIP,

@@ -1,4 +1,5 @@
-"""Command-line pieces the tools share, so `--cfg`, `--set` and `--register` read the same everywhere."""
+"""Command-line pieces the tools share, so `--cfg` / `--config-file`, `--set` and `--register` read the same
+everywhere."""
 
 from __future__ import annotations
 
@@ -6,16 +7,25 @@ import argparse
 import sys
 
 from pydetectron.config import CfgNode, get_cfg, merge_cfg_from_file, merge_cfg_from_list
+from pydetectron.config.detectron2 import load_detectron2_config
 from pydetectron.engine.predictor import weights_flags
 
 REGISTER_METAVAR = "NAME:IMAGE_DIR:ANN_JSON"
 
 
 def add_config_args(parser: argparse.ArgumentParser, cfg_help: str, set_example: str) -> None:
-    """--cfg (required) and --set KEY VALUE ... (config overrides)."""
-    parser.add_argument("--cfg", dest="cfg_file", required=True, help=cfg_help)
+    """--cfg (a Detectron YAML) or --config-file (a detectron2 YAML, with detectron2's trailing KEY VALUE opts),
+    and --set KEY VALUE ... (overrides in pydetectron's key names, applied last)."""
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--cfg", dest="cfg_file", help=cfg_help)
+    which.add_argument("--config-file", dest="config_file", metavar="FILE",
+                       help="a detectron2 YAML config (its _BASE_ chain followed; run in detectron2 mode); KEY VALUE "
+                            "pairs in detectron2's names may follow the flags, e.g. MODEL.WEIGHTS w.pkl OUTPUT_DIR out")
     parser.add_argument("--set", dest="set_cfgs", nargs="+", default=[], metavar="KEY VALUE",
-                        help=f"config overrides, e.g. --set {set_example}")
+                        help=f"config overrides in pydetectron's key names, e.g. --set {set_example} (before "
+                             "detectron2 opts, or end --set with --)")
+    parser.add_argument("opts", nargs="*", default=[], metavar="D2_KEY VALUE",
+                        help="with --config-file: detectron2 config overrides, e.g. MODEL.WEIGHTS model_final.pth")
 
 
 def add_register_arg(parser: argparse.ArgumentParser) -> None:
@@ -26,12 +36,26 @@ def add_register_arg(parser: argparse.ArgumentParser) -> None:
 def check_config_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if len(args.set_cfgs) % 2:
         parser.error(f"--set takes KEY VALUE pairs; got an odd number of items: {args.set_cfgs}")
+    if args.opts and not args.config_file:
+        parser.error(f"KEY VALUE opts after the flags are detectron2 overrides for --config-file; with --cfg use "
+                     f"--set (got {args.opts})")
+    if len(args.opts) % 2:
+        parser.error(f"detectron2 opts are KEY VALUE pairs; got an odd number of items: {args.opts}")
+
+
+def config_path(args: argparse.Namespace) -> str:
+    """The config file the tool was given (--cfg or --config-file)."""
+    return args.config_file or args.cfg_file
 
 
 def load_cfg(args: argparse.Namespace) -> CfgNode:
-    """A fresh default cfg with --cfg merged in, then the --set overrides (not yet frozen)."""
-    cfg = get_cfg()
-    merge_cfg_from_file(cfg, args.cfg_file)
+    """A fresh cfg from --cfg (Detectron's defaults + the YAML) or --config-file (detectron2's defaults + the YAML
+    and its trailing opts, translated), then the --set overrides (not yet frozen)."""
+    if args.config_file:
+        cfg = load_detectron2_config(args.config_file, args.opts)
+    else:
+        cfg = get_cfg()
+        merge_cfg_from_file(cfg, args.cfg_file)
     merge_cfg_from_list(cfg, args.set_cfgs)
     return cfg
 

@@ -4,8 +4,10 @@ Top-down from the coarsest backbone stage: a 1x1 lateral ``fpn_inner_<stage blob
 finer stage adds its 1x1 lateral ``fpn_inner_<blob>_lateral`` to the nearest-2x upsampled coarser map, and
 a 3x3 ``fpn_<blob>`` smooths every level. Above C5: P6 by max-pool subsampling of P5 (kernel 1, stride 2)
 when ``RPN_MAX_LEVEL`` is 6, or RetinaNet's 3x3/2 convs ``fpn_6``, ``fpn_7`` on C5 (ReLU before P7)
-when ``FPN.EXTRA_CONV_LEVELS``. With ``FPN.USE_GN`` the lateral and output convs lose their bias and get
-GroupNorm (``..._gn_s/_b``); the extra convs never do.
+when ``FPN.EXTRA_CONV_LEVELS``. With a norm (``FPN.NORM``: 'GN' (= ``FPN.USE_GN``), 'BN', 'SyncBN',
+'FrozenBN' = AffineChannel) the lateral and output convs lose their bias and get that norm
+(``..._gn_s/_b``, ``..._bn_s/_b``), as in detectron2; the extra convs never do. Convs start with Caffe2's
+XavierFill, which is detectron2's ``c2_xavier_fill`` too, so both conventions build the same FPN.
 """
 
 from __future__ import annotations
@@ -24,10 +26,14 @@ LOWEST_BACKBONE_LVL = 2
 HIGHEST_BACKBONE_LVL = 5
 
 
-def _conv(dim_in: int, dim_out: int, kernel: int, stride: int, gn: NormSpec | None, blob: str) -> nn.Module:
-    """An FPN conv: bias + XavierFill, or (with GN) a bias-free ConvNorm."""
-    if gn is not None:
-        return ConvNorm(dim_in, dim_out, kernel, norm=gn, conv_blob=blob, stride=stride)
+# FPN.NORM values -> the norm layer kind (detectron2's FrozenBN is our AffineChannel); '' = no norm
+FPN_NORMS = {"": None, "GN": "GN", "BN": "BN", "SyncBN": "SyncBN", "FrozenBN": "AffineChannel"}
+
+
+def _conv(dim_in: int, dim_out: int, kernel: int, stride: int, norm: NormSpec | None, blob: str) -> nn.Module:
+    """An FPN conv: bias + XavierFill, or (with a norm) a bias-free ConvNorm."""
+    if norm is not None:
+        return ConvNorm(dim_in, dim_out, kernel, norm=norm, conv_blob=blob, stride=stride)
     conv = nn.Conv2d(dim_in, dim_out, kernel, stride=stride, padding=kernel // 2)
     xavier_fill_(conv.weight)
     nn.init.zeros_(conv.bias)
@@ -56,7 +62,7 @@ class FPN(nn.Module):
         min_level: int = 2,
         max_level: int = 6,
         extra_conv_levels: bool = False,
-        gn: NormSpec | None = None,
+        norm: NormSpec | None = None,
         zero_init_lateral: bool = False,
         p2_only: bool = False,
     ) -> None:
@@ -77,11 +83,11 @@ class FPN(nn.Module):
         for i, level in enumerate(self.backbone_levels):
             stage_blob = body.stage_blobs[level]
             inner_blob = f"fpn_inner_{stage_blob}" + ("_lateral" if i > 0 else "")
-            lateral = _conv(body.stage_dims[level], dim, 1, 1, gn, inner_blob)
+            lateral = _conv(body.stage_dims[level], dim, 1, 1, norm, inner_blob)
             if i > 0 and zero_init_lateral:
-                nn.init.zeros_(lateral.conv.weight if gn is not None else lateral.weight)
+                nn.init.zeros_(lateral.conv.weight if norm is not None else lateral.weight)
             inner.append(lateral)
-            out.append(_conv(dim, dim, 3, 1, gn, f"fpn_{stage_blob}"))
+            out.append(_conv(dim, dim, 3, 1, norm, f"fpn_{stage_blob}"))
             self.inner_blobs.append(inner_blob)
             self.out_blobs.append(f"fpn_{stage_blob}")
         self.inner = nn.ModuleList(inner)
@@ -151,8 +157,17 @@ def get_min_max_levels(cfg) -> tuple[int, int]:
     return min_level, max_level
 
 
+def fpn_norm_spec(cfg) -> NormSpec | None:
+    """The lateral / output convs' norm: ``FPN.NORM`` (``FPN.USE_GN`` = 'GN'; GroupNorm with GROUP_NORM.*)."""
+    name = "GN" if cfg.FPN.USE_GN and not cfg.FPN.NORM else cfg.FPN.NORM
+    if name not in FPN_NORMS:
+        raise ValueError(f"FPN.NORM = {name!r} is not one of {', '.join(map(repr, FPN_NORMS))}")
+    kind = FPN_NORMS[name]
+    return None if kind is None else norm_spec_from_cfg(cfg, kind=kind)
+
+
 def fpn_from_cfg(cfg, body: ResNet, p2_only: bool = False) -> FPN:
-    """An FPN over `body` with FPN.DIM, FPN.USE_GN (GROUP_NORM.*), FPN.ZERO_INIT_LATERAL,
+    """An FPN over `body` with FPN.DIM, FPN.NORM / FPN.USE_GN (GROUP_NORM.*), FPN.ZERO_INIT_LATERAL,
     FPN.EXTRA_CONV_LEVELS and the levels of :func:`get_min_max_levels`."""
     min_level, max_level = get_min_max_levels(cfg)
     return FPN(
@@ -161,7 +176,7 @@ def fpn_from_cfg(cfg, body: ResNet, p2_only: bool = False) -> FPN:
         min_level=min_level,
         max_level=max_level,
         extra_conv_levels=cfg.FPN.EXTRA_CONV_LEVELS,
-        gn=norm_spec_from_cfg(cfg, kind="GN") if cfg.FPN.USE_GN else None,
+        norm=fpn_norm_spec(cfg),
         zero_init_lateral=cfg.FPN.ZERO_INIT_LATERAL,
         p2_only=p2_only,
     )

@@ -5,6 +5,11 @@ blocks (1x1 -> 3x3 (grouped for ResNeXt) -> 1x1, stride in the 1x1 when ``STRIDE
 ResNet-18/34, basic blocks (3x3 with the stride -> 3x3). A block gets a 1x1 conv + norm shortcut
 (``branch1``) when its width or stride changes. Blob names follow Caffe2: ``res3_0_branch2b_w``,
 ``res3_0_branch2b_bn_s`` (``_gn_s`` with GroupNorm), stem ``conv1_w`` + ``res_conv1_bn_*`` (``conv1_gn_*``).
+
+This is also detectron2's ``ResNet`` layer for layer (stem pool 3x3/2 pad 1, stride in the 1x1 with
+``STRIDE_1X1`` = d2's ``STRIDE_IN_1X1``, ``RES5_DILATION``, shortcut exactly when the width changes, FrozenBN =
+AffineChannel after the exact fold); in detectron2 mode the convs start with detectron2's ``c2_msra_fill``
+instead of Caffe2's XavierFill.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pydetectron.modeling.layers import ConvNorm, NormSpec, compose_weight_mapping, group_count
+from pydetectron.modeling.layers import ConvNorm, NormSpec, compose_weight_mapping, group_count, msra_fill_
 from pydetectron.modeling.registry import register
 
 BLOCK_COUNTS: Dict[int, Sequence[int]] = {
@@ -359,11 +364,22 @@ def make_res_stage(
     Block kind (``RESNETS.TRANS_FUNC``), groups, ``STRIDE_1X1`` and the normalisation come from cfg;
     the rest are Detectron's ``add_stage`` arguments. The blob names start with `prefix`.
     """
-    return ResStage(
+    stage = ResStage(
         prefix, num_blocks, dim_in, dim_out, dim_inner,
         stride_init=stride_init, dilation=dilation, block=_block_kind_from_cfg(cfg),
         groups=cfg.RESNETS.NUM_GROUPS, stride_1x1=cfg.RESNETS.STRIDE_1X1, norm=norm_spec_from_cfg(cfg),
     )
+    return _convention_init(cfg, stage)
+
+
+def _convention_init(cfg, module: nn.Module) -> nn.Module:
+    """detectron2 mode: every conv of `module` restarts with ``c2_msra_fill`` (MSRAFill), as detectron2's
+    ResNet blocks and stem; Detectron mode keeps XavierFill. Returns `module`."""
+    if cfg.MODEL.CONVENTIONS == "detectron2":
+        for conv in module.modules():
+            if isinstance(conv, nn.Conv2d):
+                msra_fill_(conv.weight)
+    return module
 
 
 def resnet_from_cfg(cfg, depth: int, num_stages: int) -> ResNet:
@@ -385,7 +401,7 @@ def resnet_from_cfg(cfg, depth: int, num_stages: int) -> ResNet:
     )
     if cfg.RESNETS.ENABLE_STAGE_LAST_NORM:
         enable_stage_last_norms(body)
-    return body
+    return _convention_init(cfg, body)
 
 
 def _register_resnet_bodies() -> None:

@@ -86,7 +86,9 @@ def rpn_gt_boxes(entry: dict, index: int, device: torch.device) -> Tensor:
     return boxes[(classes > 0) & ~crowd]
 
 
-def _inside_image(anchors: Tensor, height: float, width: float, straddle: float) -> Tensor:
+def anchors_inside_image(anchors: Tensor, height: float, width: float, straddle: float) -> Tensor:
+    """Anchors reaching at most ``straddle`` pixels outside a ``height x width`` image (``x1 >= -t``,
+    ``x2 < W + t``, ...; Detectron's and detectron2's ``inside_box`` test); all of them when ``straddle < 0``."""
     if straddle < 0:
         return torch.ones(anchors.shape[0], dtype=torch.bool, device=anchors.device)
     return (
@@ -117,7 +119,7 @@ def label_anchors(
     """
     device = anchors.device
     num_anchors = anchors.shape[0]
-    inside = torch.nonzero(_inside_image(anchors, height, width, params.straddle_thresh)).squeeze(1)
+    inside = torch.nonzero(anchors_inside_image(anchors, height, width, params.straddle_thresh)).squeeze(1)
     inner = anchors[inside]
     labels = torch.full((inside.numel(),), -1, dtype=torch.int64, device=device)
 
