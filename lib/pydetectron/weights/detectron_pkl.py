@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from pydetectron.modeling.layers import compose_weight_mapping
+from pydetectron.weights.class_layout import blobs_in_layout
 from pydetectron.weights.files import read_object, write_object
 
 logger = logging.getLogger(__name__)
@@ -303,9 +304,10 @@ def save_detectron_weights(
 ) -> Dict[str, np.ndarray]:
     """Write `model` as Detectron does: ``pickle({'blobs': {name: float32 array}, 'cfg': yaml})``, atomically.
 
-    Returns the blobs written. Momentum is not written (Detectron loaders treat it as optional).
-    `input_order` as for :func:`load_detectron_weights`.
+    Returns the blobs written. Momentum is not written (Detectron loaders treat it as optional). Heads in
+    detectron2's class layout are written in Detectron's (``class_layout.py``: background first, zero
+    background box rows and mask channel). `input_order` as for :func:`load_detectron_weights`.
     """
-    blobs = detectron_blobs(model, input_order)
+    blobs, _ = blobs_in_layout(model, model_weight_mapping(model), detectron_blobs(model, input_order), "detectron")
     write_object({"blobs": blobs, "cfg": cfg_yaml}, path, "pickle")
     return blobs

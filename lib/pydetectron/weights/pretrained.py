@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 from torch import nn
 
+from pydetectron.weights.class_layout import adapt_to_model
 from pydetectron.weights.describe import backbone_facts
 from pydetectron.weights.detectron_pkl import (
     LoadReport,
@@ -76,7 +77,7 @@ def _strict_failure(weights: WeightFile, report: LoadReport, model: nn.Module, s
     keys = _model_keys_of(model)
     missing = [weights.file_name(b, keys.get(b)) for b in report.missing]
     missing += [f"{k} (model tensor with no Detectron blob)" for k in report.unmapped]
-    unused = [weights.file_name(b) for b in report.unused]
+    unused = [weights.file_name(b) for b in report.unused] + [f"{k} (names no tensor)" for k in weights.left_out]
     lines = [f"weights {weights.path} ({weights.description}) do not match the model built from the cfg:"]
     lines += [line for line in (_listing("missing in the weights", missing),
                                 _listing("unexpected (not in the model)", unused),
@@ -117,8 +118,8 @@ def _training_failure(weights: WeightFile, report: LoadReport, model: nn.Module,
     return WeightMismatchError("\n".join(lines))
 
 
-def describe_load(weights: WeightFile, report: LoadReport, input_order: str) -> str:
-    """The report printed after loading and written to the run's output folder."""
+def describe_load(weights: WeightFile, report: LoadReport, input_order: str, relaid: Sequence[str] = ()) -> str:
+    """The report printed after loading and written to the run's output folder (`relaid`: class-layout changes)."""
     if weights.color_order is None:
         order = ("the file does not say its input colour order: conv1 is taken as it is (MODEL.INPUT_COLOR_ORDER, "
                  "PIXEL_MEANS and PIXEL_STDS must describe the source's input)")
@@ -127,6 +128,7 @@ def describe_load(weights: WeightFile, report: LoadReport, input_order: str) -> 
     else:
         order = f"file and model both {input_order}"
     lines = [f"Loaded {weights.path} ({weights.description}): {report.summary()}", f"  colour order: {order}"]
+    lines += [f"  class layout: {line}" for line in relaid]
     if weights.left_out:
         lines.append(f"  left out (not this network: other networks or heads in the file) "
                      f"({len(weights.left_out)}): {_first(weights.left_out)}")
@@ -155,11 +157,13 @@ def load_pretrained(
     fit it (else :class:`WeightMismatchError` naming the file, its format and the first missing and unused
     names); heads the file lacks keep their initialisation, class-count layers of another size are skipped
     with a message. Otherwise (testing) every tensor must load and every entry be used, with the same shapes.
-    A shape mismatch names the blob. The report is printed and, with `output_dir`, appended to
-    ``<output_dir>/weights_report.txt``. Reads ``MODEL.INPUT_COLOR_ORDER`` and ``MODEL.NUM_CLASSES``.
+    A shape mismatch names the blob. The file's class layout (background first or last, background box / mask
+    rows) is changed to each head's own (``weights.class_layout``). The report is printed and, with
+    `output_dir`, appended to ``<output_dir>/weights_report.txt``. Reads ``MODEL.INPUT_COLOR_ORDER`` and
+    ``MODEL.NUM_CLASSES``.
     """
     weights = read_weights(path)
-    blobs = weights.blobs_for(model)
+    blobs, relaid = adapt_to_model(model, model_weight_mapping(model), weights.blobs_for(model), weights.class_layout)
     input_order = cfg.MODEL.INPUT_COLOR_ORDER
     num_classes = int(cfg.MODEL.NUM_CLASSES)
     hint = _class_hint(blobs, num_classes)
@@ -172,13 +176,13 @@ def load_pretrained(
         raise _strict_failure(weights, err.report, model, err.mismatches, hint) from None
     if training:
         failure = _training_failure(weights, report, model, blobs)
-    elif report.missing or report.unused or report.unmapped:
+    elif report.missing or report.unused or report.unmapped or weights.left_out:
         failure = _strict_failure(weights, report, model, [], hint)
     else:
         failure = None
     if failure is not None:
         raise failure
-    text = describe_load(weights, report, input_order)
+    text = describe_load(weights, report, input_order, relaid)
     print_fn(text)
     if output_dir is not None:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
