@@ -97,7 +97,8 @@ def blobs_to_detectron2(blobs: Mapping[str, np.ndarray], bn_eps: float = BN_EPS)
 # detectron2 names a detector's other modules as below; each maps to the Caffe2 blob base that detectron2's own
 # ``convert_c2_detectron_names`` renames into it (its suffix matching supplies the ``backbone.`` / ``roi_heads.``
 # prefixes), and back. Modules Detectron lacks get Caffe2-style names: box-head fc3.. -> ``fc8``..; RetinaNet
-# subnet norms ``retnet_*_conv_n{i}_fpn{l}_gn_*``; Res5ROIHeadsExtraNorm's ``roi_heads.res5.norm`` -> ``res5_norm_*``.
+# subnet norms ``retnet_*_conv_n{i}_fpn{l}_gn_*``; Res5ROIHeadsExtraNorm's ``roi_heads.res5.norm`` ->
+# ``res5_extra_<bn|gn>_*``.
 # A module's norm is ``<base>_bn_*`` when the file has its running statistics, else ``<base>_gn_*``.
 DETECTOR_IGNORED_KEYS = re.compile(
     r"(^|\.)num_batches_tracked$|^pixel_(mean|std)$|(^|\.)anchor_generator\.cell_anchors\.")  # d2 skips them too
@@ -106,7 +107,7 @@ _BLOB_PARTS = re.compile(r"^(?P<base>.+?)(?:_(?P<norm>bn|gn))?_(?P<suffix>w|b|s|
 _RPN_PARTS = {"conv": "conv_rpn", "objectness_logits": "rpn_cls_logits", "anchor_deltas": "rpn_bbox_pred"}
 _RPN_MODULES = {v: k for k, v in _RPN_PARTS.items()}
 _FC_OFFSET = 5  # d2 box_head.fc1 is Detectron's fc6
-RES5_NORM_BASE = "res5_norm"
+RES5_NORM_BASE = "res5_extra"
 # Fixed (never trained) bilinear up-sampling kernels of Detectron's heads; detectron2 up-samples by interpolation.
 FIXED_UPSAMPLE_BLOBS = re.compile(r"^(kps_score|mask_fcn_logits_up)_[wb]$")
 
@@ -276,7 +277,7 @@ def _module_of_base(base: str, names: DetectorNames) -> Tuple[str, bool] | None:
         return f"roi_heads.box_head.fc{int(m.group(1)) - _FC_OFFSET}", False
     if base in ("cls_score", "bbox_pred"):
         return f"roi_heads.box_predictor.{base}", False
-    m = re.fullmatch(r"_(?:\[mask\]|mask)_fcn(\d+)", base)
+    m = re.fullmatch(r"(?:_\[mask\]_|_mask_|mask_)fcn(\d+)", base)
     if m:
         return f"roi_heads.mask_head.mask_fcn{m.group(1)}", False
     if base in ("conv5_mask", "mask_fcn_logits"):

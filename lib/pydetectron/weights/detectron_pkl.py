@@ -108,9 +108,23 @@ def _blobs_of(source: str | os.PathLike | Mapping[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in blobs.items() if k != "cfg" and v is not None}
 
 
+# One mask-head conv, three spellings: Detectron's ``_[mask]_fcn<i>`` (``_mask_fcn<i>`` with GN) and the plain
+# ``mask_fcn<i>`` some heads use; detectron2's converter reads the first two as the same ``mask_fcn<i>``.
+_MASK_CONV = re.compile(r"^(?:_\[mask\]_|_mask_|mask_)(fcn\d+_.*)$")
+_MASK_CONV_SPELLINGS = ("_[mask]_", "_mask_", "mask_")
+
+
 def _source_name(blob: str, blobs: Mapping[str, Any]) -> str:
-    """Detectron's fallback: a missing ``_[mask]_res5_...`` blob initialises from ``res5_...``."""
-    if blob not in blobs and blob.startswith("_[") and "]_" in blob:
+    """The file's blob for the model's `blob`: itself; another spelling of a mask-head conv; or Detectron's
+    fallback, a missing ``_[mask]_res5_...`` blob initialises from ``res5_...``."""
+    if blob in blobs:
+        return blob
+    match = _MASK_CONV.match(blob)
+    if match:
+        found = [p + match.group(1) for p in _MASK_CONV_SPELLINGS if p + match.group(1) in blobs]
+        if found:
+            return found[0]
+    if blob.startswith("_[") and "]_" in blob:
         return blob[blob.index("]_") + 2:]
     return blob
 

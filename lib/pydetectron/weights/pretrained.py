@@ -27,6 +27,7 @@ from torch import nn
 
 from pydetectron.weights.class_layout import adapt_to_model
 from pydetectron.weights.describe import backbone_facts
+from pydetectron.weights.detectron2 import FIXED_UPSAMPLE_BLOBS
 from pydetectron.weights.detectron_pkl import (
     LoadReport,
     ShapeMismatchError,
@@ -118,8 +119,9 @@ def _training_failure(weights: WeightFile, report: LoadReport, model: nn.Module,
     return WeightMismatchError("\n".join(lines))
 
 
-def describe_load(weights: WeightFile, report: LoadReport, input_order: str, relaid: Sequence[str] = ()) -> str:
-    """The report printed after loading and written to the run's output folder (`relaid`: class-layout changes)."""
+def describe_load(weights: WeightFile, report: LoadReport, input_order: str, notes: Sequence[str] = ()) -> str:
+    """The report printed after loading and written to the run's output folder (`notes`: class-layout changes,
+    kept fixed kernels)."""
     if weights.color_order is None:
         order = ("the file does not say its input colour order: conv1 is taken as it is (MODEL.INPUT_COLOR_ORDER, "
                  "PIXEL_MEANS and PIXEL_STDS must describe the source's input)")
@@ -128,7 +130,7 @@ def describe_load(weights: WeightFile, report: LoadReport, input_order: str, rel
     else:
         order = f"file and model both {input_order}"
     lines = [f"Loaded {weights.path} ({weights.description}): {report.summary()}", f"  colour order: {order}"]
-    lines += [f"  class layout: {line}" for line in relaid]
+    lines += [f"  {line}" for line in notes]
     if weights.left_out:
         lines.append(f"  left out (not this network: other networks or heads in the file) "
                      f"({len(weights.left_out)}): {_first(weights.left_out)}")
@@ -163,7 +165,8 @@ def load_pretrained(
     ``MODEL.NUM_CLASSES``.
     """
     weights = read_weights(path)
-    blobs, relaid = adapt_to_model(model, model_weight_mapping(model), weights.blobs_for(model), weights.class_layout)
+    blobs, notes = adapt_to_model(model, model_weight_mapping(model), weights.blobs_for(model), weights.class_layout)
+    notes = [f"class layout: {line}" for line in notes]
     input_order = cfg.MODEL.INPUT_COLOR_ORDER
     num_classes = int(cfg.MODEL.NUM_CLASSES)
     hint = _class_hint(blobs, num_classes)
@@ -174,6 +177,10 @@ def load_pretrained(
         if training:
             raise WeightMismatchError(f"{weights.path} ({weights.description}): {err}") from None
         raise _strict_failure(weights, err.report, model, err.mismatches, hint) from None
+    if weights.format == "detectron2":  # Detectron heads' fixed up-sampling kernels: detectron2 interpolates
+        fixed = [b for b in report.missing if FIXED_UPSAMPLE_BLOBS.match(b)]
+        report.missing = [b for b in report.missing if b not in fixed]
+        notes += [f"{b}: a fixed bilinear kernel detectron2 files do not hold, kept as built" for b in fixed]
     if training:
         failure = _training_failure(weights, report, model, blobs)
     elif report.missing or report.unused or report.unmapped or weights.left_out:
@@ -182,7 +189,7 @@ def load_pretrained(
         failure = None
     if failure is not None:
         raise failure
-    text = describe_load(weights, report, input_order, relaid)
+    text = describe_load(weights, report, input_order, notes)
     print_fn(text)
     if output_dir is not None:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
