@@ -178,3 +178,50 @@ def frozen_bn_affine(state: Dict[str, torch.Tensor], eps: float = 1e-5) -> Dict[
         for leaf in ("weight", "bias", "running_mean", "running_var"):
             del out[f"{norm}.{leaf}"]
     return out
+
+
+def instances_to_detections(instances: Any) -> Dict[str, np.ndarray]:
+    """detectron2 ``Instances`` as our detections dict (ARCHITECTURE.md "Detector outputs"): ``classes`` are
+    our contiguous ids (detectron2's + 1, since ours count the background as 0)."""
+    instances = instances.to("cpu")
+    out = {"boxes": instances.pred_boxes.tensor.numpy(), "scores": instances.scores.numpy(),
+           "classes": instances.pred_classes.numpy() + 1}
+    if instances.has("pred_masks"):
+        out["masks"] = instances.pred_masks.numpy().astype(np.uint8)
+    if instances.has("pred_keypoints"):
+        out["keypoints"] = instances.pred_keypoints.numpy()
+    return out
+
+
+def d2_predictions(cfg: Any, weights: str, images: Sequence[np.ndarray]) -> List[Dict[str, np.ndarray]]:
+    """detectron2's DefaultPredictor (its test-time resize, input format, weights through DetectionCheckpointer)
+    on each BGR uint8 image, as our detections dicts."""
+    require_detectron2()
+    from detectron2.engine import DefaultPredictor
+
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.WEIGHTS = str(weights)
+    cfg.freeze()
+    predictor = DefaultPredictor(cfg)
+    return [instances_to_detections(predictor(image)["instances"]) for image in images]
+
+
+def generated_images(count: int, height: int, width: int, seed: int = 0) -> List[np.ndarray]:
+    """`count` reproducible BGR uint8 test images: a smooth background with filled rectangles and ellipses of
+    random colours, so that there are edges and objects at several sizes."""
+    rng = np.random.default_rng(seed)
+    images = []
+    yy, xx = np.mgrid[0:height, 0:width]
+    for _ in range(count):
+        base = rng.uniform(40, 200, 3)
+        image = base + 30 * np.sin(xx[..., None] / rng.uniform(20, 60) + rng.uniform(0, 6, 3))
+        for _ in range(rng.integers(3, 8)):
+            h, w = rng.uniform(0.1, 0.5) * height, rng.uniform(0.1, 0.5) * width
+            cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+            inside = (np.abs(yy - cy) < h / 2) & (np.abs(xx - cx) < w / 2)
+            if rng.random() < 0.5:
+                inside = ((yy - cy) / (h / 2)) ** 2 + ((xx - cx) / (w / 2)) ** 2 < 1
+            image[inside] = rng.uniform(0, 255, 3)
+        images.append(np.clip(image + rng.normal(0, 4, image.shape), 0, 255).astype(np.uint8))
+    return images
