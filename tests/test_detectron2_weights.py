@@ -172,7 +172,8 @@ def _model(relpath: str, extra=(), seed: int = 0):
     assert_and_infer_cfg(cfg)
     torch.manual_seed(seed)
     model = build_detector(cfg).eval()
-    fixed = {k for k, b in model_weight_mapping(model).items() if b and FIXED_UPSAMPLE_BLOBS.match(b)}
+    mapping = model_weight_mapping(model)  # fixed kernels and training state (None: no weight) keep their init
+    fixed = {k for k, b in mapping.items() if b is None or FIXED_UPSAMPLE_BLOBS.match(b)}
     with torch.no_grad():  # every learned tensor random, so a misplaced one cannot pass unnoticed
         for key, value in model.state_dict().items():
             if value.dtype.is_floating_point and key not in fixed:
@@ -183,9 +184,13 @@ def _model(relpath: str, extra=(), seed: int = 0):
 def _zero_background_rows(model):
     """What a Detectron-layout model keeps through detectron2's layout: its background box rows and mask
     channel become zero (class_layout.py)."""
+    mapping = model_weight_mapping(model)
+    layouts = model_class_layouts(model, mapping)
     with torch.no_grad():
-        for key, blob in model_weight_mapping(model).items():
+        for key, blob in mapping.items():
             tensor = model.state_dict()[key]
+            if layouts.get(blob) != "detectron":
+                continue
             if blob in ("bbox_pred_w", "bbox_pred_b"):
                 tensor[:4] = 0
             elif blob in ("mask_fcn_logits_w", "mask_fcn_logits_b") and tensor.shape[0] > 1:
@@ -204,10 +209,19 @@ KEYPOINT_CFG = "getting_started/e2e_keypoint_rcnn_R-18-FPN_shapes.yaml"
 RETINA_CFG = "getting_started/retinanet_R-18-FPN_shapes.yaml"
 
 
-@pytest.mark.parametrize("relpath", [MASK_GN_CFG, KEYPOINT_CFG, RETINA_CFG])
+D2_MODE = ["MODEL.CONVENTIONS", "detectron2", "FAST_RCNN.ROI_BOX_HEAD", "FastRCNNConvFCHead"]
+D2_MASK = D2_MODE + ["FAST_RCNN.NUM_STACKED_CONVS", "2", "FAST_RCNN.NUM_FC", "1", "FAST_RCNN.NORM", "GN",
+                     "MRCNN.ROI_MASK_HEAD", "MaskRCNNConvUpsampleHead", "MRCNN.NORM", "GN"]
+D2_KEYPOINT = D2_MODE + ["KRCNN.ROI_KEYPOINTS_HEAD", "KRCNNConvDeconvUpsampleHead"]
+MODELS = [(MASK_GN_CFG, ()), (KEYPOINT_CFG, ()), (RETINA_CFG, ()), (MASK_GN_CFG, D2_MASK),
+          (KEYPOINT_CFG, D2_KEYPOINT), (RETINA_CFG, ["MODEL.CONVENTIONS", "detectron2"])]
+MODEL_IDS = ["mask", "keypoint", "retinanet", "d2-mask-gn", "d2-keypoint", "d2-retinanet"]
+
+
+@pytest.mark.parametrize("relpath,extra", MODELS, ids=MODEL_IDS)
 @pytest.mark.parametrize("suffix", [".pkl", ".pth"])
-def test_detector_to_detectron2_file_and_back_is_bit_exact(tmp_path, relpath, suffix):
-    cfg, model = _model(relpath)
+def test_detector_to_detectron2_file_and_back_is_bit_exact(tmp_path, relpath, extra, suffix):
+    cfg, model = _model(relpath, extra)
     state, _ = detectron2_state(model)
     path = tmp_path / f"model_final{suffix}"
     if suffix == ".pth":  # detectron2's own checkpoint: {'model': tensors, 'iteration', 'optimizer', 'scheduler'}
@@ -216,13 +230,13 @@ def test_detector_to_detectron2_file_and_back_is_bit_exact(tmp_path, relpath, su
     else:  # a detectron2 model-zoo .pkl
         with open(path, "wb") as f:
             pickle.dump({"model": state, "__author__": "Detectron2 Model Zoo"}, f)
-    _, fresh = _model(relpath, seed=1)
+    _, fresh = _model(relpath, extra, seed=1)
     lines = []
     report = load_pretrained(fresh, path, cfg, training=False, print_fn=lines.append)
     assert report.missing == report.unused == report.unmapped == []
     _zero_background_rows(model)  # detectron2 files have none; Detectron-mode heads get zeros
     _assert_same_state(model, fresh)
-    if "cls_score_w" in model_weight_mapping(model).values():  # Detectron-mode heads: background moved back
+    if "cls_score_w" in model_weight_mapping(model).values() and not extra:  # Detectron heads: background moved
         cls = model.box_outputs.cls_score.weight
         torch.testing.assert_close(torch.from_numpy(state["roi_heads.box_predictor.cls_score.weight"]),
                                    torch.cat([cls[1:], cls[:1]]), rtol=0, atol=0)
@@ -294,3 +308,17 @@ def test_detectron_pkl_of_any_layout_is_written_background_first(tmp_path):
     np.testing.assert_array_equal(blobs["cls_score_w"], np.concatenate([mine["cls_score_w"][-1:],
                                                                         mine["cls_score_w"][:-1]]))
     assert blobs["bbox_pred_w"].shape[0] == mine["bbox_pred_w"].shape[0] + 4
+
+
+def test_detectron_pkl_into_detectron2_heads_is_detectron2s_conversion(tmp_path):
+    """A Detectron-convention model written as a Detectron .pkl, read into detectron2-convention heads: the
+    background row moved last and the background box rows / mask channel dropped (detectron2's own rule)."""
+    cfg, detectron_model = _model(MASK_GN_CFG)
+    path = tmp_path / "model_final.pkl"
+    blobs = save_detectron_weights(detectron_model, path, cfg_yaml=cfg_to_yaml(cfg))
+    d2_cfg, d2_model = _model(MASK_GN_CFG, D2_MASK, seed=4)
+    load_pretrained(d2_model, path, d2_cfg, training=True, print_fn=lambda _: None)  # other head layouts: skipped
+    want = {"cls_score_w": np.concatenate([blobs["cls_score_w"][1:], blobs["cls_score_w"][:1]]),
+            "bbox_pred_b": blobs["bbox_pred_b"][4:], "mask_fcn_logits_w": blobs["mask_fcn_logits_w"][1:]}
+    for blob, value in want.items():
+        np.testing.assert_array_equal(detectron_blobs(d2_model)[blob], value, err_msg=blob)
