@@ -26,6 +26,7 @@ from pydetectron.weights.detectron2 import (
     DetectorNames,
     blob_to_detector_key,
     detector_key_to_blob,
+    detector_names_of_blobs,
     detectron2_detector_to_blobs,
 )
 from pydetectron.weights.detectron_pkl import detectron_blobs, save_detectron_weights
@@ -322,3 +323,16 @@ def test_detectron_pkl_into_detectron2_heads_is_detectron2s_conversion(tmp_path)
             "bbox_pred_b": blobs["bbox_pred_b"][4:], "mask_fcn_logits_w": blobs["mask_fcn_logits_w"][1:]}
     for blob, value in want.items():
         np.testing.assert_array_equal(detectron_blobs(d2_model)[blob], value, err_msg=blob)
+
+
+def test_written_names_put_the_body_where_detectron2_does():
+    """Below an FPN the ResNet is backbone.bottom_up; a C4 detector's res5 is roi_heads.res5; a DC5 / C5 one
+    (no FPN, res5 in the body) keeps res5 under backbone."""
+    blobs = ["res5_0_branch2a_w", "conv_rpn_w"]
+    assert blob_to_detector_key(blobs[0], detector_names_of_blobs(blobs, res5_in_head=True)) == \
+        "roi_heads.res5.0.conv1.weight"
+    assert blob_to_detector_key(blobs[0], detector_names_of_blobs(blobs, res5_in_head=False)) == \
+        "backbone.res5.0.conv1.weight"
+    fpn = blobs + ["fpn_res5_2_sum_w"]
+    assert blob_to_detector_key(blobs[0], detector_names_of_blobs(fpn, res5_in_head=False)) == \
+        "backbone.bottom_up.res5.0.conv1.weight"

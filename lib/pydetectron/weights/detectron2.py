@@ -324,8 +324,10 @@ def blob_to_detector_key(blob: str, names: DetectorNames) -> str | None:
 
 
 def detector_names_of_blobs(blobs, res5_in_head: bool) -> DetectorNames:
-    """The :class:`DetectorNames` to write `blobs` with (`res5_in_head`: a C4 detector's box head owns res5)."""
-    return DetectorNames(body_prefix="backbone." if res5_in_head else "backbone.bottom_up.", res5_in_head=res5_in_head,
+    """The :class:`DetectorNames` to write `blobs` with (`res5_in_head`: a C4 detector's box head owns res5). The
+    ResNet sits under ``backbone.bottom_up.`` below an FPN, else (C4, DC5) directly under ``backbone.``."""
+    fpn = any(blob.startswith("fpn_") for blob in blobs)
+    return DetectorNames(body_prefix="backbone.bottom_up." if fpn else "backbone.", res5_in_head=res5_in_head,
                          retina_norm=any(re.match(r"^retnet_\w+_conv_n\d+_fpn\d+_(gn|bn)_s$", b) for b in blobs))
 
 
