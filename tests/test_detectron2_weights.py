@@ -336,3 +336,14 @@ def test_written_names_put_the_body_where_detectron2_does():
     fpn = blobs + ["fpn_res5_2_sum_w"]
     assert blob_to_detector_key(blobs[0], detector_names_of_blobs(fpn, res5_in_head=False)) == \
         "backbone.bottom_up.res5.0.conv1.weight"
+
+
+def test_class_count_of_a_detectron2_detector_file(tmp_path):
+    """The inference tools read MODEL.NUM_CLASSES from the weights when the cfg leaves it unset."""
+    from pydetectron.engine.inference_model import weights_num_classes
+
+    _, model = _model(MASK_GN_CFG)
+    state, _ = detectron2_state(model)
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in state.items()}}, path)
+    assert weights_num_classes(str(path), None, str(tmp_path)) == 4  # NUM_CLASSES 4 in SMALL, background included
