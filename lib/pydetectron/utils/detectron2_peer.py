@@ -7,9 +7,9 @@ detectron2 is never a dependency: everything here imports it on first use and fa
 Random weights lie (../shared/BENCHMARKING.md): a freshly initialised detector has frozen norms at identity and
 a classifier that scores every proposal as background, so it detects nothing and its heads do no work.
 :func:`randomize_d2_model` draws every tensor from a seeded generator (FrozenBN statistics included, so the
-BN fold is exercised) and :func:`calibrate_d2_model` then sets each frozen norm so that its output has zero
-mean and unit variance per channel on the given images (weights of convs untouched), and biases the box
-classifier towards the foreground so that detections exist.
+BN fold is exercised) and :func:`calibrate_d2_model` then sets each frozen norm's statistics to those of its
+input on the given images, so that it standardises them before its (random) affine map (conv weights
+untouched), and biases the box classifier towards the foreground so that detections exist.
 """
 
 from __future__ import annotations
