@@ -7,8 +7,10 @@
     python tools/convert_weights.py merge --teacher model_final.pth --student r18_d2.pkl T50-S18.pkl
     python tools/convert_weights.py split T50-S18.pkl student.pkl --part student
 
-``convert --to`` writes Caffe2 blob names (``detectron``: a Detectron ``.pkl``, BGR), detectron2 names
-(``detectron2``: ``{'model': ..., '__author__', 'matching_heuristics'}``) or our state dict (``pydetectron``).
+``convert --to`` writes Caffe2 blob names (``detectron``: a Detectron ``.pkl``, BGR, Detectron's class layout),
+detectron2 names (``detectron2``: ``{'model': ..., '__author__', 'matching_heuristics'}``; a whole detector in
+detectron2's names and class layout, loadable by detectron2's DetectionCheckpointer; ``.pth`` DST: tensors) or
+our state dict (``pydetectron``).
 Round trips are bit-exact. ``merge`` writes MGD's teacher + student layout (``t_net.`` / ``s_net.`` keys).
 """
 

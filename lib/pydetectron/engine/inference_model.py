@@ -32,7 +32,8 @@ def _weights_source(load_ckpt: str | None, load_detectron: str | None, cache_dir
 def weights_num_classes(load_ckpt: str | None, load_detectron: str | None, cache_dir: str) -> int | None:
     """The class count (with background) the weights were trained for, read from their box classifier
     (``cls_score``); None when they have none (RetinaNet, RPN-only, a bare backbone)."""
-    weights = read_weights(_weights_source(load_ckpt, load_detectron, cache_dir)).weights
+    found = read_weights(_weights_source(load_ckpt, load_detectron, cache_dir))
+    weights = {**found.weights, **found.network}  # a detectron2 detector's heads sit outside its body
     return next((int(np.shape(value)[0]) for key, value in weights.items()
                  if key == "cls_score_w" or key.endswith("cls_score.weight")), None)
 

@@ -13,17 +13,30 @@ import os
 from dataclasses import asdict
 from typing import Any, Dict, List, Mapping, Tuple
 
+import numpy as np
+import torch
 from torch import nn
 
 from pydetectron.config import get_cfg
 from pydetectron.config.merge import ConfigError, load_yaml, merge_cfg_from_str
 from pydetectron.modeling.backbones import ResNet
 from pydetectron.modeling.layers import NormSpec
+from pydetectron.weights.class_layout import blobs_in_layout
 from pydetectron.weights.describe import BackboneFacts, architecture_lines, backbone_facts, input_lines
-from pydetectron.weights.detectron2 import blobs_to_detectron2
-from pydetectron.weights.detectron_pkl import check_color_order, detectron_blobs, save_detectron_weights
+from pydetectron.weights.detectron2 import (
+    FIXED_UPSAMPLE_BLOBS,
+    blobs_to_detectron2,
+    blobs_to_detectron2_detector,
+    detector_names_of_blobs,
+)
+from pydetectron.weights.detectron_pkl import (
+    check_color_order,
+    detectron_blobs,
+    model_weight_mapping,
+    save_detectron_weights,
+)
 from pydetectron.weights.files import write_object
-from pydetectron.weights.formats import MERGED_PARTS, METADATA_KEY, WeightFile, merged_part, read_weights
+from pydetectron.weights.formats import MERGED_PARTS, METADATA_KEY, WeightFile, has_heads, merged_part, read_weights
 from pydetectron.weights.pretrained import load_pretrained
 
 TARGETS = ("pydetectron", "detectron", "detectron2")
@@ -111,6 +124,52 @@ def _metadata(weights: WeightFile, order: str | None, facts: BackboneFacts) -> D
     return {"input_color_order": order, "source_format": weights.format, "body": asdict(facts)}
 
 
+def _res5_in_head(mapping: Mapping[str, str | None]) -> bool:
+    """Whether res5 belongs to the RoI heads (a C4 detector), not to the module holding conv1 (the body)."""
+    owner = {blob: key.split(".", 1)[0] for key, blob in mapping.items() if blob}
+    return "res5_0_branch2a_w" in owner and owner["res5_0_branch2a_w"] != owner.get("conv1_w")
+
+
+def detectron2_state(model: nn.Module) -> Tuple[Dict[str, Any], List[str]]:
+    """(detectron2 state dict of `model`, lines saying what changed): a detector in detectron2's names and
+    class layout (``class_layout.py``), in the model's own channel order; a bare ResNet in detectron2's body names.
+    Detectron heads' fixed bilinear up-sampling kernels are not written (detectron2 interpolates); anything
+    else without a detectron2 name is an error naming it."""
+    mapping = model_weight_mapping(model)
+    blobs = detectron_blobs(model)  # in the model's own channel order
+    lines: List[str] = []
+    if has_heads(model):
+        blobs, lines = blobs_in_layout(model, mapping, blobs, "detectron2")
+        fixed = sorted(b for b in blobs if FIXED_UPSAMPLE_BLOBS.match(b))
+        if fixed:
+            lines.append("not written (fixed bilinear kernels detectron2 computes by interpolation): "
+                         + ", ".join(fixed))
+        names = detector_names_of_blobs(blobs, _res5_in_head(mapping))
+        state, left_out = blobs_to_detectron2_detector({b: v for b, v in blobs.items() if b not in fixed}, names)
+    else:
+        state, left_out = blobs_to_detectron2(blobs)
+    if left_out:
+        raise ValueError(f"{len(left_out)} tensors of the model have no detectron2 name (first: {left_out[:5]})")
+    return state, lines
+
+
+def _detectron2_file(model: nn.Module, dst: str | os.PathLike, metadata: Mapping[str, Any]) -> Tuple[Dict, List[str]]:
+    """Write `model` for detectron2's DetectionCheckpointer: ``{'model', '__author__', 'matching_heuristics'}``,
+    a pickle of numpy arrays (``.pkl``) or a torch.save file of tensors (``.pth``). A detector is written in
+    full detectron2 names (loaded as they are); a bare body in backbone names, matched by detectron2's heuristics."""
+    state, lines = detectron2_state(model)
+    detector = has_heads(model)
+    if str(dst).endswith((".pth", ".pt")):
+        state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
+        serializer = "torch"
+    else:
+        serializer = "pickle"
+    obj: Dict[str, Any] = {"model": state, "__author__": "pydetectron", "matching_heuristics": not detector,
+                           METADATA_KEY: dict(metadata, class_layout="detectron2")}
+    write_object(obj, dst, serializer)
+    return state, lines
+
+
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, input_order: str | None = None) -> str:
     """Write `src` as `to` ('pydetectron' | 'detectron' | 'detectron2') at `dst`; returns a summary line."""
     if to not in TARGETS:
@@ -125,14 +184,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, input_order
         yaml_text = _cfg_of(weights) or f"MODEL:\n  INPUT_COLOR_ORDER: {order}\n"
         written = save_detectron_weights(model, dst, cfg_yaml=yaml_text, input_order=order)
     elif to == "detectron2":
-        state, left_out = blobs_to_detectron2(detectron_blobs(model))  # in the model's own channel order
-        if left_out:
-            raise ValueError(f"{weights.path}: detectron2 names cover the ResNet body only; {len(left_out)} tensors "
-                             f"have none (first: {left_out[:5]}); convert --to detectron keeps a whole detector")
-        obj: Dict[str, Any] = {"model": state, "__author__": "pydetectron", "matching_heuristics": True,
-                               METADATA_KEY: _metadata(weights, order, facts)}
-        write_object(obj, dst, "pickle")
-        written = state
+        written, notes = _detectron2_file(model, dst, _metadata(weights, order, facts))
     else:
         obj = {"model": model.state_dict(), METADATA_KEY: _metadata(weights, order, facts)}
         if _cfg_of(weights):
@@ -140,6 +192,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, input_order
         write_object(obj, dst, "torch")
         written = obj["model"]
     summary = f"{src} ({weights.description}, {facts}) -> {dst} ({to}, {len(written)} tensors)"
+    if to == "detectron2" and notes:
+        summary += "; " + "; ".join(notes)
     if weights.left_out:  # e.g. a detectron2 detector's heads, MoCo's key encoder: said, never dropped unnoticed
         summary += (f"; left out {len(weights.left_out)} entries that are not this network "
                     f"(first: {', '.join(weights.left_out[:5])})")

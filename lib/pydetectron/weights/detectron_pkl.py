@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from pydetectron.modeling.layers import compose_weight_mapping
+from pydetectron.weights.class_layout import blobs_in_layout
 from pydetectron.weights.files import read_object, write_object
 
 logger = logging.getLogger(__name__)
@@ -107,9 +108,23 @@ def _blobs_of(source: str | os.PathLike | Mapping[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in blobs.items() if k != "cfg" and v is not None}
 
 
+# One mask-head conv, three spellings: Detectron's ``_[mask]_fcn<i>`` (``_mask_fcn<i>`` with GN) and the plain
+# ``mask_fcn<i>`` some heads use; detectron2's converter reads the first two as the same ``mask_fcn<i>``.
+_MASK_CONV = re.compile(r"^(?:_\[mask\]_|_mask_|mask_)(fcn\d+_.*)$")
+_MASK_CONV_SPELLINGS = ("_[mask]_", "_mask_", "mask_")
+
+
 def _source_name(blob: str, blobs: Mapping[str, Any]) -> str:
-    """Detectron's fallback: a missing ``_[mask]_res5_...`` blob initialises from ``res5_...``."""
-    if blob not in blobs and blob.startswith("_[") and "]_" in blob:
+    """The file's blob for the model's `blob`: itself; another spelling of a mask-head conv; or Detectron's
+    fallback, a missing ``_[mask]_res5_...`` blob initialises from ``res5_...``."""
+    if blob in blobs:
+        return blob
+    match = _MASK_CONV.match(blob)
+    if match:
+        found = [p + match.group(1) for p in _MASK_CONV_SPELLINGS if p + match.group(1) in blobs]
+        if found:
+            return found[0]
+    if blob.startswith("_[") and "]_" in blob:
         return blob[blob.index("]_") + 2:]
     return blob
 
@@ -307,9 +322,10 @@ def save_detectron_weights(
 ) -> Dict[str, np.ndarray]:
     """Write `model` as Detectron does: ``pickle({'blobs': {name: float32 array}, 'cfg': yaml})``, atomically.
 
-    Returns the blobs written. Momentum is not written (Detectron loaders treat it as optional).
-    `input_order` as for :func:`load_detectron_weights`.
+    Returns the blobs written. Momentum is not written (Detectron loaders treat it as optional). Heads in
+    detectron2's class layout are written in Detectron's (``class_layout.py``: background first, zero
+    background box rows and mask channel). `input_order` as for :func:`load_detectron_weights`.
     """
-    blobs = detectron_blobs(model, input_order)
+    blobs, _ = blobs_in_layout(model, model_weight_mapping(model), detectron_blobs(model, input_order), "detectron")
     write_object({"blobs": blobs, "cfg": cfg_yaml}, path, "pickle")
     return blobs

@@ -33,7 +33,14 @@ import yaml
 from torch import nn
 
 from pydetectron.modeling.layers import RUNNING_STAT_SUFFIXES
-from pydetectron.weights.detectron2 import DETECTRON2_ANCHOR, blob_to_detectron2_key, detectron2_to_blobs
+from pydetectron.weights.detectron2 import (
+    DETECTRON2_ANCHOR,
+    DetectorNames,
+    blob_to_detector_key,
+    blob_to_detectron2_key,
+    detectron2_detector_to_blobs,
+    detectron2_to_blobs,
+)
 from pydetectron.weights.detectron_pkl import check_color_order, model_weight_mapping
 from pydetectron.weights.files import read_object_and_serializer
 from pydetectron.weights.torchvision import (
@@ -118,7 +125,24 @@ class WeightFile:
     left_out: List[str] = field(default_factory=list)  # entries of that dict outside the network
     serializer: str = "pickle"  # how the file was written: 'pickle' | 'torch'
     body_norm: str | None = None  # ``pydetectron``: the body's RESNETS.NORM kind, from the file's cfg / metadata
+    network: Mapping[str, Any] = field(default_factory=dict)  # ``detectron2`` detector: every entry, heads included
     _names: Dict[str, str] = field(default_factory=dict)
+    _detector_names: DetectorNames | None = None
+
+    @property
+    def class_layout(self) -> str | None:
+        """Where the file's box classifier keeps the background and whether its box / mask predictors have
+        background rows: 'detectron' (first; (K+1)*4 boxes, K+1 masks) or 'detectron2' (last; K*4, K); None
+        when the file does not say (a pydetectron file without cfg: taken as the model's)."""
+        if self.format in ("detectron", "detectron2"):
+            return self.format
+        if self.format == "pydetectron":
+            meta = self.container.get(METADATA_KEY)
+            if isinstance(meta, Mapping) and meta.get("class_layout"):
+                return str(meta["class_layout"])
+            model = _cfg_section(self.container.get("cfg"), "MODEL")
+            return None if model is None else str(model.get("CONVENTIONS", "detectron"))
+        return None
 
     @property
     def description(self) -> str:
@@ -136,6 +160,9 @@ class WeightFile:
                              "take one out with: python tools/convert_weights.py split FILE OUT --part student|teacher")
         if self.format == "detectron":
             blobs, self._names = dict(self.weights), {}
+        elif self.format == "detectron2" and model is not None and self.network and has_heads(model):
+            blobs, self._names, left_out, self._detector_names = detectron2_detector_to_blobs(self.network, self.prefix)
+            self.left_out = sorted(left_out)
         elif self.format == "detectron2":
             blobs, self._names, left_out = detectron2_to_blobs(self.weights)
             self.left_out = sorted(set(self.left_out) | {self.prefix + k for k in left_out})
@@ -154,6 +181,8 @@ class WeightFile:
         """What the file calls (or would call) `blob`, for messages."""
         if blob in self._names:
             return self._names[blob]
+        if self.format == "detectron2" and self._detector_names is not None:
+            return blob_to_detector_key(blob, self._detector_names) or blob
         if self.format == "detectron2":
             return self.prefix + (blob_to_detectron2_key(blob) or blob)
         if self.format == "torchvision":
@@ -161,6 +190,11 @@ class WeightFile:
         if self.format == "pydetectron" and model_key:
             return model_key
         return blob
+
+
+def has_heads(model: nn.Module) -> bool:
+    """Whether `model` holds tensors outside a ResNet body (a detector, not a bare body)."""
+    return any(blob and blob_to_detectron2_key(blob) is None for blob in model_weight_mapping(model).values())
 
 
 def _anchor_prefix(keys, anchor: str) -> str | None:
@@ -247,7 +281,8 @@ def recognise(obj: Any, path: str) -> WeightFile:
         # a detectron2 C4 detector keeps res5 in its box head, as ours does (same blob names)
         body.update({k[len(C4_HEAD_PREFIX):]: v for k, v in weights.items() if k.startswith(C4_HEAD_PREFIX + "res5.")})
         left_out = [k for k in weights if not k.startswith(prefix) and not k.startswith(C4_HEAD_PREFIX + "res5.")]
-        return WeightFile(path, "detectron2", body, order, obj, location, prefix, left_out)
+        network = weights if left_out else {}
+        return WeightFile(path, "detectron2", body, order, obj, location, prefix, left_out, network=network)
     found = find_network(obj, TORCHVISION_ANCHOR, path)
     if found is not None:
         weights, prefix, location = found

@@ -25,7 +25,9 @@ from typing import Callable, Sequence
 import numpy as np
 from torch import nn
 
+from pydetectron.weights.class_layout import adapt_to_model
 from pydetectron.weights.describe import backbone_facts
+from pydetectron.weights.detectron2 import FIXED_UPSAMPLE_BLOBS
 from pydetectron.weights.detectron_pkl import (
     LoadReport,
     ShapeMismatchError,
@@ -76,7 +78,7 @@ def _strict_failure(weights: WeightFile, report: LoadReport, model: nn.Module, s
     keys = _model_keys_of(model)
     missing = [weights.file_name(b, keys.get(b)) for b in report.missing]
     missing += [f"{k} (model tensor with no Detectron blob)" for k in report.unmapped]
-    unused = [weights.file_name(b) for b in report.unused]
+    unused = [weights.file_name(b) for b in report.unused] + [f"{k} (names no tensor)" for k in weights.left_out]
     lines = [f"weights {weights.path} ({weights.description}) do not match the model built from the cfg:"]
     lines += [line for line in (_listing("missing in the weights", missing),
                                 _listing("unexpected (not in the model)", unused),
@@ -117,8 +119,9 @@ def _training_failure(weights: WeightFile, report: LoadReport, model: nn.Module,
     return WeightMismatchError("\n".join(lines))
 
 
-def describe_load(weights: WeightFile, report: LoadReport, input_order: str) -> str:
-    """The report printed after loading and written to the run's output folder."""
+def describe_load(weights: WeightFile, report: LoadReport, input_order: str, notes: Sequence[str] = ()) -> str:
+    """The report printed after loading and written to the run's output folder (`notes`: class-layout changes,
+    kept fixed kernels)."""
     if weights.color_order is None:
         order = ("the file does not say its input colour order: conv1 is taken as it is (MODEL.INPUT_COLOR_ORDER, "
                  "PIXEL_MEANS and PIXEL_STDS must describe the source's input)")
@@ -127,6 +130,7 @@ def describe_load(weights: WeightFile, report: LoadReport, input_order: str) -> 
     else:
         order = f"file and model both {input_order}"
     lines = [f"Loaded {weights.path} ({weights.description}): {report.summary()}", f"  colour order: {order}"]
+    lines += [f"  {line}" for line in notes]
     if weights.left_out:
         lines.append(f"  left out (not this network: other networks or heads in the file) "
                      f"({len(weights.left_out)}): {_first(weights.left_out)}")
@@ -156,13 +160,15 @@ def load_pretrained(
     fit it (else :class:`WeightMismatchError` naming the file, its format and the first missing and unused
     names); heads the file lacks keep their initialisation, class-count layers of another size are skipped
     with a message. Otherwise (testing) every tensor must load and every entry be used, with the same shapes.
-    A shape mismatch names the blob. The report is printed and, with `output_dir`, appended to
-    ``<output_dir>/weights_report.txt``. Reads ``MODEL.INPUT_COLOR_ORDER`` and ``MODEL.NUM_CLASSES``.
-    `part` ('teacher' | 'student') loads that part of a merged teacher + student file (a distillation run);
-    then nothing of the part may be left unused, in training too.
+    A shape mismatch names the blob. The file's class layout (background first or last, background box / mask
+    rows) is changed to each head's own (``weights.class_layout``). The report is printed and, with
+    `output_dir`, appended to ``<output_dir>/weights_report.txt``. Reads ``MODEL.INPUT_COLOR_ORDER`` and
+    ``MODEL.NUM_CLASSES``. `part` ('teacher' | 'student') loads that part of a merged teacher + student file (a
+    distillation run); then nothing of the part may be left unused, in training too.
     """
     weights = read_weights(path, part)
-    blobs = weights.blobs_for(model)
+    blobs, notes = adapt_to_model(model, model_weight_mapping(model), weights.blobs_for(model), weights.class_layout)
+    notes = [f"class layout: {line}" for line in notes]
     input_order = cfg.MODEL.INPUT_COLOR_ORDER
     num_classes = int(cfg.MODEL.NUM_CLASSES)
     hint = _class_hint(blobs, num_classes)
@@ -173,6 +179,10 @@ def load_pretrained(
         if training:
             raise WeightMismatchError(f"{weights.path} ({weights.description}): {err}") from None
         raise _strict_failure(weights, err.report, model, err.mismatches, hint) from None
+    if weights.format == "detectron2":  # Detectron heads' fixed up-sampling kernels: detectron2 interpolates
+        fixed = [b for b in report.missing if FIXED_UPSAMPLE_BLOBS.match(b)]
+        report.missing = [b for b in report.missing if b not in fixed]
+        notes += [f"{b}: a fixed bilinear kernel detectron2 files do not hold, kept as built" for b in fixed]
     if training:
         failure = _training_failure(weights, report, model, blobs)
         if failure is None and part is not None and report.unused:
@@ -180,13 +190,13 @@ def load_pretrained(
                 f"{weights.path} ({weights.description}) has tensors the {part} model does not use ("
                 f"{len(report.unused)}): {_first([weights.file_name(b) for b in report.unused])}; the {part} "
                 "cfg does not build the network this part was merged from")
-    elif report.missing or report.unused or report.unmapped:
+    elif report.missing or report.unused or report.unmapped or weights.left_out:
         failure = _strict_failure(weights, report, model, [], hint)
     else:
         failure = None
     if failure is not None:
         raise failure
-    text = describe_load(weights, report, input_order)
+    text = describe_load(weights, report, input_order, notes)
     print_fn(text)
     if output_dir is not None:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
