@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 export CUDA_HOME ?= /usr/local/cuda
 
-.PHONY: install deps build test test-all lint demo bench cuda-compile clean
+.PHONY: install deps build test test-all lint demo bench clean
 
 deps:  ## install the pinned torch/torchvision and the other dependencies, only if missing
 	@$(PYTHON) -c "import torch, torchvision, sys; \
