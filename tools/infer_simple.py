@@ -9,6 +9,8 @@ translucent masks with contours, and keypoint skeletons (the dataset's skeleton 
 are not images are skipped; an image that cannot be read is reported and skipped. Class names come from
 --dataset, or else follow the cfg and the weights: the cfg's own dataset when its json is here, otherwise COCO's
 names by class count (81 classes: COCO's 80; a 2-class keypoint model: 'person' with COCO's skeleton).
+--output_json FILE also saves every detection (all scores, not only those drawn) as COCO result entries, each
+with the image's "file_name", to compare or post-process without re-running the model.
 
 A detectron2 config and checkpoint run in detectron2 mode (images read with PIL and their EXIF orientation, as
 detectron2's demo reads them); detectron2's KEY VALUE opts follow the flags (before --images, which takes
@@ -21,6 +23,7 @@ every name after it):
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -33,6 +36,7 @@ from pydetectron.data.catalog import register_from_string
 from pydetectron.data.minibatch import load_image
 from pydetectron.engine.dataset_cfg import DatasetMismatchError
 from pydetectron.engine.predictor import Predictor
+from pydetectron.evaluation.coco_results import image_results
 from pydetectron.utils.cli import (
     add_config_args,
     add_register_arg,
@@ -63,6 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--thresh", type=float, default=0.7, help="draw detections scoring at least this (0.7)")
     parser.add_argument("--kp_thresh", type=float, default=2.0, help="draw keypoints whose logit exceeds this (2)")
     parser.add_argument("--output_ext", default="jpg", choices=["jpg", "png", "pdf"], help="picture format")
+    parser.add_argument("--output_json", metavar="FILE",
+                        help="also write every detection as a COCO result entry (bbox [x, y, w, h], score, json "
+                             "category_id of the class names' dataset, segmentation RLE, keypoints) with the "
+                             "image's file_name and its index as image_id")
     parser.add_argument("--no_cuda", dest="cuda", action="store_false", help="run on the CPU")
     args = parser.parse_args(argv)
     if args.load_ckpt and args.load_detectron:
@@ -103,11 +111,14 @@ def main(argv: list[str] | None = None) -> None:
         predictor = Predictor.from_flags(cfg, *weights_of(args, cfg), device, args.dataset)
     except DatasetMismatchError as err:
         sys.exit(f"error: {err}")
+    if args.output_json and cfg.MODEL.RPN_ONLY:
+        sys.exit("error: --output_json writes class detections; an RPN-only model has no classes")
     skeleton = [list(pair) for pair in predictor.meta.skeleton or []]
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     written = 0
-    for path in list_images(args.image_dir, args.images):
+    results: list[dict] = []
+    for index, path in enumerate(list_images(args.image_dir, args.images)):
         try:
             image = load_image(str(path), predictor.settings)  # cv2, or PIL + EXIF in detectron2 mode
         except OSError:
@@ -122,7 +133,35 @@ def main(argv: list[str] | None = None) -> None:
         save_image(picture, out_path)
         written += 1
         print(f"{path.name}: {elapsed:.3f} s, {shown} detections >= {args.thresh} -> {out_path}")
+        if args.output_json:
+            results += coco_entries(index, path.name, detections, predictor)
     print(f"Wrote {written} pictures to {output_dir}")
+    if args.output_json:
+        write_json(args.output_json, results)
+        print(f"Wrote {len(results)} results to {args.output_json}")
+
+
+def coco_entries(index: int, file_name: str, detections: dict, predictor: Predictor) -> list[dict]:
+    """One image's detections as COCO result entries, one per detection as detectron2's ``instances_to_coco_json``
+    writes them (bbox, score and, where the model has them, segmentation and keypoints), tagged with the file name."""
+    to_json = predictor.meta.contiguous_category_id_to_json_id
+    category_ids = [0] + [to_json[c] for c in range(1, predictor.meta.num_classes)]
+    detectron2 = predictor.cfg.MODEL.CONVENTIONS == "detectron2"
+    per_task = image_results(index, detections, category_ids, predictor.cfg.KRCNN.KEYPOINT_CONFIDENCE, detectron2)
+    entries = [dict(entry, file_name=file_name) for entry in per_task["bbox"]]
+    for task, field in (("segm", "segmentation"), ("keypoints", "keypoints")):
+        for entry, extra in zip(entries, per_task.get(task, [])):
+            entry[field] = extra[field]
+    return entries
+
+
+def write_json(path: str, results: list[dict]) -> None:
+    """`results` to `path` through a temporary file, so a reader never sees half a file."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".tmp")
+    partial.write_text(json.dumps(results))
+    partial.replace(target)
 
 
 if __name__ == "__main__":

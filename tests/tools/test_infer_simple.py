@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import cv2
 import numpy as np
+import pycocotools.mask as mask_util
 import pytest
 import torch
 from tools_stubs import FixedDetector
@@ -21,7 +23,7 @@ from pydetectron.engine.dataset_cfg import dataset_meta
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "infer_simple.py"
 FLAGS = ["--cfg", "--load_ckpt", "--load_detectron", "--dataset", "--image_dir", "--images", "--output_dir",
-         "--thresh", "--kp_thresh", "--output_ext", "--set"]
+         "--thresh", "--kp_thresh", "--output_ext", "--output_json", "--set"]
 
 
 def _load_tool():
@@ -107,6 +109,28 @@ def test_high_threshold_draws_nothing_and_pdf_output(tmp_path, tiny_cfg_file, fi
     tool.main(["--cfg", tiny_cfg_file, "--load_ckpt", fixed_checkpoint, "--images", str(image), "--output_dir",
                str(tmp_path / "p"), "--output_ext", "pdf"])
     assert (tmp_path / "p" / "c.png.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_output_json_holds_every_detection_in_json_ids(tmp_path, tiny_cfg_file, shapes_val, monkeypatch, capsys):
+    monkeypatch.setattr(inference_model, "build_detector",
+                        lambda cfg: FixedDetector(num_classes=cfg.MODEL.NUM_CLASSES, label=3))
+    checkpoint = tmp_path / "model.pth"
+    atomic_save({"model": FixedDetector(num_classes=4).state_dict()}, checkpoint)
+    for name in ("a.png", "b.png"):
+        cv2.imwrite(str(tmp_path / name), np.full((80, 100, 3), 90, np.uint8))
+    results = tmp_path / "out" / "detections.json"
+    tool.main(["--cfg", tiny_cfg_file, "--load_ckpt", str(checkpoint), "--dataset", shapes_val, "--thresh", "0.99",
+               "--images", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--output_dir", str(tmp_path / "o"),
+               "--output_json", str(results)])
+    assert f"Wrote 2 results to {results}" in capsys.readouterr().out
+    entries = json.loads(results.read_text())  # also those below --thresh, which are not drawn
+    assert [(e["file_name"], e["image_id"]) for e in entries] == [("a.png", 0), ("b.png", 1)]
+    x1, y1, x2, y2 = FixedDetector().box
+    for entry in entries:
+        assert entry["category_id"] == 7  # class 3 of the shapes is 'triangle', json id 7
+        assert entry["bbox"] == [x1, y1, x2 - x1 + 1, y2 - y1 + 1] and entry["score"] == pytest.approx(0.95)
+        mask = mask_util.decode(entry["segmentation"])
+        assert mask.shape == (80, 100) and mask.sum() == mask[y1: y2 + 1, x1: x2 + 1].sum() == 41 * 31
 
 
 def test_class_count_mismatch_is_refused(tmp_path, tiny_cfg_file, fixed_checkpoint):

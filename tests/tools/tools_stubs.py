@@ -82,11 +82,12 @@ class GridDetector(nn.Module):
 
 
 class FixedDetector(nn.Module):
-    """One detection at a fixed box (original pixels) with score 0.95 and a mask filling it."""
+    """One detection of class `label` at a fixed box (original pixels) with score 0.95 and a mask filling it."""
 
-    def __init__(self, box=(20, 20, 60, 50), num_classes: int = 81) -> None:
+    def __init__(self, box=(20, 20, 60, 50), num_classes: int = 81, label: int = 1) -> None:
         super().__init__()
         self.box = box
+        self.label = label
         self.weight = nn.Parameter(torch.zeros(num_classes))
 
     def forward(self, data, im_info, roidb=None):
@@ -96,4 +97,4 @@ class FixedDetector(nn.Module):
         mask = torch.zeros((1, height, width), dtype=torch.uint8)
         mask[0, y1: y2 + 1, x1: x2 + 1] = 1
         return [{"boxes": torch.tensor([self.box], dtype=torch.float32), "scores": torch.tensor([0.95]),
-                 "classes": torch.tensor([1]), "masks": mask}]
+                 "classes": torch.tensor([self.label]), "masks": mask}]
