@@ -35,10 +35,10 @@ from pydetectron.modeling.detector import build_detector, total_loss
 from pydetectron.utils.benchmark import TABLE_HEADER, compare, machine_description
 from pydetectron.utils.detectron2_peer import (
     Detectron2Missing,
-    build_d2_model,
     calibrate_frozen_norms,
     d2_cfg,
     d2_inputs,
+    random_d2_model,
     randomize_d2_model,
     require_detectron2,
     save_d2_checkpoint,
@@ -75,7 +75,7 @@ class Detectron2Side:
         from detectron2.engine import DefaultPredictor
 
         self.cfg = d2_cfg(str(CONFIG), _opts(height))
-        model = randomize_d2_model(build_d2_model(self.cfg), seed)
+        model = random_d2_model(self.cfg, seed)
         calibrate_frozen_norms(model, lambda: model.backbone(model.preprocess_image(d2_inputs([image])).tensor))
         self.weights = save_d2_checkpoint(model, folder, "benchmark_random")
         cfg = self.cfg.clone()

@@ -36,12 +36,11 @@ import numpy as np
 from pydetectron.utils.detection_diff import DetectionDiff, compare_detections
 from pydetectron.utils.detectron2_peer import (
     Detectron2Missing,
-    build_d2_model,
     calibrate_d2_model,
     d2_cfg,
     d2_predictions,
     generated_images,
-    randomize_d2_model,
+    random_d2_model,
     require_detectron2,
     save_d2_checkpoint,
 )
@@ -88,7 +87,7 @@ def _read_images(args: argparse.Namespace) -> List[np.ndarray]:
 
 def random_checkpoint(cfg, images: Sequence[np.ndarray], seed: int, path: str) -> str:
     """detectron2's model of `cfg`, randomised from `seed` and calibrated on `images`, saved at `path` (.pth)."""
-    model = randomize_d2_model(build_d2_model(cfg), seed)
+    model = random_d2_model(cfg, seed)
     calibrate_d2_model(model, images)
     folder, name = os.path.split(os.path.abspath(path))
     return save_d2_checkpoint(model, folder, os.path.splitext(name)[0])

@@ -25,10 +25,9 @@ pytest.importorskip("detectron2")
 from pydetectron.data.shapes import generate_split  # noqa: E402
 from pydetectron.utils.detection_diff import compare_detections, pair_detections  # noqa: E402
 from pydetectron.utils.detectron2_peer import (  # noqa: E402
-    build_d2_model,
     calibrate_d2_model,
     d2_cfg,
-    randomize_d2_model,
+    random_d2_model,
     save_d2_checkpoint,
 )
 
@@ -36,8 +35,11 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "detectron2" / "COCO-InstanceSegmentation" / "mask_rcnn_R_50_FPN_1x.yaml"
 DATASET = "d2_tools_shapes_val"
-# the same opts on both sides: the shapes' 3 classes, small test images (the shapes are 160-320 px a side)
-OPTS = ["MODEL.ROI_HEADS.NUM_CLASSES", "3", "INPUT.MIN_SIZE_TEST", "160", "INPUT.MAX_SIZE_TEST", "256"]
+# the same opts on both sides: the shapes' 3 classes, small test images (the shapes are 160-320 px a side), and a
+# score threshold that the calibrated random model's scores straddle, so that it decides how many detections some
+# images keep while others stay at TEST.DETECTIONS_PER_IMAGE (100)
+OPTS = ["MODEL.ROI_HEADS.NUM_CLASSES", "3", "INPUT.MIN_SIZE_TEST", "160", "INPUT.MAX_SIZE_TEST", "256",
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.7"]
 BOX_TOL, SCORE_TOL, MIN_MASK_IOU = 1e-2, 1e-4, 0.99
 
 
@@ -54,7 +56,7 @@ def setup(tmp_path_factory) -> dict:
     category_ids = sorted(c["id"] for c in gt["categories"])  # detectron2's contiguous ids follow sorted json ids
     images = {im["id"]: read_image(str(root / "val" / im["file_name"]), format="BGR") for im in gt["images"]}
     cfg = d2_cfg(str(CONFIG), OPTS)
-    model = randomize_d2_model(build_d2_model(cfg), seed=11)
+    model = random_d2_model(cfg, seed=11)
     calibrate_d2_model(model, list(images.values()))
     weights = save_d2_checkpoint(model, root / "d2_model")
     cfg = cfg.clone()
@@ -91,7 +93,7 @@ def _as_detections(entries: list[dict], height: int, width: int) -> dict:
 
 def _check_same_detections(reference: dict, ours: dict, gt: dict) -> dict:
     """Per image: as many detections, paired ones equal within the tolerances; returns the worst differences."""
-    worst = {"box_xywh": 0.0, "score": 0.0, "min_mask_iou": 1.0, "detections": 0}
+    worst = {"box_xywh": 0.0, "score": 0.0, "min_mask_iou": 1.0, "detections": []}
     for image in gt["images"]:
         image_id = image["id"]
         ref = _as_detections(reference[image_id], image["height"], image["width"])
@@ -104,8 +106,8 @@ def _check_same_detections(reference: dict, ours: dict, gt: dict) -> dict:
         assert box <= BOX_TOL and diff.score <= SCORE_TOL and diff.mask_iou >= MIN_MASK_IOU, (image_id, box, diff)
         worst = {"box_xywh": max(worst["box_xywh"], box), "score": max(worst["score"], diff.score),
                  "min_mask_iou": min(worst["min_mask_iou"], diff.mask_iou),
-                 "detections": worst["detections"] + len(ref["scores"])}
-    print(f"max differences over {worst['detections']} detections: {worst}")
+                 "detections": worst["detections"] + [len(ref["scores"])]}
+    print(f"detections per image and worst differences: {worst}")
     return worst
 
 
@@ -131,6 +133,25 @@ def test_test_net_gives_detectron2s_detections(setup, tmp_path):
         assert [m["score"] for m in masks] == [e["score"] for e in entries]
         ours[image_id] = [dict(e, segmentation=m["segmentation"]) for e, m in zip(entries, masks)]
     _check_same_detections(setup["reference"], ours, setup["gt"])
+    ours_ap = json.loads((inference / "evaluation.json").read_text())[DATASET]
+    for task, d2_ap in _d2_coco_ap(setup).items():  # the metrics detectron2's COCOEvaluator gets on its results
+        assert [ours_ap[task][name] for name in AP_NAMES] == pytest.approx(d2_ap, abs=1e-3), (task, d2_ap)
+
+
+AP_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+
+
+def _d2_coco_ap(setup: dict) -> dict:
+    """detectron2's COCOEvaluator metrics (its ``_evaluate_predictions_on_coco``) of its own results, as fractions."""
+    import copy
+
+    from detectron2.evaluation.coco_evaluation import _evaluate_predictions_on_coco
+    from pycocotools.coco import COCO
+
+    coco_gt = COCO(str(setup["ann_file"]))
+    results = [entry for entries in setup["reference"].values() for entry in entries]
+    return {task: list(_evaluate_predictions_on_coco(coco_gt, copy.deepcopy(results), task).stats[:6])
+            for task in ("bbox", "segm")}
 
 
 def test_infer_simple_gives_detectron2s_detections(setup, tmp_path):

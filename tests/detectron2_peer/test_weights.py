@@ -31,7 +31,7 @@ from pydetectron.utils.detectron2_peer import (  # noqa: E402
     d2_cfg,
     frozen_bn_affine,
     load_d2_checkpoint,
-    randomize_d2_model,
+    random_d2_model,
     save_d2_checkpoint,
 )
 from pydetectron.weights import load_pretrained, save_detectron_weights  # noqa: E402
@@ -52,8 +52,7 @@ CASES = [
 
 def _d2_checkpoint(config: str, folder):
     cfg = d2_cfg(config)
-    torch.manual_seed(0)
-    model = randomize_d2_model(build_d2_model(cfg), seed=1)
+    model = random_d2_model(cfg, seed=1)
     return cfg, model, save_d2_checkpoint(model, folder)
 
 
@@ -123,3 +122,18 @@ def test_d2_model_final_into_detectron_mode_with_the_class_layout_changed(tmp_pa
     assert report.missing == report.unused == report.unmapped == []
     assert "bbox_pred_w: detectron2 -> detectron class layout, (320, 1024) -> (324, 1024)" in lines[0]
     _check_round_trips(d2_config, d2_model, cfg, ours, tmp_path, True)
+
+
+def test_random_d2_model_is_the_same_for_a_seed_whatever_the_global_generator():
+    cfg = d2_cfg(os.path.join(REPO, "configs", "detectron2", CASES[0][0]))
+    torch.manual_seed(100)
+    first = random_d2_model(cfg, seed=4).state_dict()
+    after_first = torch.rand(3)
+    torch.manual_seed(200)  # the init draw used to follow the global generator, and the weights its scale
+    second = random_d2_model(cfg, seed=4).state_dict()
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    torch.manual_seed(100)
+    assert torch.equal(torch.rand(3), after_first)  # the global generator is left as it was
+    other = random_d2_model(cfg, seed=5).state_dict()
+    assert not torch.equal(first["roi_heads.box_predictor.cls_score.weight"],
+                           other["roi_heads.box_predictor.cls_score.weight"])

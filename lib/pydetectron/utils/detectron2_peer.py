@@ -6,7 +6,7 @@ detectron2 is never a dependency: everything here imports it on first use and fa
 
 Random weights lie (../shared/BENCHMARKING.md): a freshly initialised detector has frozen norms at identity and
 a classifier that scores every proposal as background, so it detects nothing and its heads do no work.
-:func:`randomize_d2_model` draws every tensor from a seeded generator (FrozenBN statistics included, so the
+:func:`random_d2_model` draws every tensor from a seeded generator (FrozenBN statistics included, so the
 BN fold is exercised) and :func:`calibrate_d2_model` then sets each frozen norm's statistics to those of its
 input on the given images, so that it standardises them before its (random) affine map (conv weights
 untouched), and biases the box classifier towards the foreground so that detections exist.
@@ -90,6 +90,16 @@ def randomize_d2_model(model: nn.Module, seed: int) -> nn.Module:
                 new = torch.randn(value.shape, generator=gen) * scale
             value.copy_(new)
     return model
+
+
+def random_d2_model(cfg: Any, seed: int) -> nn.Module:
+    """detectron2's model of `cfg` randomised from `seed` (:func:`randomize_d2_model`), the same on every call:
+    it is built under a CPU generator seeded `seed` too, since the randomised weights keep the scale of its
+    initial draw (the caller's global generator is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_d2_model(cfg)
+    return randomize_d2_model(model, seed)
 
 
 def calibrate_frozen_norms(model: nn.Module, run: Callable[[], Any]) -> int:
