@@ -18,7 +18,6 @@ pasted masks out (each side's own pre-processing and resize included: detectron2
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from pydetectron.config.merge import cfg_to_yaml
 from pydetectron.data.minibatch import BlobSettings, input_size, prepare_test_image
 from pydetectron.engine.predictor import Predictor
 from pydetectron.modeling.detector import build_detector, total_loss
-from pydetectron.utils.benchmark import TABLE_HEADER, compare, machine_description
+from pydetectron.utils.benchmark import TABLE_HEADER, compare, machine_description, model_benchmark_parser
 from pydetectron.utils.detectron2_peer import (
     Detectron2Missing,
     calibrate_frozen_norms,
@@ -170,12 +169,7 @@ def _count(detections) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--height", type=int, default=800)
-    parser.add_argument("--width", type=int, default=1067)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side (median reported)")
-    parser.add_argument("--ims_per_batch", type=int, default=1, help="images per training iteration")
+    parser = model_benchmark_parser(__doc__)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

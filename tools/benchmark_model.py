@@ -35,7 +35,7 @@ from pydetectron.engine.checkpoint import atomic_save
 from pydetectron.engine.trainer import AmpSettings
 from pydetectron.modeling.detector import build_detector, total_loss
 from pydetectron.modeling.layers import AffineChannel2d
-from pydetectron.utils.benchmark import TABLE_HEADER, compare, machine_description
+from pydetectron.utils.benchmark import TABLE_HEADER, compare, machine_description, model_benchmark_parser
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs/baselines/e2e_mask_rcnn_R-50-FPN_1x.yaml"
 NUM_OBJECTS = 8
@@ -229,12 +229,7 @@ def peak_memory_of(which: str, args) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--height", type=int, default=800)
-    parser.add_argument("--width", type=int, default=1067)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side (median reported)")
-    parser.add_argument("--ims_per_batch", type=int, default=1, help="images per training iteration")
+    parser = model_benchmark_parser(__doc__)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip_memory", action="store_true", help="do not measure peak memory")
     parser.add_argument("--num_classes", type=int, default=81, help="classes of both models, background included")

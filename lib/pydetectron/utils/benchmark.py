@@ -6,6 +6,7 @@ Machines here are noisy, so a time only means something beside its peer's: both 
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -79,3 +80,15 @@ def machine_description(threads: int) -> str:
         f"{cpu}, {os.cpu_count()} cores, {threads} threads; "
         f"torch {torch.__version__}, torchvision {torchvision.__version__}"
     )
+
+
+def model_benchmark_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The arguments every whole-model benchmark takes (threads, image size, repeats, batch), so the tools'
+    figures are asked for and read the same way."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--height", type=int, default=800)
+    parser.add_argument("--width", type=int, default=1067)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side (median reported)")
+    parser.add_argument("--ims_per_batch", type=int, default=1, help="images per training iteration")
+    return parser
