@@ -44,3 +44,32 @@ def test_differences_over_pairs_and_unpaired_counts():
     assert diff.keypoint == pytest.approx(0.75)
     other_class = dict(ours, classes=np.array([1, 2]))  # a box over the right place with the wrong class
     assert compare_detections(ref, other_class).paired == 0 and math.isnan(compare_detections(ref, other_class).box)
+
+
+def test_keypoints_decoded_on_different_grids_are_reported_apart():
+    # Heights 54.0002 vs 53.9999 px at scale 1: detectron2 decodes on 55 vs 54 rows (ceil), the argmax may jump.
+    # Heights 20.2 vs 20.3 share ceil 21 and stay an ordinary pair, at scale 2 too (40.4 vs 40.6); 10.25 vs 10.75
+    # share ceil 11 at scale 1 but become 20.5 vs 21.5 at scale 2: different grids. Widths are 10.3 (20.6) in all.
+    ref = {"boxes": np.array([[0, 0, 10.3, 54.0002], [100, 100, 110.3, 120.2], [200, 200, 210.3, 210.25]], np.float32),
+           "scores": np.array([0.9, 0.8, 0.7]), "classes": np.array([1, 1, 1]), "keypoints": np.zeros((3, 2, 3))}
+    ours = {"boxes": np.array([[0, 0, 10.3, 53.9999], [100, 100, 110.3, 120.3], [200, 200, 210.3, 210.75]], np.float32),
+            "scores": np.array([0.9, 0.8, 0.7]), "classes": np.array([1, 1, 1]),
+            "keypoints": np.array([[[23.0, 0, 1]] * 2, [[0.25, 0, 1]] * 2, [[0, 0.5, 1]] * 2])}
+    diff = compare_detections(ref, ours, input_scale=(1.0, 1.0))
+    assert diff.keypoint_grid_pairs == 1 and diff.keypoint_grid == pytest.approx(23.0)
+    assert diff.keypoint == pytest.approx(0.5)
+    doubled = compare_detections(ref, ours, input_scale=(2.0, 2.0))
+    assert doubled.keypoint_grid_pairs == 2 and doubled.keypoint_grid == pytest.approx(23.0)
+    assert doubled.keypoint == pytest.approx(0.25)
+    together = compare_detections(ref, ours)  # no scale given: every pair counts as one
+    assert together.keypoint_grid_pairs == 0 and together.keypoint == pytest.approx(23.0)
+
+
+def test_input_scale_is_detectron2s_test_resize():
+    class Cfg:
+        class INPUT:
+            MIN_SIZE_TEST, MAX_SIZE_TEST = 800, 1333
+
+    # 480x640 -> 800x1067 (ResizeShortestEdge: 640 * 800 / 480 = 1066.67 rounds half up to 1067)
+    sx, sy = compare_detectron2.input_scale(Cfg, np.zeros((480, 640, 3), np.uint8))
+    assert sx == pytest.approx(1067 / 640) and sy == pytest.approx(800 / 480)

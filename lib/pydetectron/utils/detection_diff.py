@@ -4,12 +4,18 @@ Detections are dicts of numpy arrays or tensors in original-image pixels: ``boxe
 ``scores (D,)``, ``classes (D,)``, optional ``masks (D, H, W)`` and ``keypoints (D, K, 3)``. Each reference
 detection is paired greedily, by descending score, with the unpaired detection of the same class whose box
 overlaps it most (IoU >= `min_iou`); what stays unpaired on either side is counted.
+
+Keypoints have one discontinuity that is not a numerical difference: detectron2's heatmap decoding resizes each
+heatmap to ``ceil(box width) x ceil(box height)`` pixels of the network input, so two boxes 0.0003 px apart on
+either side of an integer size are decoded on different grids and their argmax can move by a heatmap cell.
+Given the input's scale (network-input pixels per image pixel), pairs whose input-frame box sizes straddle an
+integer are counted in ``keypoint_grid_pairs`` and their keypoints reported apart, in ``keypoint_grid``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Tuple
 
 import numpy as np
 
@@ -27,6 +33,8 @@ class DetectionDiff:
     mask_iou: float = float("nan")  # min mask IoU over pairs
     mask_pixels: float = float("nan")  # max fraction of the image's pixels where paired masks disagree
     keypoint: float = float("nan")  # max |x or y difference| over paired keypoints, pixels
+    keypoint_grid_pairs: int = 0  # pairs whose keypoints were decoded on different grids (module docstring)
+    keypoint_grid: float = float("nan")  # max |x or y difference| over those pairs' keypoints, pixels
 
     @property
     def paired(self) -> int:
@@ -66,8 +74,21 @@ def pair_detections(ref: Mapping[str, Any], ours: Mapping[str, Any], min_iou: fl
     return pairs
 
 
-def compare_detections(ref: Mapping[str, Any], ours: Mapping[str, Any], min_iou: float = 0.5) -> DetectionDiff:
-    """The :class:`DetectionDiff` of `ours` against `ref` (see the module docstring)."""
+def decoding_grids_differ(ref_boxes: np.ndarray, our_boxes: np.ndarray, input_scale: Tuple[float, float],
+                          tolerance: float = 1e-3) -> np.ndarray:
+    """``(P,)`` bool: paired boxes (original-image pixels) whose widths or heights in the network input
+    (times `input_scale` = (x, y)) have an integer within `tolerance` px of the span between them, so that
+    ``ceil`` may give them different heatmap decoding grids (the tolerance covers the rounding of the rescale)."""
+    scale = np.array(input_scale, dtype=np.float64)
+    sizes = [(boxes[:, 2:4].astype(np.float64) - boxes[:, 0:2]) * scale for boxes in (ref_boxes, our_boxes)]
+    low, high = np.minimum(*sizes) - tolerance, np.maximum(*sizes) + tolerance
+    return (np.floor(high) >= np.ceil(low)).any(axis=1)
+
+
+def compare_detections(ref: Mapping[str, Any], ours: Mapping[str, Any], min_iou: float = 0.5,
+                       input_scale: Tuple[float, float] | None = None) -> DetectionDiff:
+    """The :class:`DetectionDiff` of `ours` against `ref` (see the module docstring). `input_scale`: network-input
+    pixels per image pixel (x, y) of the keypoint decoding; None compares every pair's keypoints as one."""
     pairs = pair_detections(ref, ours, min_iou)
     diff = DetectionDiff(len(_numpy(ref["boxes"])), len(_numpy(ours["boxes"])),
                          len(_numpy(ref["boxes"])) - len(pairs), len(_numpy(ours["boxes"])) - len(pairs))
@@ -86,5 +107,13 @@ def compare_detections(ref: Mapping[str, Any], ours: Mapping[str, Any], min_iou:
         diff.mask_pixels = float(((a ^ b).sum(axis=(1, 2)) / float(a.shape[1] * a.shape[2])).max())
     if "keypoints" in ref and "keypoints" in ours:
         kr, ko = _numpy(ref["keypoints"])[i][..., :2], _numpy(ours["keypoints"])[j][..., :2]
-        diff.keypoint = float(np.abs(kr.astype(np.float64) - ko).max())
+        apart = np.abs(kr.astype(np.float64) - ko).reshape(len(i), -1).max(axis=1)
+        on_grid_edge = np.zeros(len(i), dtype=bool)
+        if input_scale is not None:
+            on_grid_edge = decoding_grids_differ(_numpy(ref["boxes"])[i], _numpy(ours["boxes"])[j], input_scale)
+        diff.keypoint_grid_pairs = int(on_grid_edge.sum())
+        if (~on_grid_edge).any():
+            diff.keypoint = float(apart[~on_grid_edge].max())
+        if on_grid_edge.any():
+            diff.keypoint_grid = float(apart[on_grid_edge].max())
     return diff
