@@ -28,14 +28,15 @@ COLOR_ORDERS = ("BGR", "RGB")
 CONVENTIONS = ("detectron", "detectron2")
 SCALE_SAMPLINGS = ("choice", "range")  # TRAIN.SCALE_SAMPLING
 RPN_BOX_LOSS_TYPES = ("smooth_l1", "giou")  # RPN.BBOX_REG_LOSS_TYPE
-FPN_NORMS = ("", "GN", "BN", "SyncBN", "FrozenBN")  # FPN.NORM (detectron2's names)
+# detectron2's get_norm names (FPN.NORM, FAST_RCNN.NORM, MRCNN.NORM) -> our norm layer kind; '' = no norm, and
+# detectron2's FrozenBN is our AffineChannel (after the exact fold)
+D2_NORM_KINDS = {"": None, "GN": "GN", "BN": "BN", "SyncBN": "SyncBN", "FrozenBN": "AffineChannel"}
 _DEFAULT_FREEZE_AT = 2
 DISTILL_METHODS = ("", "mgd", "feature_l2")
 DISTILL_STAGES = ("C2", "C3", "C4", "C5")  # DISTILL.LOSS_FACTORS / IGNORE_INDS order
 MGD_REDUCERS = ("amp", "sp", "rd", "sm")
 D2_ROI_HEADS = ("StandardROIHeads", "Res5ROIHeads", "Res5ROIHeadsExtraNorm")  # detectron2's cascades
 DETECTRON_ROI_HEADS = "DetectronROIHeads"
-D2_HEAD_NORMS = ("", "GN", "BN", "SyncBN", "FrozenBN")  # FAST_RCNN.NORM / MRCNN.NORM (d2's get_norm names)
 BOX_REG_LOSS_TYPES = ("smooth_l1", "giou")  # detectron2's 'diou' / 'ciou' are not built
 # d2 head-only keys and the head that reads them (Detectron's heads have fixed layouts): key -> (default, head)
 _D2_HEAD_KEYS = {
@@ -118,7 +119,7 @@ def _infer_norm(cfg: CfgNode) -> None:
 def _infer_fpn_norm(cfg: CfgNode) -> None:
     """One answer to 'which norm do the FPN convs use': FPN.NORM, with FPN.USE_GN meaning 'GN'."""
     f = cfg.FPN
-    _one_of(cfg, "FPN.NORM", FPN_NORMS)
+    _one_of(cfg, "FPN.NORM", tuple(D2_NORM_KINDS))
     if f.USE_GN and f.NORM not in ("", "GN"):
         _fail(f"FPN.NORM = {f.NORM!r} contradicts FPN.USE_GN = True (which selects GroupNorm)")
     if f.USE_GN:
@@ -207,8 +208,8 @@ def _check_roi_heads(cfg: CfgNode) -> None:
     """The detectron2 ROI-head keys: valid values, and refused where the convention in force cannot apply them."""
     f = cfg.FAST_RCNN
     _one_of(cfg, "FAST_RCNN.BBOX_REG_LOSS_TYPE", BOX_REG_LOSS_TYPES)
-    _one_of(cfg, "FAST_RCNN.NORM", D2_HEAD_NORMS)
-    _one_of(cfg, "MRCNN.NORM", D2_HEAD_NORMS)
+    _one_of(cfg, "FAST_RCNN.NORM", tuple(D2_NORM_KINDS))
+    _one_of(cfg, "MRCNN.NORM", tuple(D2_NORM_KINDS))
     for key in ("FAST_RCNN.NUM_FC", "MRCNN.NUM_CONV", "FAST_RCNN.SMOOTH_L1_BETA", "FAST_RCNN.BBOX_REG_LOSS_WEIGHT"):
         if _get(cfg, key) < 0:
             _fail(f"{key} = {_get(cfg, key)} must be >= 0")

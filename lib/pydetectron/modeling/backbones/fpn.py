@@ -18,23 +18,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pydetectron.config.checks import D2_NORM_KINDS
 from pydetectron.modeling.backbones.resnet import BLOCK_COUNTS, ResNet, norm_spec_from_cfg, resnet_from_cfg
 from pydetectron.modeling.layers import ConvNorm, NormSpec, compose_weight_mapping, xavier_fill_
 from pydetectron.modeling.registry import register
+from pydetectron.ops.conv import Conv2d
 
 LOWEST_BACKBONE_LVL = 2
 HIGHEST_BACKBONE_LVL = 5
-
-
-# FPN.NORM values -> the norm layer kind (detectron2's FrozenBN is our AffineChannel); '' = no norm
-FPN_NORMS = {"": None, "GN": "GN", "BN": "BN", "SyncBN": "SyncBN", "FrozenBN": "AffineChannel"}
 
 
 def _conv(dim_in: int, dim_out: int, kernel: int, stride: int, norm: NormSpec | None, blob: str) -> nn.Module:
     """An FPN conv: bias + XavierFill, or (with a norm) a bias-free ConvNorm."""
     if norm is not None:
         return ConvNorm(dim_in, dim_out, kernel, norm=norm, conv_blob=blob, stride=stride)
-    conv = nn.Conv2d(dim_in, dim_out, kernel, stride=stride, padding=kernel // 2)
+    conv = Conv2d(dim_in, dim_out, kernel, stride=stride, padding=kernel // 2)
     xavier_fill_(conv.weight)
     nn.init.zeros_(conv.bias)
     return conv
@@ -160,9 +158,9 @@ def get_min_max_levels(cfg) -> tuple[int, int]:
 def fpn_norm_spec(cfg) -> NormSpec | None:
     """The lateral / output convs' norm: ``FPN.NORM`` (``FPN.USE_GN`` = 'GN'; GroupNorm with GROUP_NORM.*)."""
     name = "GN" if cfg.FPN.USE_GN and not cfg.FPN.NORM else cfg.FPN.NORM
-    if name not in FPN_NORMS:
-        raise ValueError(f"FPN.NORM = {name!r} is not one of {', '.join(map(repr, FPN_NORMS))}")
-    kind = FPN_NORMS[name]
+    if name not in D2_NORM_KINDS:
+        raise ValueError(f"FPN.NORM = {name!r} is not one of {', '.join(map(repr, D2_NORM_KINDS))}")
+    kind = D2_NORM_KINDS[name]
     return None if kind is None else norm_spec_from_cfg(cfg, kind=kind)
 
 
