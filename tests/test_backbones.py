@@ -345,21 +345,26 @@ def test_body_stages_are_channels_last_and_match_float64(norm):
         torch.testing.assert_close(g.double(), want[level], rtol=1e-4, atol=1e-4)
 
 
-def test_cpu_training_body_stages_are_nchw_with_float64_values_and_gradients():
-    """While autograd records on the CPU the body computes NCHW (oneDNN's NHWC conv backward is slower); values and
-    input gradients must still be those of a float64 run."""
+def test_cpu_training_body_stages_are_channels_last_with_float64_values_and_gradients():
+    """In CPU training the body computes channels-last too (its 3x3 weight gradients in NCHW: pydetectron.ops.conv);
+    values, input and weight gradients must be those of a float64 run."""
     torch.manual_seed(5)
     body = ResNet(18, freeze_at=0).train()
     x = torch.randn(2, 3, 64, 96, requires_grad=True)
     x64 = x.detach().double().requires_grad_()
     got = body.forward_stages(x)
-    want = copy.deepcopy(body).double().forward_stages(x64)
+    body64 = copy.deepcopy(body).double()
+    want = body64.forward_stages(x64)
     for level, g in got.items():
-        assert g.is_contiguous() and not g.is_contiguous(memory_format=torch.channels_last), level
+        assert g.is_contiguous(memory_format=torch.channels_last), level
         torch.testing.assert_close(g.double(), want[level], rtol=1e-4, atol=1e-4)
     sum(g.square().mean() for g in got.values()).backward()
     sum(w.square().mean() for w in want.values()).backward()
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-3, atol=5e-3 * x64.grad.abs().max().item())
+    for (name, p), p64 in zip(body.named_parameters(), body64.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad.double(), p64.grad, rtol=1e-3, atol=5e-3 * p64.grad.abs().max().item(),
+                                       msg=name)
 
 
 # Detectron's ResNet.py: add_ResNet101_conv5_body / add_ResNet152_conv5_body block counts, written here.

@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
-"""Ours vs. torchvision for every op, forward and backward, in one run: median ms and the ratio.
+"""Ours vs. torchvision for every op, forward and backward, in one run: median ms and the ratio; and our
+``Conv2d`` (pydetectron.ops.conv) vs torch's ``nn.Conv2d``.
 
     python tools/benchmark_ops.py [--threads 2] [--device cpu|cuda|all] [--repeats 7]
 
 Workloads are realistic: an FPN P2 level (1x256x200x304 at 1/4 scale) with 512 and 2000 RoIs shaped like
 proposals, 7x7 output, sampling ratio 2; NMS on 1 000 and 12 000 clustered proposal-like boxes at IoU 0.7.
+Convs on the same P2 map (NCHW in, as a caller hands it over), the same weights on both sides: an FPN 3x3
+256->256 conv and a bottleneck 1x1 256->64 conv, forward alone and a training step (forward, then input and
+weight gradients of a dense loss); and the RPN's 3x3 conv, whose loss reaches 256 sampled positions.
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ import argparse
 
 import torch
 import torchvision  # noqa: F401  (registers torch.ops.torchvision)
+from torch import nn
 from torchvision import ops as tv_ops
 
 from pydetectron import ops
 from pydetectron.ops._extension import OPS
+from pydetectron.ops.conv import Conv2d
 from pydetectron.utils.benchmark import TABLE_HEADER, Comparison, compare, machine_description
 
 IMAGE_H, IMAGE_W = 800, 1216
@@ -93,6 +99,36 @@ def nms_cases(device: torch.device, generator: torch.Generator, repeats: int) ->
     return results
 
 
+def conv_cases(device: torch.device, generator: torch.Generator, repeats: int) -> list[Comparison]:
+    n, c, h, w = FEATURE_SHAPE
+    features = torch.randn(*FEATURE_SHAPE, generator=generator).to(device).requires_grad_()
+    results = []
+    for name, kernel, dim_out, sampled in (("conv 3x3", 3, 256, None), ("conv 1x1", 1, 64, None),
+                                           ("rpn conv 3x3", 3, 256, 256)):
+        ours = Conv2d(c, dim_out, kernel, padding=kernel // 2, sparse_output_grad=sampled is not None).to(device)
+        peer = nn.Conv2d(c, dim_out, kernel, padding=kernel // 2).to(device)
+        peer.load_state_dict(ours.state_dict())
+        loss_weights = torch.randn(n, dim_out, h, w, generator=generator)
+        workload = f"{n}x{c}x{h}x{w} -> {dim_out}"
+        if sampled is not None:  # the loss reaches `sampled` random positions, as the RPN's sampled anchors
+            keep = torch.zeros(n * h * w, dtype=torch.bool)
+            keep[torch.randperm(n * h * w, generator=generator)[:sampled]] = True
+            loss_weights *= keep.reshape(n, 1, h, w)
+            workload += f", loss at {sampled} positions"
+        loss_weights = loss_weights.to(device)
+
+        def step(conv: nn.Conv2d, weights: torch.Tensor = loss_weights) -> None:
+            conv.zero_grad(set_to_none=True)
+            features.grad = None
+            (conv(features) * weights).sum().backward()
+        if sampled is None:
+            with torch.no_grad():
+                results.append(compare(f"{name} fwd", workload, lambda: ours(features), lambda: peer(features),
+                                       device, repeats))
+        results.append(compare(f"{name} fwd+bwd", workload, lambda: step(ours), lambda: step(peer), device, repeats))
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -113,12 +149,14 @@ def main() -> None:
     print(machine_description(args.threads))
     for device in devices:
         label = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-        print(f"\n### {label} (peer = torchvision)\n\n{TABLE_HEADER}")
+        print(f"\n### {label} (peer = torchvision; conv rows: torch's nn.Conv2d)\n\n{TABLE_HEADER}")
         generator = torch.Generator().manual_seed(0)
         with torch.no_grad():
             for cases in (roi_cases, nms_cases):
                 for result in cases(device, generator, args.repeats):
                     print(result.row(), flush=True)
+        for result in conv_cases(device, generator, args.repeats):
+            print(result.row(), flush=True)
 
 
 if __name__ == "__main__":

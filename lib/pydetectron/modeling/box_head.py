@@ -19,6 +19,7 @@ from pydetectron.modeling.layers import compose_weight_mapping, msra_fill_, xavi
 from pydetectron.modeling.losses import smooth_l1_loss, softmax_cross_entropy_loss
 from pydetectron.modeling.registry import register
 from pydetectron.modeling.roi_features import RoIFeatureExtractor, build_roi_feature_extractor
+from pydetectron.ops.conv import Conv2d
 
 
 def _fc(dim_in: int, dim_out: int) -> nn.Linear:
@@ -82,7 +83,7 @@ class RoiXconv1fcHead(nn.Module):
         self.convs = nn.ModuleList()
         self.norms = nn.ModuleList()
         for i in range(num_convs):
-            conv = nn.Conv2d(dim_in if i == 0 else conv_dim, conv_dim, 3, padding=1, bias=not self.use_gn)
+            conv = Conv2d(dim_in if i == 0 else conv_dim, conv_dim, 3, padding=1, bias=not self.use_gn)
             msra_fill_(conv.weight)
             if conv.bias is not None:
                 nn.init.zeros_(conv.bias)

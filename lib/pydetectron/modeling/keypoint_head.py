@@ -28,6 +28,7 @@ from torch import nn
 from pydetectron.modeling.mask_head import BilinearUpsample2d, init_conv, roi_res5_stage
 from pydetectron.modeling.registry import register
 from pydetectron.modeling.roi_features import build_roi_feature_extractor
+from pydetectron.ops.conv import Conv2d
 
 # COCO's person sigmas (17 keypoints; COCOeval's default, Detectron's nms_oks), which only fit that category.
 COCO_PERSON_OKS_SIGMAS = np.array(
@@ -48,7 +49,7 @@ class PoseConvBody(nn.Module):
         kernel, hidden = int(k.CONV_HEAD_KERNEL), int(k.CONV_HEAD_DIM)
         layers: list[nn.Module] = []
         for i in range(int(k.NUM_STACKED_CONVS)):
-            conv = nn.Conv2d(dim_in if i == 0 else hidden, hidden, kernel, padding=kernel // 2)
+            conv = Conv2d(dim_in if i == 0 else hidden, hidden, kernel, padding=kernel // 2)
             init_conv(conv, k.CONV_INIT, 0.01)
             layers += [conv, nn.ReLU(inplace=True)]
         self.convs = nn.Sequential(*layers)
@@ -93,7 +94,7 @@ class KeypointRCNNHead(nn.Module):
             self.score = nn.ConvTranspose2d(dim, self.num_keypoints, dk, stride=2, padding=dpad)
             size = _deconv_out(size, dk, dpad)
         else:
-            self.score = nn.Conv2d(dim, self.num_keypoints, 1)
+            self.score = Conv2d(dim, self.num_keypoints, 1)
         init_conv(self.score, k.CONV_INIT, 0.001)
         up = int(k.UP_SCALE)
         self.upsample = BilinearUpsample2d(self.num_keypoints, up, "kps_score") if up > 1 else None
@@ -109,10 +110,10 @@ class KeypointRCNNHead(nn.Module):
     def forward(self, features: Sequence[torch.Tensor], rois: torch.Tensor) -> torch.Tensor:
         """features: body maps, finest first; rois ``(F, 5)`` -> heatmap logits ``(F, K, S, S)``.
 
-        The convs run channels-last (oneDNN's NHWC convs, ~14% faster for the 8-conv head on CPU); the
-        heatmaps are returned in the default contiguous layout.
+        The convs run channels-last (pydetectron.ops.conv); the heatmaps are returned in the default
+        contiguous layout.
         """
-        x = self.body(self.roi_xform(features, rois).contiguous(memory_format=torch.channels_last))
+        x = self.body(self.roi_xform(features, rois))
         if self.deconv is not None:
             x = F.relu(self.deconv(x))
         x = self.score(x)

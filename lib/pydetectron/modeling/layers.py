@@ -13,6 +13,8 @@ from typing import Dict
 import torch
 from torch import nn
 
+from pydetectron.ops.conv import Conv2d
+
 NORM_KINDS = ("AffineChannel", "GN", "BN", "SyncBN")
 
 
@@ -194,7 +196,7 @@ class ConvNorm(nn.Module):
     ) -> None:
         super().__init__()
         padding = dilation * (kernel - 1) // 2
-        self.conv = nn.Conv2d(
+        self.conv = Conv2d(
             dim_in, dim_out, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=False
         )
         self.norm = norm.make(dim_out)

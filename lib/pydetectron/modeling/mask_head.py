@@ -29,6 +29,7 @@ from pydetectron.modeling.backbones.resnet import make_res_stage
 from pydetectron.modeling.layers import group_count, msra_fill_
 from pydetectron.modeling.registry import register
 from pydetectron.modeling.roi_features import build_roi_feature_extractor
+from pydetectron.ops.conv import Conv2d
 
 CONV_INITS = ("GaussianFill", "MSRAFill")
 
@@ -99,7 +100,7 @@ class MaskRCNNHead(nn.Module):
             self.logits = nn.Linear(body.dim_out * side * side, self.num_outputs * self.resolution**2)
             init_conv(self.logits, "GaussianFill", 0.001)
         else:
-            self.logits = nn.Conv2d(body.dim_out, self.num_outputs, 1)
+            self.logits = Conv2d(body.dim_out, self.num_outputs, 1)
             # Fan-in fills are too large for a class-agnostic output (Detectron), so Gaussian there.
             init_conv(self.logits, m.CONV_INIT if m.CLS_SPECIFIC_MASK else "GaussianFill", 0.001)
         use_upsample = ratio > 1 and not self.use_fc_output
@@ -128,10 +129,10 @@ class MaskRCNNHead(nn.Module):
         """x: ``(F, dim_in, R, R)`` pooled RoI features (for v0upshare: the res5 map ``(F, 2 * dim_in, 7, 7)``,
         in training the box head's own) -> logits ``(F, C, M, M)``.
 
-        The body runs channels-last (oneDNN's NHWC convs: the v1up4convs GN head is ~18% faster on CPU);
-        the logits keep that memory format, which only changes strides, never values or shape.
+        The convs run channels-last (pydetectron.ops.conv); the logits keep that memory format, which only
+        changes strides, never values or shape.
         """
-        x = self.body(x.contiguous(memory_format=torch.channels_last))
+        x = self.body(x)
         if x.shape[-1] != self._body_side or x.shape[-2] != self._body_side:
             raise ValueError(
                 f"mask body gives {tuple(x.shape[-2:])} maps but MRCNN.RESOLUTION {self.resolution} / "
@@ -164,7 +165,7 @@ class FCNMaskBody(nn.Module):
         self.use_gn = use_gn
         layers: list[nn.Module] = []
         for i in range(num_convs):
-            conv = nn.Conv2d(dim_in if i == 0 else dim, dim, 3, padding=dilation, dilation=dilation, bias=not use_gn)
+            conv = Conv2d(dim_in if i == 0 else dim, dim, 3, padding=dilation, dilation=dilation, bias=not use_gn)
             init_conv(conv, m.CONV_INIT, 0.001)
             layers.append(conv)
             if use_gn:

@@ -49,6 +49,7 @@ from pydetectron.modeling.detector_inputs import checked_im_info, original_sizes
 from pydetectron.modeling.detectron2.retinanet import D2RetinaNetRules, LossNormalizer
 from pydetectron.modeling.layers import compose_weight_mapping, msra_fill_
 from pydetectron.modeling.losses import smooth_l1_loss
+from pydetectron.ops.conv import Conv2d
 from pydetectron.ops.nms import nms
 
 BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
@@ -127,8 +128,8 @@ class RetinaNetHead(nn.Module):
         msra = bool(groups) and cfg.MODEL.CONVENTIONS != "detectron2"  # detectron2 keeps Gaussian(0.01) with GN
         self.cls_tower = self._tower(dim, int(r.NUM_CONVS), groups, msra)
         self.bbox_tower = None if r.SHARE_CLS_BBOX_TOWER else self._tower(dim, int(r.NUM_CONVS), groups, msra)
-        self.cls_pred = nn.Conv2d(dim, num_anchors * (int(cfg.MODEL.NUM_CLASSES) - 1), 3, padding=1)
-        self.bbox_pred = nn.Conv2d(dim, num_anchors * 4, 3, padding=1)
+        self.cls_pred = Conv2d(dim, num_anchors * (int(cfg.MODEL.NUM_CLASSES) - 1), 3, padding=1)
+        self.bbox_pred = Conv2d(dim, num_anchors * 4, 3, padding=1)
         for conv in (self.cls_pred, self.bbox_pred):
             nn.init.normal_(conv.weight, std=0.01)
             nn.init.zeros_(conv.bias)
@@ -142,7 +143,7 @@ class RetinaNetHead(nn.Module):
         far faster from scratch)."""
         layers: List[nn.Module] = []
         for _ in range(num_convs):
-            conv = nn.Conv2d(dim, dim, 3, padding=1)
+            conv = Conv2d(dim, dim, 3, padding=1)
             if msra:
                 msra_fill_(conv.weight)
             else:

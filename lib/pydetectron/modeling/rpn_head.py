@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pydetectron.ops.conv import Conv2d
+
 
 class RPNHead(nn.Module):
     """3x3 conv + ReLU, then 1x1 convs for objectness logits and box deltas, applied to every map.
@@ -25,9 +27,10 @@ class RPNHead(nn.Module):
         super().__init__()
         self.blob_suffix = blob_suffix
         self.softmax = softmax
-        self.conv_rpn = nn.Conv2d(dim_in, dim_out, 3, padding=1)
-        self.rpn_cls_logits = nn.Conv2d(dim_out, num_anchors * (2 if softmax else 1), 1)
-        self.rpn_bbox_pred = nn.Conv2d(dim_out, num_anchors * 4, 1)
+        # the RPN's losses count sampled anchors only: the conv's output gradient is zero almost everywhere
+        self.conv_rpn = Conv2d(dim_in, dim_out, 3, padding=1, sparse_output_grad=True)
+        self.rpn_cls_logits = Conv2d(dim_out, num_anchors * (2 if softmax else 1), 1)
+        self.rpn_bbox_pred = Conv2d(dim_out, num_anchors * 4, 1)
         for conv in (self.conv_rpn, self.rpn_cls_logits, self.rpn_bbox_pred):
             nn.init.normal_(conv.weight, std=0.01)  # Detectron's GaussianFill(std=0.01), zero bias
             nn.init.zeros_(conv.bias)

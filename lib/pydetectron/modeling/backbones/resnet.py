@@ -255,13 +255,11 @@ class ResNet(nn.Module):
     def forward_stages(self, images: torch.Tensor) -> Dict[int, torch.Tensor]:
         """``(N, 3, H, W)`` -> ``{level: (N, stage_dims[level], ~H*scale, ~W*scale)}`` for levels 2..last.
 
-        The maps are channels-last in memory (same values and shape) except while autograd records on the
-        CPU: oneDNN convolves NHWC without reordering every call (R-50-FPN body at 800x1088 on 2 CPU threads:
-        about 20% faster inference), and the RoI ops read channels-last maps directly; but its NHWC 3x3
-        convolution backward is 1.5-2.6x slower than NCHW (256 channels at 200x272: 11.5 s vs 4.4 s), so a
-        CPU training step runs NCHW throughout (body, FPN, RPN head), as detectron2 does.
+        The maps are channels-last in memory (same values and shape): the convs run channels-last
+        (pydetectron.ops.conv: oneDNN convolves NHWC without reordering every call), and the RoI ops read
+        channels-last maps directly.
         """
-        x = self.stem(images.contiguous(memory_format=_body_memory_format(images)))
+        x = self.stem(images)
         outputs = {}
         for level in self.stage_dims:
             x = getattr(self, f"res{level}")(x)
@@ -273,13 +271,6 @@ class ResNet(nn.Module):
 
     def detectron_weight_mapping(self) -> Dict[str, str | None]:
         return compose_weight_mapping(self)
-
-
-def _body_memory_format(images: torch.Tensor) -> torch.memory_format:
-    """NCHW for a CPU forward that autograd records (oneDNN's NHWC conv backward is slow), else channels-last."""
-    if images.device.type == "cpu" and torch.is_grad_enabled():
-        return torch.contiguous_format
-    return torch.channels_last
 
 
 def enable_stage_last_norms(body: ResNet) -> List[str]:

@@ -18,6 +18,7 @@ from pydetectron.modeling.detectron2.norms import d2_norm_spec
 from pydetectron.modeling.layers import NormSpec, msra_fill_, norm_weight_mapping, xavier_fill_
 from pydetectron.modeling.registry import register
 from pydetectron.modeling.roi_features import RoIFeatureExtractor, build_roi_feature_extractor
+from pydetectron.ops.conv import Conv2d
 
 FIRST_FC_BLOB = 6  # fc6, fc7, ...
 
@@ -28,7 +29,7 @@ class D2Conv(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int, kernel: int, norm: NormSpec | None, blob: str) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(dim_in, dim_out, kernel, padding=kernel // 2, bias=norm is None)
+        self.conv = Conv2d(dim_in, dim_out, kernel, padding=kernel // 2, bias=norm is None)
         msra_fill_(self.conv.weight)
         if self.conv.bias is not None:
             nn.init.zeros_(self.conv.bias)

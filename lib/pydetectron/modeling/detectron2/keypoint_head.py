@@ -24,6 +24,7 @@ from torch import nn
 
 from pydetectron.modeling.registry import register
 from pydetectron.modeling.roi_features import RoIFeatureExtractor, build_roi_feature_extractor
+from pydetectron.ops.conv import Conv2d
 
 UP_SCALE = 2.0  # d2's fixed bilinear upsampling after the deconv
 DECONV_KERNEL = 4
@@ -37,7 +38,7 @@ class KRCNNConvDeconvUpsampleHead(nn.Module):
         self.roi_xform = pooler
         self.convs = nn.ModuleList()
         for dim in conv_dims:
-            self.convs.append(nn.Conv2d(dim_in, dim, 3, padding=1))
+            self.convs.append(Conv2d(dim_in, dim, 3, padding=1))
             dim_in = dim
         self.score_lowres = nn.ConvTranspose2d(dim_in, num_keypoints, DECONV_KERNEL, stride=2,
                                                padding=DECONV_KERNEL // 2 - 1)

@@ -25,6 +25,7 @@ from pydetectron.modeling.detectron2.norms import d2_norm_spec
 from pydetectron.modeling.layers import NormSpec, msra_fill_
 from pydetectron.modeling.registry import register
 from pydetectron.modeling.roi_features import RoIFeatureExtractor, build_roi_feature_extractor
+from pydetectron.ops.conv import Conv2d
 from pydetectron.ops.roi_align import roi_align
 
 
@@ -44,7 +45,7 @@ class MaskRCNNConvUpsampleHead(nn.Module):
         self.deconv = nn.ConvTranspose2d(conv_dim if num_convs else dim_in, conv_dim, 2, stride=2)
         msra_fill_(self.deconv.weight)
         nn.init.zeros_(self.deconv.bias)
-        self.predictor = nn.Conv2d(conv_dim, num_outputs, 1)
+        self.predictor = Conv2d(conv_dim, num_outputs, 1)
         nn.init.normal_(self.predictor.weight, std=0.001)
         nn.init.zeros_(self.predictor.bias)
         self.num_outputs = num_outputs
