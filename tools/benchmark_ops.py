@@ -6,9 +6,10 @@
 
 Workloads are realistic: an FPN P2 level (1x256x200x304 at 1/4 scale) with 512 and 2000 RoIs shaped like
 proposals, 7x7 output, sampling ratio 2; NMS on 1 000 and 12 000 clustered proposal-like boxes at IoU 0.7.
-Convs on the same P2 map (NCHW in, as a caller hands it over), the same weights on both sides: an FPN 3x3
-256->256 conv and a bottleneck 1x1 256->64 conv, forward alone and a training step (forward, then input and
-weight gradients of a dense loss); and the RPN's 3x3 conv, whose loss reaches 256 sampled positions.
+Convs on the same P2 map, each side in the layout its network hands maps over (ours channels-last, torch's
+NCHW), the same weights: an FPN 3x3 256->256 conv and a bottleneck 1x1 256->64 conv, forward alone and a
+training step (forward, then input and weight gradients of a dense loss); and the RPN's 3x3 conv, whose loss
+reaches 256 sampled positions.
 """
 
 from __future__ import annotations
@@ -101,7 +102,9 @@ def nms_cases(device: torch.device, generator: torch.Generator, repeats: int) ->
 
 def conv_cases(device: torch.device, generator: torch.Generator, repeats: int) -> list[Comparison]:
     n, c, h, w = FEATURE_SHAPE
-    features = torch.randn(*FEATURE_SHAPE, generator=generator).to(device).requires_grad_()
+    nchw = torch.randn(*FEATURE_SHAPE, generator=generator).to(device)
+    channels_last = nchw.contiguous(memory_format=torch.channels_last).requires_grad_()
+    nchw.requires_grad_()
     results = []
     for name, kernel, dim_out, sampled in (("conv 3x3", 3, 256, None), ("conv 1x1", 1, 64, None),
                                            ("rpn conv 3x3", 3, 256, 256)):
@@ -116,16 +119,18 @@ def conv_cases(device: torch.device, generator: torch.Generator, repeats: int) -
             loss_weights *= keep.reshape(n, 1, h, w)
             workload += f", loss at {sampled} positions"
         loss_weights = loss_weights.to(device)
+        ours_weights = loss_weights.contiguous(memory_format=torch.channels_last)
 
-        def step(conv: nn.Conv2d, weights: torch.Tensor = loss_weights) -> None:
+        def step(conv: nn.Conv2d, features: torch.Tensor, weights: torch.Tensor) -> None:
             conv.zero_grad(set_to_none=True)
             features.grad = None
             (conv(features) * weights).sum().backward()
         if sampled is None:
             with torch.no_grad():
-                results.append(compare(f"{name} fwd", workload, lambda: ours(features), lambda: peer(features),
+                results.append(compare(f"{name} fwd", workload, lambda: ours(channels_last), lambda: peer(nchw),
                                        device, repeats))
-        results.append(compare(f"{name} fwd+bwd", workload, lambda: step(ours), lambda: step(peer), device, repeats))
+        results.append(compare(f"{name} fwd+bwd", workload, lambda: step(ours, channels_last, ours_weights),
+                               lambda: step(peer, nchw, loss_weights), device, repeats))
     return results
 
 

@@ -1,9 +1,9 @@
 """``Conv2d``: torch's conv layer run channels-last, with the weight gradient of spatial kernels taken in NCHW
 on the CPU.
 
-On the CPU, oneDNN's channels-last (NHWC) convolutions are faster than its NCHW ones in the forward pass and
-the input gradient (1x1 kernels 2-3x, 3x3 kernels 10-30% at detection sizes), but its NHWC *weight* gradient of
-a 3x3 kernel is 3-6x slower than the NCHW one on AVX2 CPUs (BENCHMARK.md, "Training on the CPU: conv layouts").
+On the CPU, oneDNN's channels-last (NHWC) convolutions are faster than its NCHW ones (1x1 kernels 2-3x, a 3x3
+kernel's forward ~12% at detection sizes), but its NHWC *weight* gradient of a 3x3 kernel is 3-6x slower than
+the NCHW one on AVX2 CPUs (BENCHMARK.md, "Training on the CPU: conv layouts").
 So every conv runs channels-last, and in CPU training a spatial kernel's weight gradient is computed from NCHW
 copies of its input and output gradient.
 
