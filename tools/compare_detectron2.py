@@ -18,10 +18,11 @@ DetectionCheckpointer (``--save-weights``, else a temporary file) for both to lo
 
 Per image: detections of each, pairs (same class, IoU >= --min-iou, greedy by detectron2's score), unpaired
 counts, and over the pairs the max box-corner and score differences, the min mask IoU, the max fraction of
-pixels where paired masks disagree, and the max keypoint x/y difference. Keypoints of pairs whose boxes, in
-the network input, straddle an integer width or height are decoded by detectron2's rule on heatmaps resized to
-different ``ceil`` sizes; they are shown apart ("grid-edge pairs: px", pydetectron.utils.detection_diff) and
-do not count against the keypoint tolerance. Exit status 1 when anything is unpaired or a difference exceeds
+pixels where paired masks disagree, and the max keypoint x/y difference. Keypoints that detectron2's decoding
+cannot place within float32 noise (boxes that straddle an integer size in the network input, so their heatmaps
+are resized to different ``ceil`` sizes; or ours on a point of detectron2's resized heatmap within 1e-3 of its
+maximum, a tie) are shown apart ("ambiguous kps: px", pydetectron.utils.detection_diff) and do not count
+against the keypoint tolerance. Exit status 1 when anything is unpaired or a difference exceeds
 its tolerance.
 """
 
@@ -50,7 +51,7 @@ from pydetectron.utils.detectron2_peer import (
 )
 
 COLUMNS = ("image", "d2", "ours", "unpaired d2/ours", "box px", "score", "mask IoU min", "mask px frac",
-           "keypoint px", "grid-edge pairs: px")
+           "keypoint px", "ambiguous kps: px")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -121,7 +122,7 @@ def _cell(value: float) -> str:
 def format_table(diffs: Sequence[DetectionDiff], names: Sequence[str]) -> str:
     rows = [COLUMNS] + [(name, str(d.reference), str(d.ours), f"{d.unpaired_reference}/{d.unpaired_ours}",
                          _cell(d.box), _cell(d.score), _cell(d.mask_iou), _cell(d.mask_pixels), _cell(d.keypoint),
-                         f"{d.keypoint_grid_pairs}: {_cell(d.keypoint_grid)}")
+                         f"{d.keypoint_ambiguous}: {_cell(d.keypoint_ambiguous_px)}")
                         for name, d in zip(names, diffs)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)

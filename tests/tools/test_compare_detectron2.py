@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from pydetectron.utils.detection_diff import box_iou, compare_detections
 
@@ -56,13 +57,35 @@ def test_keypoints_decoded_on_different_grids_are_reported_apart():
             "scores": np.array([0.9, 0.8, 0.7]), "classes": np.array([1, 1, 1]),
             "keypoints": np.array([[[23.0, 0, 1]] * 2, [[0.25, 0, 1]] * 2, [[0, 0.5, 1]] * 2])}
     diff = compare_detections(ref, ours, input_scale=(1.0, 1.0))
-    assert diff.keypoint_grid_pairs == 1 and diff.keypoint_grid == pytest.approx(23.0)
+    assert diff.keypoint_ambiguous == 2 and diff.keypoint_ambiguous_px == pytest.approx(23.0)  # 2 keypoints
     assert diff.keypoint == pytest.approx(0.5)
     doubled = compare_detections(ref, ours, input_scale=(2.0, 2.0))
-    assert doubled.keypoint_grid_pairs == 2 and doubled.keypoint_grid == pytest.approx(23.0)
+    assert doubled.keypoint_ambiguous == 4 and doubled.keypoint_ambiguous_px == pytest.approx(23.0)
     assert doubled.keypoint == pytest.approx(0.25)
-    together = compare_detections(ref, ours)  # no scale given: every pair counts as one
-    assert together.keypoint_grid_pairs == 0 and together.keypoint == pytest.approx(23.0)
+    together = compare_detections(ref, ours)  # no scale given: every keypoint counts as one
+    assert together.keypoint_ambiguous == 0 and together.keypoint == pytest.approx(23.0)
+
+
+def test_keypoints_at_tied_heatmap_maxima_are_reported_apart():
+    """A heatmap symmetric about its box's vertical centre line has its maximum twice; detectron2's argmax takes
+    the left one. Ours at the mirrored (right) peak is a tie, reported apart; ours on a low point is not."""
+    from pydetectron.modeling.detectron2.keypoint_head import heatmaps_to_keypoints
+
+    row = torch.tensor([0.0, 3.0, 1.0, 1.0, 3.0, 0.0])
+    heatmap = (row[None, :] + torch.tensor([0.0, 1.0, 2.0, 1.0, 0.0, -1.0])[:, None])[None, None]  # (1, 1, 6, 6)
+    box = torch.tensor([[10.0, 20.0, 40.5, 50.5]])  # 30.5 px: ceil 31, no grid edge
+    ref_point = heatmaps_to_keypoints(heatmap, box)[0, 0, :2].double().numpy()
+    mirrored = np.array([box[0, 0] + box[0, 2] - ref_point[0], ref_point[1]])
+    assert abs(mirrored[0] - ref_point[0]) > 10  # two distinct peaks
+    ref = {"boxes": box.numpy(), "scores": np.array([0.9]), "classes": np.array([1]),
+           "keypoints": np.array([[[*ref_point, 1.0]]]), "keypoint_heatmaps": heatmap.numpy()}
+    tied = dict(ref, keypoints=np.array([[[*mirrored, 1.0]]]))
+    diff = compare_detections(ref, tied, input_scale=(1.0, 1.0))
+    assert diff.keypoint_ambiguous == 1 and diff.keypoint_ambiguous_px == pytest.approx(abs(mirrored[0] - ref_point[0]))
+    assert math.isnan(diff.keypoint)
+    low = dict(ref, keypoints=np.array([[[box[0, 0] + 2.0, box[0, 3] - 2.0, 1.0]]]))
+    off = compare_detections(ref, low, input_scale=(1.0, 1.0))
+    assert off.keypoint_ambiguous == 0 and off.keypoint > 10
 
 
 def test_input_scale_is_detectron2s_test_resize():

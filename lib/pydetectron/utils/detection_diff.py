@@ -5,11 +5,15 @@ Detections are dicts of numpy arrays or tensors in original-image pixels: ``boxe
 detection is paired greedily, by descending score, with the unpaired detection of the same class whose box
 overlaps it most (IoU >= `min_iou`); what stays unpaired on either side is counted.
 
-Keypoints have one discontinuity that is not a numerical difference: detectron2's heatmap decoding resizes each
-heatmap to ``ceil(box width) x ceil(box height)`` pixels of the network input, so two boxes 0.0003 px apart on
-either side of an integer size are decoded on different grids and their argmax can move by a heatmap cell.
-Given the input's scale (network-input pixels per image pixel), pairs whose input-frame box sizes straddle an
-integer are counted in ``keypoint_grid_pairs`` and their keypoints reported apart, in ``keypoint_grid``.
+Keypoints have two discontinuities that are not numerical differences, both in detectron2's heatmap decoding
+(the argmax of each heatmap resized bicubically to ``ceil(box width) x ceil(box height)`` pixels of the network
+input): two boxes 0.0003 px apart on either side of an integer size are decoded on different grids, and a
+resized heatmap whose two highest points differ by less than the float32 noise of the heatmaps (1e-4-1e-3
+logits after 8 convs) may put its argmax at either. Given the input's scale (network-input pixels per image
+pixel), keypoints of pairs whose input-frame box sizes straddle an integer, and (when the reference carries its
+``keypoint_heatmaps`` ``(D, K, S, S)``) keypoints where the reference's resized heatmap at our keypoint is within
+``tie_tolerance`` of its maximum, are counted in ``keypoint_ambiguous`` and their differences reported apart, in
+``keypoint_ambiguous_px``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Tuple
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -33,8 +39,8 @@ class DetectionDiff:
     mask_iou: float = float("nan")  # min mask IoU over pairs
     mask_pixels: float = float("nan")  # max fraction of the image's pixels where paired masks disagree
     keypoint: float = float("nan")  # max |x or y difference| over paired keypoints, pixels
-    keypoint_grid_pairs: int = 0  # pairs whose keypoints were decoded on different grids (module docstring)
-    keypoint_grid: float = float("nan")  # max |x or y difference| over those pairs' keypoints, pixels
+    keypoint_ambiguous: int = 0  # keypoints decoded on different grids or at tied maxima (module docstring)
+    keypoint_ambiguous_px: float = float("nan")  # max |x or y difference| over those keypoints, pixels
 
     @property
     def paired(self) -> int:
@@ -85,10 +91,30 @@ def decoding_grids_differ(ref_boxes: np.ndarray, our_boxes: np.ndarray, input_sc
     return (np.floor(high) >= np.ceil(low)).any(axis=1)
 
 
+def heatmap_ties(heatmaps: np.ndarray, boxes: np.ndarray, keypoints: np.ndarray, tolerance: float) -> np.ndarray:
+    """``(P, K)`` bool: the other detector's network-input keypoint ``(P, K, 2)`` lies on another pixel than the
+    maximum of the reference heatmap ``(P, K, S, S)`` decoded over its network-input box ``(P, 4)`` as detectron2
+    decodes it (bicubic resize to the ceil'd box size), where that heatmap is within `tolerance` of its maximum."""
+    ties = np.zeros(heatmaps.shape[:2], dtype=bool)
+    for i, (maps, box, points) in enumerate(zip(heatmaps, boxes.astype(np.float64), keypoints.astype(np.float64))):
+        width, height = max(box[2] - box[0], 1.0), max(box[3] - box[1], 1.0)
+        cols, rows = int(np.ceil(width)), int(np.ceil(height))
+        resized = F.interpolate(torch.as_tensor(maps, dtype=torch.float32)[None], size=(rows, cols),
+                                mode="bicubic", align_corners=False)[0].numpy()
+        # detectron2: x = (x_int + 0.5) * width / ceil(width) + x1, inverted and rounded to a pixel of the map
+        x = np.clip(np.rint((points[:, 0] - box[0]) * cols / width - 0.5), 0, cols - 1).astype(int)
+        y = np.clip(np.rint((points[:, 1] - box[1]) * rows / height - 0.5), 0, rows - 1).astype(int)
+        flat = resized.reshape(len(points), -1)
+        at_ours = flat[np.arange(len(points)), y * cols + x]
+        ties[i] = (flat.argmax(axis=1) != y * cols + x) & (flat.max(axis=1) - at_ours <= tolerance)
+    return ties
+
+
 def compare_detections(ref: Mapping[str, Any], ours: Mapping[str, Any], min_iou: float = 0.5,
-                       input_scale: Tuple[float, float] | None = None) -> DetectionDiff:
+                       input_scale: Tuple[float, float] | None = None,
+                       tie_tolerance: float = 1e-3) -> DetectionDiff:
     """The :class:`DetectionDiff` of `ours` against `ref` (see the module docstring). `input_scale`: network-input
-    pixels per image pixel (x, y) of the keypoint decoding; None compares every pair's keypoints as one."""
+    pixels per image pixel (x, y) of the keypoint decoding; None compares every keypoint as one."""
     pairs = pair_detections(ref, ours, min_iou)
     diff = DetectionDiff(len(_numpy(ref["boxes"])), len(_numpy(ours["boxes"])),
                          len(_numpy(ref["boxes"])) - len(pairs), len(_numpy(ours["boxes"])) - len(pairs))
@@ -107,13 +133,17 @@ def compare_detections(ref: Mapping[str, Any], ours: Mapping[str, Any], min_iou:
         diff.mask_pixels = float(((a ^ b).sum(axis=(1, 2)) / float(a.shape[1] * a.shape[2])).max())
     if "keypoints" in ref and "keypoints" in ours:
         kr, ko = _numpy(ref["keypoints"])[i][..., :2], _numpy(ours["keypoints"])[j][..., :2]
-        apart = np.abs(kr.astype(np.float64) - ko).reshape(len(i), -1).max(axis=1)
-        on_grid_edge = np.zeros(len(i), dtype=bool)
+        apart = np.abs(kr.astype(np.float64) - ko).max(axis=2)  # (P, K)
+        ambiguous = np.zeros(apart.shape, dtype=bool)
         if input_scale is not None:
-            on_grid_edge = decoding_grids_differ(_numpy(ref["boxes"])[i], _numpy(ours["boxes"])[j], input_scale)
-        diff.keypoint_grid_pairs = int(on_grid_edge.sum())
-        if (~on_grid_edge).any():
-            diff.keypoint = float(apart[~on_grid_edge].max())
-        if on_grid_edge.any():
-            diff.keypoint_grid = float(apart[on_grid_edge].max())
+            ref_boxes = _numpy(ref["boxes"])[i]
+            ambiguous |= decoding_grids_differ(ref_boxes, _numpy(ours["boxes"])[j], input_scale)[:, None]
+            if "keypoint_heatmaps" in ref:
+                scale = np.array(input_scale, dtype=np.float64)
+                ambiguous |= heatmap_ties(_numpy(ref["keypoint_heatmaps"])[i], ref_boxes * np.tile(scale, 2),
+                                          ko * scale, tie_tolerance)
+        diff.keypoint_ambiguous = int(ambiguous.sum())
+        diff.keypoint = float(apart[~ambiguous].max()) if (~ambiguous).any() else float("nan")
+        if ambiguous.any():
+            diff.keypoint_ambiguous_px = float(apart[ambiguous].max())
     return diff

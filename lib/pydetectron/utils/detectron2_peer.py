@@ -200,6 +200,8 @@ def instances_to_detections(instances: Any) -> Dict[str, np.ndarray]:
         out["masks"] = instances.pred_masks.numpy().astype(np.uint8)
     if instances.has("pred_keypoints"):
         out["keypoints"] = instances.pred_keypoints.numpy()
+    if instances.has("pred_keypoint_heatmaps"):  # (D, K, S, S) logits: lets a comparison see tied maxima
+        out["keypoint_heatmaps"] = instances.pred_keypoint_heatmaps.numpy()
     return out
 
 
