@@ -47,8 +47,8 @@ def _sparse_conv_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch
     grad_x = grad_weight = None
     if need_weight:
         patches = x[images, :, rows, cols] * inside[..., None].to(x.dtype)  # (P, kh * kw, C_in)
-        grad_weight = (grad.t() @ patches.reshape(len(n), kh * kw * c_in)).reshape(c_out, kh, kw, c_in).permute(0, 3, 1, 2)
-        grad_weight = grad_weight.contiguous()
+        grad_weight = (grad.t() @ patches.reshape(len(n), kh * kw * c_in)).reshape(c_out, kh, kw, c_in)
+        grad_weight = grad_weight.permute(0, 3, 1, 2).contiguous()
     if need_x:
         spread = (grad @ weight.permute(0, 2, 3, 1).reshape(c_out, -1)).reshape(len(n), kh * kw, c_in)
         flat = torch.zeros(x.shape[0] * height * width, c_in, dtype=grad.dtype, device=grad.device)
