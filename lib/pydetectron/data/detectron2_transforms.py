@@ -83,18 +83,6 @@ def resize_image(image: np.ndarray, new_h: int, new_w: int) -> np.ndarray:
     return np.asarray(resized)
 
 
-def normalize(image: np.ndarray, means: np.ndarray, stds: np.ndarray, to_rgb: bool) -> np.ndarray:
-    """uint8 BGR (h, w, 3) -> float32 (x - mean) / std in the network's channel order, as detectron2's model
-    normalises after the resize."""
-    if to_rgb:
-        image = image[:, :, ::-1]
-    out = image.astype(np.float32)
-    out -= means
-    if np.any(stds != 1):
-        out /= stds
-    return out
-
-
 def prepare_image(image: np.ndarray, short_edge: int, max_size: int, flipped: bool = False
                   ) -> Tuple[np.ndarray, Tuple[int, int], float]:
     """(resized uint8 image, its (height, width), nominal scale): ResizeShortestEdge then the flip."""

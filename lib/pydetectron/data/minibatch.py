@@ -15,6 +15,7 @@ from pydetectron.data import detectron2_transforms as d2
 from pydetectron.data.transforms import (
     crop_to_aspect,
     im_list_to_blob,
+    normalize,
     padded_size,
     prep_im_for_blob,
     read_image,
@@ -114,7 +115,7 @@ def prepare_sample(entry: dict, settings: BlobSettings, rng: np.random.Generator
     target = draw_scale(settings, rng)
     if settings.detectron2:
         resized, size_hw, im_scale = d2.prepare_image(im, target, settings.max_size, entry["flipped"])
-        return Sample(d2.normalize(resized, settings.means, settings.stds, settings.to_rgb), im_scale,
+        return Sample(normalize(resized, settings.means, settings.stds, settings.to_rgb), im_scale,
                       d2.scale_targets(entry, size_hw))
     if entry["flipped"]:
         im = im[:, ::-1]
@@ -184,7 +185,7 @@ def prepare_test_image(im: np.ndarray, settings: BlobSettings) -> Tuple[torch.Te
         raise ValueError(f"expected an (H, W, 3) BGR image, got shape {tuple(im.shape)}")
     if settings.detectron2:
         resized, _, im_scale = d2.prepare_image(im, settings.scales[0], settings.max_size)
-        processed = d2.normalize(resized, settings.means, settings.stds, settings.to_rgb)
+        processed = normalize(resized, settings.means, settings.stds, settings.to_rgb)
     else:
         processed, im_scale = prep_im_for_blob(
             im, settings.means, settings.stds, settings.scales[0], settings.max_size, settings.to_rgb

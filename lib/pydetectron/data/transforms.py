@@ -84,18 +84,25 @@ def compute_im_scale(height: int, width: int, target_size: int, max_size: int) -
     return im_scale
 
 
+def normalize(image: np.ndarray, means: np.ndarray, stds: np.ndarray, to_rgb: bool) -> np.ndarray:
+    """uint8 BGR (h, w, 3) -> float32 ``(x - mean) / std`` in the network's channel order (RGB if `to_rgb`);
+    `means` / `stds` are in that order. Detectron normalises before its resize, detectron2 after."""
+    if to_rgb:
+        image = image[:, :, ::-1]
+    out = image.astype(np.float32)
+    out -= means
+    if np.any(stds != 1):
+        out /= stds
+    return out
+
+
 def prep_im_for_blob(im: np.ndarray, pixel_means: np.ndarray, pixel_stds: np.ndarray, target_size: int,
                      max_size: int, to_rgb: bool = False) -> Tuple[np.ndarray, float]:
     """BGR uint8 (H, W, 3) -> normalised float32 (h, w, 3) resized with INTER_LINEAR, and its im_scale.
 
     ``pixel_means`` / ``pixel_stds`` are in the output channel order (BGR unless ``to_rgb``).
     """
-    if to_rgb:
-        im = im[:, :, ::-1]
-    im = im.astype(np.float32)
-    im -= pixel_means
-    if np.any(pixel_stds != 1):
-        im /= pixel_stds
+    im = normalize(im, pixel_means, pixel_stds, to_rgb)
     im_scale = compute_im_scale(im.shape[0], im.shape[1], target_size, max_size)
     im = cv2.resize(im, None, None, fx=im_scale, fy=im_scale, interpolation=cv2.INTER_LINEAR)
     return im, im_scale
